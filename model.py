@@ -1,0 +1,667 @@
+"""Qwen2.5-VL in plain PyTorch: vision tower + language model, checkpoint I/O, packed forward,
+memory-lean token log-probs and an FSDP2 helper.
+
+Read top to bottom:
+  1. config          ModelConfig parsed from a Hugging Face config.json (Qwen2.5-VL or plain Qwen2)
+  2. attention       one varlen attention used by the vision windows and the causal decoder
+  3. vision tower    patch embed -> 2-D RoPE -> window/full attention blocks -> 2x2 patch merger
+  4. language model  multimodal RoPE (t/h/w) positions, GQA decoder layers
+  5. the model       forward_packed (padding-free training), forward (HF-style padded batch)
+  6. log-probs       token_logprobs: chunked head + log-softmax, recomputed in backward
+  7. checkpoints     load_model / save_model (safetensors, both HF key layouts)
+  8. FSDP2           apply_fsdp, gathered_params
+
+Parameter names equal the released Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`,
+`lm_head.*`), so a state dict maps 1:1 onto the files on the Hub.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+
+try:  # GPU-only kernels; every code path has an SDPA twin that the CPU tests exercise.
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+
+# -----------------------------------------------------------------------------
+# 1. config
+
+@dataclass
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
+    out_hidden_size: int = 3584
+    tokens_per_second: int = 2
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    mrope_section: list | None = None  # None: plain 1-D RoPE (Qwen2 text checkpoints)
+    tie_word_embeddings: bool = False
+    vision: VisionConfig | None = None
+    image_token_id: int | None = None
+    vision_start_token_id: int | None = None
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    @staticmethod
+    def from_hf(raw: dict) -> "ModelConfig":
+        """Parse a Hugging Face config.json. Released Qwen2.5-VL configs keep the text fields at the
+        top level; transformers >= 4.52 nests them under `text_config`. Plain Qwen2 has no vision."""
+        text = {**raw, **raw.get("text_config", {})}
+        rope_scaling = text.get("rope_scaling") or {}
+        vision = None
+        if "vision_config" in raw:
+            v = raw["vision_config"]
+            vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
+            vision.patch_size = v.get("patch_size", v.get("spatial_patch_size", vision.patch_size))
+        return ModelConfig(
+            vocab_size=text["vocab_size"],
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
+            num_attention_heads=text["num_attention_heads"],
+            num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
+            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
+            rope_theta=text.get("rope_theta", 1e6),
+            mrope_section=rope_scaling.get("mrope_section"),
+            tie_word_embeddings=text.get("tie_word_embeddings", False),
+            vision=vision,
+            image_token_id=raw.get("image_token_id"),
+            vision_start_token_id=raw.get("vision_start_token_id"),
+        )
+
+
+# -----------------------------------------------------------------------------
+# 2. attention over packed sequences
+
+def varlen_attention(q, k, v, cu_seqlens, causal):
+    """Attention over sequences packed along dim 0 that never crosses a `cu_seqlens` boundary.
+
+    q: [T, Hq, D], k/v: [T, Hkv, D] (grouped-query when Hkv < Hq); returns [T, Hq, D].
+    CUDA with flash-attn uses its varlen kernel; otherwise SDPA runs once per sequence.
+    """
+    if flash_attn_varlen_func is not None and q.is_cuda:
+        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
+    bounds = cu_seqlens.tolist()
+    out = torch.empty_like(q)
+    gqa = k.shape[1] != q.shape[1]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa).transpose(0, 1)
+    return out
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x: [T, H, D]; cos/sin: [T, D]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # normalise in fp32 like the reference implementation, so bf16 runs round identically
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)). The vision tower's copy has biases."""
+
+    def __init__(self, dim, hidden, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# -----------------------------------------------------------------------------
+# 3. vision tower
+
+class VisionAttention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens):
+        T = x.shape[0]
+        q, k, v = self.qkv(x).view(T, 3, self.num_heads, -1).unbind(1)
+        # the reference rotates in fp32 whatever the activation dtype
+        q = apply_rope(q.float(), cos, sin).to(v.dtype)
+        k = apply_rope(k.float(), cos, sin).to(v.dtype)
+        return self.proj(varlen_attention(q, k, v, cu_seqlens, causal=False).reshape(T, -1))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
+        self.norm2 = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
+
+    def forward(self, x, cos, sin, cu_seqlens):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Concatenates each 2x2 group of neighbouring patches and projects it to the LLM width."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        merged = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, 1e-6)
+        self.mlp = nn.Sequential(nn.Linear(merged, merged), nn.GELU(), nn.Linear(merged, cfg.out_hidden_size))
+
+    def forward(self, x):
+        return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
+
+
+class VisionTower(nn.Module):
+    """The Qwen2.5-VL ViT. Input: the image processor's flattened patches [P, C*2*14*14], already
+    ordered so that every 2x2 merge group is contiguous; output: one vector per merged patch."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.merger = PatchMerger(cfg)
+
+    def rope_cos_sin(self, grid_thw):
+        """2-D RoPE: half of each head's rotary dims encode the patch row, half the column.
+        Patches are enumerated merge-group by merge-group, as the image processor lays them out."""
+        m = self.cfg.spatial_merge_size
+        coords = []
+        for t, h, w in grid_thw.tolist():
+            rows = torch.arange(h).view(h // m, m, 1, 1).expand(-1, -1, w // m, m)
+            cols = torch.arange(w).view(1, 1, w // m, m).expand(h // m, m, -1, -1)
+            # reorder (h/m, m, w/m, m) -> (h/m, w/m, m, m): the merge group is the inner block
+            rc = torch.stack([rows.permute(0, 2, 1, 3).flatten(), cols.permute(0, 2, 1, 3).flatten()], dim=-1)
+            coords.append(rc.repeat(t, 1))
+        coords = torch.cat(coords)
+        rot_dim = self.cfg.hidden_size // self.cfg.num_heads // 2
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, rot_dim, 2, dtype=torch.float) / rot_dim))
+        freqs = (coords[..., None].float() * inv_freq).flatten(1)  # [P, rot_dim]: row freqs, col freqs
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def window_index(self, grid_thw):
+        """Window attention groups merged patches into windows of (window_size / 28)^2 per frame.
+        Returns the permutation that makes each window contiguous and the windows' cu_seqlens (in
+        patches). Edge windows are smaller when the grid is not a multiple of the window."""
+        m = self.cfg.spatial_merge_size
+        win = self.cfg.window_size // m // self.cfg.patch_size
+        order, seqlens, offset = [], [], 0
+        for t, h, w in grid_thw.tolist():
+            gh, gw = h // m, w // m
+            idx = torch.arange(t * gh * gw).view(t, gh, gw)
+            for frame in range(t):
+                for r in range(0, gh, win):
+                    for c in range(0, gw, win):
+                        block = idx[frame, r:r + win, c:c + win].flatten()
+                        order.append(block + offset)
+                        seqlens.append(block.numel() * m * m)
+            offset += t * gh * gw
+        cu = F.pad(torch.tensor(seqlens).cumsum(0), (1, 0)).to(torch.int32)
+        return torch.cat(order), cu
+
+    def forward(self, pixel_values, grid_thw):
+        cfg, unit = self.cfg, self.cfg.spatial_merge_size**2
+        x = pixel_values.view(-1, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        x = self.patch_embed.proj(x.to(self.patch_embed.proj.weight.dtype)).view(-1, cfg.hidden_size)
+        cos, sin = self.rope_cos_sin(grid_thw)
+        order, cu_windows = self.window_index(grid_thw)
+        # permute whole merge groups into window order; the merger runs in that order, undone at the end
+        x = x.view(-1, unit, cfg.hidden_size)[order].view(-1, cfg.hidden_size)
+        cos = cos.view(-1, unit, cos.shape[-1])[order].view(-1, cos.shape[-1]).to(x.device)
+        sin = sin.view(-1, unit, sin.shape[-1])[order].view(-1, sin.shape[-1]).to(x.device)
+        frame_sizes = (grid_thw[:, 1] * grid_thw[:, 2]).repeat_interleave(grid_thw[:, 0])
+        cu_frames = F.pad(frame_sizes.cumsum(0), (1, 0)).to(torch.int32).to(x.device)
+        cu_windows = cu_windows.to(x.device)
+        for i, block in enumerate(self.blocks):
+            cu = cu_frames if i in cfg.fullatt_block_indexes else cu_windows
+            x = block(x, cos, sin, cu)
+        return self.merger(x)[torch.argsort(order.to(x.device))]
+
+
+# -----------------------------------------------------------------------------
+# 4. language model
+
+def mrope_positions(input_ids, image_grid_thw, image_token_id, merge_size):
+    """Multimodal RoPE positions [3, L] (temporal, height, width) of one sequence.
+
+    Text tokens advance all three channels together. An image of merged grid (t, h, w) placed
+    when the running position is p gets t-channel p, h-channel p + row, w-channel p + col; the
+    text after it resumes at max(image positions) + 1. Equal to transformers' `get_rope_index`
+    for images. Example: tokens [a, b, img x 4 (grid 1x2x2), c] ->
+      t: 0 1 2 2 2 2 4 ;  h: 0 1 2 2 3 3 4 ;  w: 0 1 2 3 2 3 4
+    """
+    L = input_ids.shape[0]
+    ids = input_ids.tolist()
+    segments, cursor, next_pos = [], 0, 0
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    for t, h, w in grids:
+        if image_token_id not in ids[cursor:]:
+            break  # images of the other sequences in a packed batch
+        start = ids.index(image_token_id, cursor)
+        gh, gw = h // merge_size, w // merge_size
+        segments.append(torch.arange(start - cursor).expand(3, -1) + next_pos)
+        next_pos += start - cursor
+        hh = torch.arange(gh).view(1, -1, 1).expand(t, gh, gw).flatten()
+        ww = torch.arange(gw).view(1, 1, -1).expand(t, gh, gw).flatten()
+        segments.append(torch.stack([torch.zeros_like(hh), hh, ww]) + next_pos)
+        next_pos += max(gh, gw)
+        cursor = start + t * gh * gw
+    segments.append(torch.arange(L - cursor).expand(3, -1) + next_pos)
+    return torch.cat(segments, dim=1)
+
+
+def image_tokens_per_sequence(input_ids, cu_seqlens, image_token_id, image_grid_thw, merge_size):
+    """Split the batch's image grids among its packed sequences (images are in sequence order)."""
+    if image_grid_thw is None:
+        return [None] * (len(cu_seqlens) - 1)
+    per_image = (image_grid_thw.prod(-1) // merge_size**2).tolist()
+    grids, i = [], 0
+    for start, end in zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist()):
+        n_tokens, first = int((input_ids[start:end] == image_token_id).sum()), i
+        while n_tokens > 0:
+            n_tokens -= per_image[i]
+            i += 1
+        grids.append(image_grid_thw[first:i] if i > first else None)
+    return grids
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with q/k/v biases. The attention itself is a callable passed in by
+    the caller: varlen over a packed batch in training, a KV cache in generation."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx):
+        super().__init__()
+        hd = cfg.head_dim
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(self.num_heads * hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attend):
+        T = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(T, self.num_heads, -1), cos, sin)
+        k = apply_rope(self.k_proj(x).view(T, self.num_kv_heads, -1), cos, sin)
+        v = self.v_proj(x).view(T, self.num_kv_heads, -1)
+        return self.o_proj(attend(self.layer_idx, q, k, v).reshape(T, -1))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+# -----------------------------------------------------------------------------
+# 5. the model
+
+class Qwen25VL(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = TextModel(cfg)
+        self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        self.hf_config = None  # the raw config.json dict, written back by save_model
+        self.source_dir = None  # where tokenizer/processor files are copied from on save
+
+    @property
+    def head_weight(self):
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    # --- pieces shared by training and generation ---------------------------------------
+
+    def positions(self, input_ids, cu_seqlens, image_grid_thw=None):
+        """[3, T] RoPE positions of a packed batch, restarting at 0 for every sequence."""
+        merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 1
+        grids = image_tokens_per_sequence(input_ids, cu_seqlens, self.cfg.image_token_id, image_grid_thw, merge)
+        spans = zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
+        return torch.cat([mrope_positions(input_ids[s:e].cpu(), g, self.cfg.image_token_id, merge)
+                          for (s, e), g in zip(spans, grids)], dim=1).to(input_ids.device)
+
+    def rope_cos_sin(self, positions, dtype):
+        """cos/sin [T, head_dim] for positions [3, T]. With `mrope_section` (t, h, w) the rotary
+        frequencies are split into three bands, each driven by its own position channel."""
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=positions.device) / hd))
+        freqs = positions[..., None].float() * inv_freq  # [3, T, hd/2]
+        if self.cfg.mrope_section is None:
+            freqs = freqs[0]
+        else:
+            channel = torch.repeat_interleave(torch.arange(3, device=positions.device),
+                                              torch.tensor(self.cfg.mrope_section, device=positions.device))
+            freqs = freqs.gather(0, channel.view(1, 1, -1).expand(1, freqs.shape[1], -1))[0]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_thw=None):
+        """Token embeddings with each image's vision features written over its placeholder tokens."""
+        x = self.model.embed_tokens(input_ids)
+        if pixel_values is None:
+            return x
+        features = self.visual(pixel_values, image_grid_thw).to(x.dtype)
+        slots = input_ids == self.cfg.image_token_id
+        if int(slots.sum()) != features.shape[0]:
+            raise ValueError(f"{int(slots.sum())} image tokens in the text but {features.shape[0]} image features")
+        return x.masked_scatter(slots[:, None], features)
+
+    def decode(self, x, cos, sin, attend):
+        """Run the decoder stack; returns the final-norm hidden states."""
+        for layer in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attend)
+        return self.model.norm(x)
+
+    def _trunk(self, input_ids, cu_seqlens, pixel_values, image_grid_thw):
+        x = self.embed(input_ids, pixel_values, image_grid_thw)
+        cos, sin = self.rope_cos_sin(self.positions(input_ids, cu_seqlens, image_grid_thw), x.dtype)
+        cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
+        return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(q, k, v, cu, causal=True))
+
+    # --- training: padding-free ----------------------------------------------------------
+
+    def forward_packed(self, input_ids, cu_seqlens, pixel_values=None, image_grid_thw=None):
+        """Hidden states [T, H] of sequences concatenated into `input_ids` [T], split by `cu_seqlens`
+        [B+1]; positions restart and attention stops at every boundary."""
+        return self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
+
+    def packed_logprobs(self, input_ids, cu_seqlens, targets, pixel_values=None, image_grid_thw=None,
+                        temperature=1.0, with_entropy=False):
+        """Per-token log p(targets[t] | tokens <= t) for a packed batch, via the chunked head
+        (`token_logprobs`). A method of the model so FSDP2 gathers the head inside it."""
+        hidden = self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
+        return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
+
+    # --- the transformers-style call ----------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+        """Logits [B, T, V] of a right-padded batch (padding positions are zero). Runs the
+        packed path on the unpadded tokens, so padding costs no compute."""
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        keep = attention_mask.bool()
+        lengths = keep.sum(1)
+        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
+            raise ValueError("forward expects a right-padded batch")
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw)
+        logits = hidden.new_zeros(B, T, self.cfg.vocab_size)
+        logits[keep] = hidden @ self.head_weight.t()
+        return logits
+
+
+# -----------------------------------------------------------------------------
+# 6. memory-lean log-probs
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    """log_softmax(h W^T / temperature)[target] (and the entropy) chunk by chunk. Forward keeps
+    only h, W and each row's log-sum-exp; backward recomputes each chunk's logits, so the
+    [tokens, vocab] fp32 matrix never exists beyond one chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least, even for bf16 inputs
+        logp = hidden.new_empty(hidden.shape[0], dtype=acc)
+        entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=acc)
+        lse = torch.empty_like(logp)
+        for s in range(0, hidden.shape[0], chunk):
+            z = (hidden[s:s + chunk] @ weight.t()).to(acc) / temperature
+            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
+            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+            if with_entropy:
+                p = torch.exp(z - lse[s:s + chunk, None])
+                entropy[s:s + chunk] = lse[s:s + chunk] - (p * z).sum(-1)
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
+        ctx.mark_non_differentiable(targets)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        tau = ctx.temperature
+        acc = lse.dtype
+        grad_hidden = torch.zeros_like(hidden, dtype=acc)
+        grad_weight = torch.zeros_like(weight, dtype=acc)
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[s:s + ctx.chunk]
+            z = (h @ weight.t()).to(acc) / tau
+            p = torch.exp(z - lse[s:s + ctx.chunk, None])
+            # d logp / dz = onehot(target) - p
+            gz = -p * grad_logp[s:s + ctx.chunk, None]
+            gz.scatter_add_(1, targets[s:s + ctx.chunk, None], grad_logp[s:s + ctx.chunk, None])
+            if ctx.with_entropy:
+                # d H / dz_j = -p_j (log p_j + H)
+                log_p = z - lse[s:s + ctx.chunk, None]
+                gz -= grad_entropy[s:s + ctx.chunk, None] * p * (log_p + entropy[s:s + ctx.chunk, None])
+            gz = gz / tau
+            grad_hidden[s:s + ctx.chunk] = gz @ weight.to(acc)
+            grad_weight += gz.t() @ h.to(acc)
+        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=1024, with_entropy=False):
+    """Per-token log-probs of `targets` [T] under logits = hidden [T, H] @ W^T / temperature.
+
+    Same values and gradients as `log_softmax(logits.float(), -1).gather(-1, targets)`, at a peak
+    of one [chunk, vocab] block instead of several [T, vocab] ones. Returns `logp` [T], or
+    `(logp, entropy)` when `with_entropy`. Accumulates in fp32 (fp64 for fp64 inputs).
+    """
+    if hidden.shape[0] == 0:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if with_entropy else empty
+    logp, entropy = _ChunkedLogprobs.apply(hidden, lm_head_weight, targets, float(temperature), chunk, with_entropy)
+    return (logp, entropy) if with_entropy else logp
+
+
+# -----------------------------------------------------------------------------
+# 7. checkpoints
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+                   "generation_config.json")
+
+
+def _canonical_key(key):
+    """transformers 4.52-4.57 save `model.language_model.*` / `model.visual.*`; the released
+    checkpoints (and this module) use `model.*` / `visual.*`."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def _safetensors_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    return [single]
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """Build the model from a Hugging Face checkpoint directory (config.json + single or sharded
+    safetensors, either key layout). Weights are read straight into `dtype` on `device`."""
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    cfg = ModelConfig.from_hf(raw)
+    with torch.device("meta"):
+        model = Qwen25VL(cfg)
+    state = {}
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name = _canonical_key(key)
+                if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                    continue
+                state[name] = f.get_tensor(key).to(dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.hf_config, model.source_dir = raw, path
+    return model
+
+
+def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
+    """Write config.json + safetensors shards (+ index) in the released key layout, which
+    transformers and vLLM load, and copy the tokenizer/processor files from the source checkpoint.
+    Under FSDP2 every rank must call it; rank 0 writes."""
+    state = model.state_dict()
+    if any(isinstance(t, DTensor) for t in state.values()):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if torch.distributed.get_rank() != 0:
+            return
+    os.makedirs(path, exist_ok=True)
+    state = {k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state.items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = tensor, size + nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    config = dict(model.hf_config)
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    config.pop("dtype", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    if model.source_dir and os.path.abspath(model.source_dir) != os.path.abspath(path):
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(model.source_dir, name)):
+                shutil.copy(os.path.join(model.source_dir, name), os.path.join(path, name))
+
+
+# -----------------------------------------------------------------------------
+# 8. FSDP2
+
+def apply_fsdp(model, mesh=None, activation_checkpointing=True):
+    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`.
+    CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    on_cuda = next(model.parameters()).is_cuda
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+    blocks = list(model.model.layers) + (list(model.visual.blocks) if model.visual is not None else [])
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for method in ("forward_packed", "packed_logprobs"):
+        register_fsdp_forward_method(model, method)
+    model.activation_checkpointing = activation_checkpointing
+    return model
+
+
+@contextlib.contextmanager
+def gathered_params(model):
+    """Inside: every FSDP2 module holds its full parameters, so many forward calls (a whole
+    generation) pay for one all-gather. No-op for an unsharded model."""
+    from torch.distributed.fsdp import FSDPModule
+    fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp_modules:
+        m.unshard()
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for m in fsdp_modules:
+            m.set_reshard_after_forward(True, recurse=False)
+            m.reshard()
+
+
+def flops_per_token(cfg: ModelConfig, seq_len):
+    """Training FLOPs per token of the language model (6N + attention), for MFU."""
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    attn = 2 * cfg.hidden_size**2 + 2 * cfg.hidden_size * kv_dim
+    n = cfg.num_hidden_layers * (attn + 3 * cfg.hidden_size * cfg.intermediate_size)
+    n += cfg.vocab_size * cfg.hidden_size
+    return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
+

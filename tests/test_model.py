@@ -1,0 +1,232 @@
+"""model.py against transformers (the oracle) on tiny random-weight checkpoints."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+import model as M
+from tests import tiny
+
+torch.set_num_threads(2)
+TOL = 1e-4
+
+# three sequences: text only, one image (grid 8x6: partial attention windows), two images of different sizes
+SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)])]
+
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vl")
+    tiny.save_vl(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def oracle(vl_dir):
+    return AutoModelForImageTextToText.from_pretrained(vl_dir, torch_dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(vl_dir):
+    return M.load_model(vl_dir).eval()
+
+
+def samples():
+    return [tiny.sample(lens, grids, seed=i) for i, (lens, grids) in enumerate(SEQS)]
+
+
+def right_padded(batch):
+    T = max(len(ids) for ids, _, _ in batch)
+    input_ids = torch.zeros(len(batch), T, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, (ids, _, _) in enumerate(batch):
+        input_ids[i, :len(ids)] = ids
+        mask[i, :len(ids)] = 1
+    pixels = [p for _, p, _ in batch if p is not None]
+    grids = [g for _, _, g in batch if g is not None]
+    return input_ids, mask, torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None
+
+
+@torch.no_grad()
+def oracle_logits(oracle, ids, pixels, grid):
+    return oracle(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid).logits[0]
+
+
+@pytest.mark.parametrize("which", range(len(SEQS)))
+@torch.no_grad()
+def test_single_sequence_logits_match_transformers(oracle, ours, which):
+    ids, pixels, grid = samples()[which]
+    expected = oracle_logits(oracle, ids, pixels, grid)
+    got = ours(ids[None], pixel_values=pixels, image_grid_thw=grid)[0]
+    assert (got - expected).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_right_padded_batch_matches_transformers(oracle, ours):
+    batch = samples()
+    input_ids, mask, pixels, grid = right_padded(batch)
+    expected = oracle(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid).logits
+    got = ours(input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
+    keep = mask.bool()
+    assert (got[keep] - expected[keep]).abs().max() <= TOL
+    # each row also equals the sequence run alone
+    for i, (ids, p, g) in enumerate(batch):
+        assert (got[i, :len(ids)] - oracle_logits(oracle, ids, p, g)).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_packed_forward_matches_per_sequence_oracle(oracle, ours):
+    batch = samples()
+    input_ids = torch.cat([ids for ids, _, _ in batch])
+    cu = torch.tensor([0] + [len(ids) for ids, _, _ in batch]).cumsum(0).to(torch.int32)
+    pixels = torch.cat([p for _, p, _ in batch if p is not None])
+    grid = torch.cat([g for _, _, g in batch if g is not None])
+    hidden = ours.forward_packed(input_ids, cu, pixels, grid)
+    logits = hidden @ ours.head_weight.t()
+    expected = torch.cat([oracle_logits(oracle, *s) for s in batch])
+    assert (logits - expected).abs().max() <= TOL
+
+
+def test_mrope_positions_equal_get_rope_index(oracle):
+    batch = samples()
+    input_ids, mask, _, grid = right_padded(batch)
+    expected, _ = oracle.model.get_rope_index(input_ids, grid, None, attention_mask=mask)
+    grids = [g for _, _, g in batch]
+    for i, (ids, _, _) in enumerate(batch):
+        got = M.mrope_positions(ids, grids[i], tiny.IMAGE, tiny.MERGE)
+        assert torch.equal(got, expected[:, i, :len(ids)])
+
+
+def test_mrope_docstring_example():
+    ids = torch.tensor([1, 2] + [tiny.IMAGE] * 4 + [3])
+    pos = M.mrope_positions(ids, torch.tensor([[1, 4, 4]]), tiny.IMAGE, 2)
+    assert pos.tolist() == [[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 2, 3, 3, 4], [0, 1, 2, 3, 2, 3, 4]]
+
+
+def _relayout(src, dst, rename):
+    os.makedirs(dst, exist_ok=True)
+    state = load_file(os.path.join(src, "model.safetensors"))
+    save_file({rename(k): v for k, v in state.items()}, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+
+
+@torch.no_grad()
+def test_both_key_layouts_load(vl_dir, ours, tmp_path):
+    def to_new_layout(key):  # how transformers 4.52-4.57 name the weights
+        if key.startswith("model."):
+            return "model.language_model." + key[len("model."):]
+        if key.startswith("visual."):
+            return "model." + key
+        return key
+
+    _relayout(vl_dir, tmp_path / "new", to_new_layout)
+    assert any(k.startswith("model.language_model.") for k in load_file(tmp_path / "new" / "model.safetensors"))
+    other = M.load_model(tmp_path / "new")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@torch.no_grad()
+def test_released_flat_config_loads(vl_dir, oracle, tmp_path):
+    """Released Qwen2.5-VL configs keep text fields at the top level with rope type 'mrope'."""
+    with open(os.path.join(vl_dir, "config.json")) as f:
+        config = json.load(f)
+    text = config.pop("text_config")
+    text["rope_scaling"] = {"type": "mrope", "mrope_section": text["rope_scaling"]["mrope_section"]}
+    flat = {**config, **text, "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
+    _relayout(vl_dir, tmp_path, lambda k: k)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(flat, f)
+    ids, pixels, grid = samples()[2]
+    got = M.load_model(tmp_path)(ids[None], pixel_values=pixels, image_grid_thw=grid)[0]
+    assert (got - oracle_logits(oracle, ids, pixels, grid)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 200_000])
+@torch.no_grad()
+def test_save_model_round_trips_through_transformers(ours, oracle, tmp_path, max_shard_bytes):
+    (tmp_path / "src").mkdir()
+    ours.source_dir = str(tmp_path / "src")
+    (tmp_path / "src" / "tokenizer_config.json").write_text("{}")
+    M.save_model(ours, tmp_path / "out", max_shard_bytes=max_shard_bytes)
+    sharded = os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
+    assert sharded == (max_shard_bytes < 5 * 2**30)
+    assert (tmp_path / "out" / "tokenizer_config.json").exists()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    for ids, pixels, grid in samples():
+        a = oracle_logits(reloaded, ids, pixels, grid)
+        assert torch.equal(a, oracle_logits(oracle, ids, pixels, grid))
+    ours_again = M.load_model(tmp_path / "out")
+    for (name, a), (_, b) in zip(ours.state_dict().items(), ours_again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@torch.no_grad()
+def test_tied_embeddings_vl(tmp_path):
+    tiny.save_vl(tmp_path, seed=3, tie=True)
+    oracle = AutoModelForImageTextToText.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    ours = M.load_model(tmp_path)
+    assert ours.lm_head is None
+    ids, pixels, grid = samples()[1]
+    assert (ours(ids[None], pixel_values=pixels, image_grid_thw=grid)[0]
+            - oracle_logits(oracle, ids, pixels, grid)).abs().max() <= TOL
+
+
+@torch.no_grad()
+def test_plain_qwen2_text_checkpoint(tmp_path):
+    tiny.save_qwen2_text(tmp_path)
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    ours = M.load_model(tmp_path)
+    assert ours.visual is None and ours.cfg.mrope_section is None
+    ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    expected = oracle(input_ids=ids, attention_mask=mask).logits
+    got = ours(ids, attention_mask=mask)
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max() <= TOL
+
+
+def test_token_logprobs_values_and_gradients_match_naive():
+    g = torch.Generator().manual_seed(0)
+    T, H, V, tau = 37, 16, 101, 0.7
+    hidden = torch.randn(T, H, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (T,), generator=g)
+    w_logp, w_ent = torch.randn(T, generator=g, dtype=torch.float64), torch.randn(T, generator=g, dtype=torch.float64)
+
+    logits = (hidden @ weight.t()) / tau
+    naive = torch.log_softmax(logits, -1)
+    naive_logp = naive.gather(1, targets[:, None])[:, 0]
+    naive_ent = -(naive.exp() * naive).sum(-1)
+    naive_grads = torch.autograd.grad((naive_logp * w_logp + naive_ent * w_ent).sum(), (hidden, weight))
+
+    logp, ent = M.token_logprobs(hidden, weight, targets, temperature=tau, chunk=8, with_entropy=True)
+    grads = torch.autograd.grad((logp * w_logp + ent * w_ent).sum(), (hidden, weight))
+    assert (logp - naive_logp).abs().max() <= 1e-5 and (ent - naive_ent).abs().max() <= 1e-5
+    for a, b in zip(grads, naive_grads):
+        assert (a - b).abs().max() <= 1e-5
+
+    # the real use: fp32 inputs, fp32 accumulation
+    only_logp = M.token_logprobs(hidden.float(), weight.float(), targets, temperature=tau, chunk=1000)
+    assert only_logp.dtype == torch.float32 and (only_logp - naive_logp).abs().max() <= 1e-5
+
+
+def test_packed_logprobs_is_the_packed_forward_through_the_head(ours):
+    ids, pixels, grid = samples()[1]
+    cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+    targets = torch.roll(ids, -1)
+    logp = ours.packed_logprobs(ids, cu, targets, pixels, grid)
+    with torch.no_grad():
+        logits = ours.forward_packed(ids, cu, pixels, grid) @ ours.head_weight.t()
+    expected = torch.log_softmax(logits, -1).gather(1, targets[:, None])[:, 0]
+    assert (logp.detach() - expected).abs().max() <= 1e-5
+    logp.sum().backward()
+    assert ours.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    ours.zero_grad(set_to_none=True)

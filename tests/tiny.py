@@ -1,0 +1,68 @@
+"""Tiny random-weight Hugging Face checkpoints for tests, saved with `save_pretrained` so every
+loading path is the real one. Token ids of the vision specials sit at the top of the vocab."""
+
+import torch
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 320
+IMAGE, VIDEO, VISION_START, VISION_END = 310, 311, 312, 313
+MERGE = 2
+PATCH_DIM = 3 * 2 * 14 * 14
+
+
+def vl_config(tie=False, layers=2, hidden=64, vision_depth=3):
+    return Qwen2_5_VLConfig(
+        text_config=dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, rope_theta=10000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, tie_word_embeddings=tie,
+                         rms_norm_eps=1e-6),
+        vision_config=dict(depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
+                           fullatt_block_indexes=[1], window_size=56, spatial_patch_size=14, patch_size=14,
+                           temporal_patch_size=2, spatial_merge_size=MERGE),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+
+
+def save_vl(path, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(vl_config(**kw)).eval()
+    # random init leaves norms at 1 and biases at 0; perturb them so parity covers every weight
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return model
+
+
+def save_qwen2_text(path, seed=0, tie=True):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie, rope_theta=10000.0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def image_tokens(grid):
+    t, h, w = grid
+    return [VISION_START] + [IMAGE] * (t * h * w // MERGE**2) + [VISION_END]
+
+
+def random_pixels(grid, generator=None):
+    t, h, w = grid
+    return torch.randn(t * h * w, PATCH_DIM, generator=generator)
+
+
+def sample(text_lens, grids, seed):
+    """input_ids interleaving random text of `text_lens` with the images of `grids`
+    (len(text_lens) == len(grids) + 1), plus their pixel values and grid tensor."""
+    g = torch.Generator().manual_seed(seed)
+    ids = []
+    for i, n in enumerate(text_lens):
+        ids += torch.randint(0, 300, (n,), generator=g).tolist()
+        if i < len(grids):
+            ids += image_tokens(grids[i])
+    pixels = torch.cat([random_pixels(gr, g) for gr in grids]) if grids else None
+    grid = torch.tensor(grids) if grids else None
+    return torch.tensor(ids), pixels, grid
