@@ -480,12 +480,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=acc)
         lse = torch.empty_like(logp)
         for s in range(0, hidden.shape[0], chunk):
-            z = (hidden[s:s + chunk] @ weight.t()).to(acc) / temperature
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            logp[s:s + chunk] = z.gather(1, targets[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+            rows = slice(s, s + chunk)
+            z = (hidden[rows] @ weight.t()).to(acc).div_(temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            logp[rows] = z.gather(1, targets[rows, None])[:, 0] - lse[rows]
             if with_entropy:
-                p = torch.exp(z - lse[s:s + chunk, None])
-                entropy[s:s + chunk] = lse[s:s + chunk] - (p * z).sum(-1)
+                entropy[rows] = lse[rows] - (torch.exp(z - lse[rows, None]) * z).sum(-1)
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.mark_non_differentiable(targets)
@@ -499,18 +499,18 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden, dtype=acc)
         grad_weight = torch.zeros_like(weight, dtype=acc)
         for s in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[s:s + ctx.chunk]
-            z = (h @ weight.t()).to(acc) / tau
-            p = torch.exp(z - lse[s:s + ctx.chunk, None])
-            # d logp / dz = onehot(target) - p
-            gz = -p * grad_logp[s:s + ctx.chunk, None]
-            gz.scatter_add_(1, targets[s:s + ctx.chunk, None], grad_logp[s:s + ctx.chunk, None])
+            rows = slice(s, s + ctx.chunk)
+            h, g_logp = hidden[rows], grad_logp[rows, None]
+            # one [chunk, vocab] buffer is rewritten in place: logits -> log p -> p -> dloss/dz
+            log_p = (h @ weight.t()).to(acc).div_(tau).sub_(lse[rows, None])
             if ctx.with_entropy:
-                # d H / dz_j = -p_j (log p_j + H)
-                log_p = z - lse[s:s + ctx.chunk, None]
-                gz -= grad_entropy[s:s + ctx.chunk, None] * p * (log_p + entropy[s:s + ctx.chunk, None])
-            gz = gz / tau
-            grad_hidden[s:s + ctx.chunk] = gz @ weight.to(acc)
+                # d logp_t / dz = onehot(t) - p ;  d H / dz_j = -p_j (log p_j + H)
+                p = log_p.exp()
+                gz = p.mul_(log_p.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_logp)).neg_()
+            else:
+                gz = log_p.exp_().mul_(-g_logp)
+            gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau)
+            grad_hidden[rows] = gz @ weight.to(acc)
             grad_weight += gz.t() @ h.to(acc)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
 
