@@ -104,18 +104,33 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # 2. attention over packed sequences
 
+DENSE_ATTENTION_MAX_TOKENS = 2048
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal):
     """Attention over sequences packed along dim 0 that never crosses a `cu_seqlens` boundary.
 
     q: [T, Hq, D], k/v: [T, Hkv, D] (grouped-query when Hkv < Hq); returns [T, Hq, D].
-    CUDA with flash-attn uses its varlen kernel; otherwise SDPA runs once per sequence.
+    CUDA with flash-attn uses its varlen kernel. Otherwise SDPA: one call with a block-diagonal
+    mask while the batch is small (one kernel beats a Python loop of tiny ones, in backward above
+    all), one call per sequence beyond DENSE_ATTENTION_MAX_TOKENS (the mask grows as T^2).
     """
     if flash_attn_varlen_func is not None and q.is_cuda:
         max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
+    gqa = k.shape[1] != q.shape[1]
+    T = q.shape[0]
+    if T <= DENSE_ATTENTION_MAX_TOKENS:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
+        mask = seq[:, None] == seq[None, :]
+        if causal:
+            mask = mask.tril()
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                             attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(0, 1)
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q)
-    gqa = k.shape[1] != q.shape[1]
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
         out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa).transpose(0, 1)
@@ -203,6 +218,20 @@ class PatchMerger(nn.Module):
         return self.mlp(self.ln_q(x).view(-1, self.mlp[0].in_features))
 
 
+class PatchEmbed(nn.Module):
+    """The checkpoint's Conv3d (kernel = stride = 2x14x14) applied to already-cut patches, which
+    is one matrix product: far faster than a strided convolution, in backward above all."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
+
+    def forward(self, patches):
+        weight = self.proj.weight
+        return F.linear(patches.to(weight.dtype), weight.view(weight.shape[0], -1))
+
+
 class VisionTower(nn.Module):
     """The Qwen2.5-VL ViT. Input: the image processor's flattened patches [P, C*2*14*14], already
     ordered so that every 2x2 merge group is contiguous; output: one vector per merged patch."""
@@ -210,9 +239,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
-        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv3d(cfg.in_channels, cfg.hidden_size, kernel, stride=kernel, bias=False)
+        self.patch_embed = PatchEmbed(cfg)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = PatchMerger(cfg)
 
@@ -256,8 +283,7 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values, grid_thw):
         cfg, unit = self.cfg, self.cfg.spatial_merge_size**2
-        x = pixel_values.view(-1, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        x = self.patch_embed.proj(x.to(self.patch_embed.proj.weight.dtype)).view(-1, cfg.hidden_size)
+        x = self.patch_embed(pixel_values)
         cos, sin = self.rope_cos_sin(grid_thw)
         order, cu_windows = self.window_index(grid_thw)
         # permute whole merge groups into window order; the merger runs in that order, undone at the end
@@ -374,6 +400,7 @@ class Qwen25VL(nn.Module):
         self.visual = VisionTower(cfg.vision) if cfg.vision is not None else None
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
+        self.sharded = False  # set by apply_fsdp
         self.hf_config = None  # the raw config.json dict, written back by save_model
         self.source_dir = None  # where tokenizer/processor files are copied from on save
 
@@ -410,6 +437,11 @@ class Qwen25VL(nn.Module):
         """Token embeddings with each image's vision features written over its placeholder tokens."""
         x = self.model.embed_tokens(input_ids)
         if pixel_values is None:
+            if self.visual is not None and self.sharded:
+                # FSDP: every rank must join the vision blocks' collectives, images or not
+                m = self.cfg.vision.spatial_merge_size
+                dummy = x.new_zeros(m * m, self.visual.patch_embed.proj.weight[0].numel())
+                x = x + 0.0 * self.visual(dummy, torch.tensor([[1, m, m]])).sum()
             return x
         features = self.visual(pixel_values, image_grid_thw).to(x.dtype)
         slots = input_ids == self.cfg.image_token_id
@@ -639,6 +671,7 @@ def apply_fsdp(model, mesh=None, activation_checkpointing=True):
     for method in ("forward_packed", "packed_logprobs"):
         register_fsdp_forward_method(model, method)
     model.activation_checkpointing = activation_checkpointing
+    model.sharded = True
     return model
 
 

@@ -1,0 +1,219 @@
+"""Cold-start supervised fine-tuning: the base model learns the long, self-checking CoT format
+from the modality-bridged data and becomes Vision-R1-CI (PAPER.md section 2).
+
+    python train_sft.py                                  # the synthetic world's tiny model, on CPU
+    torchrun --nproc_per_node 8 train_sft.py --preset paper --model Qwen2.5-VL-7B-Instruct \\
+        --data vision_r1_cold.json --out runs/vision-r1-ci
+
+Loss on assistant tokens only, sequences packed without cross-attention, per-token loss
+normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 under
+torchrun, HF-format checkpoints plus a torch.distributed.checkpoint training state for --resume.
+"""
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import data
+import model as M
+from train_utils import (Logger, NonFiniteGuard, Timer, all_reduce, full_value, init_distributed, load_training_state,
+                         lr_at, parse_config, peak_memory_gib, save_training_state, seed_everything)
+
+
+@dataclass
+class SFTConfig:
+    # data and model
+    model: str = "runs/toy/base/final"          # HF checkpoint directory to start from
+    data: str = "runs/toy/cold/cold.jsonl"      # conversations: sharegpt `conversations` or `messages`
+    out: str = "runs/toy/ci"
+    skip_bad: bool = False                      # skip and count bad records instead of failing
+    eval_holdout: int = 0                       # last N records held out for the eval loss
+    min_pixels: int = 0                         # 0: the checkpoint's preprocessor config
+    max_pixels: int = 0
+    # optimisation (paper: lr 5e-6 cosine, 5% warmup, no weight decay, 2 epochs, batch 32, 16K context)
+    lr: float = 5e-6
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    epochs: float = 2.0
+    global_batch: int = 32                      # sequences per optimizer step, over all ranks
+    max_tokens: int = 16384                     # context and packed micro-batch size; longer samples are cut
+    grad_clip: float = 1.0
+    train_vision: bool = False                  # paper: vision tower and projector frozen
+    activation_checkpointing: bool = True
+    seed: int = 0
+    # operations
+    log_every: int = 1
+    eval_every: int = 0                         # 0: only at start and end
+    save_every: int = 0                         # HF checkpoint + training state every K steps (0: end only)
+    max_nonfinite: int = 3
+    resume: bool = False
+    peak_tflops: float = 989.0                  # per-device peak for MFU (H100 bf16 dense)
+    wandb_project: str = "vision-r1"
+    wandb_group: str = ""
+    run_name: str = "sft"
+
+
+PRESETS = {
+    "toy": dict(lr=1e-3, epochs=3.0, global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
+                activation_checkpointing=False, train_vision=True),
+    "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", data="vision_r1_cold.json", out="runs/vision-r1-ci"),
+}
+
+
+def shifted_targets(batch):
+    """Next-token targets of a packed batch: targets[t] = labels[t + 1] inside each sequence;
+    the last token of every sequence and unlabelled positions get -100."""
+    targets = torch.roll(batch["labels"], -1)
+    targets[batch["cu_seqlens"][1:].long() - 1] = -100
+    return targets
+
+
+def fit_context(sample, max_tokens, image_token_id):
+    """Truncate a sample to the context length, or None when the cut would split an image
+    (the caller skips and counts it: half an image cannot go through the vision tower)."""
+    if len(sample["input_ids"]) <= max_tokens:
+        return sample
+    if image_token_id in sample["input_ids"][max_tokens:]:
+        return None
+    return {**sample, "input_ids": sample["input_ids"][:max_tokens], "labels": sample["labels"][:max_tokens]}
+
+
+def microbatch_loss(model, batch, device):
+    """(sum of -log p over labelled tokens, number of labelled tokens) of one packed micro-batch."""
+    targets = shifted_targets(batch).to(device)
+    mask = targets != -100
+    to = (lambda t: None if t is None else t.to(device))
+    logp = model.packed_logprobs(batch["input_ids"].to(device), batch["cu_seqlens"].to(device),
+                                 targets.clamp(min=0), to(batch["pixel_values"]), to(batch["image_grid_thw"]))
+    return -(logp * mask).sum(), mask.sum()
+
+
+def microbatches(records, indices, processor, max_tokens):
+    """Encode the records at `indices` and pack them; also returns how many were too long."""
+    encoded = [fit_context(processor.encode_conversation(records[i]["messages"], records[i]["images"]),
+                           max_tokens, processor.image_token_id) for i in indices]
+    kept = [e for e in encoded if e is not None]
+    return data.pack(kept, max_tokens), len(encoded) - len(kept)
+
+
+@torch.no_grad()
+def eval_loss(model, records, processor, cfg, device):
+    """Token-mean loss of the held-out records, over all ranks."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    batches, _ = microbatches(records, range(rank, len(records), world), processor, cfg.max_tokens)
+    n_batches = int(all_reduce(len(batches), torch.distributed.ReduceOp.MAX))
+    total = tokens = 0.0
+    for k in range(n_batches):  # ranks with fewer batches repeat one with weight 0 (FSDP collectives)
+        loss_sum, n = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
+        weight = 1.0 if k < len(batches) else 0.0
+        total, tokens = total + weight * loss_sum.item(), tokens + weight * n.item()
+    return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
+
+
+def main(argv=None):
+    cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
+    rank, world, device = init_distributed()
+    os.makedirs(cfg.out, exist_ok=True)
+    seed_everything(cfg.seed)
+
+    # ---------------------------------------------------------------- data (checked before step 1)
+    records = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)
+    eval_records = records[len(records) - cfg.eval_holdout:] if cfg.eval_holdout else []
+    records = records[:len(records) - cfg.eval_holdout] if cfg.eval_holdout else records
+    processor = data.ChatProcessor(cfg.model, cfg.min_pixels or None, cfg.max_pixels or None)
+    if cfg.global_batch % world:
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of the world size {world}")
+    steps_per_epoch = len(records) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data}: {len(records)} records is fewer than one global batch of {cfg.global_batch}")
+    total_steps = math.ceil(cfg.epochs * steps_per_epoch)
+
+    # ---------------------------------------------------------------- model and optimizer
+    dtype = torch.float32  # master weights; FSDP computes in bf16 on CUDA
+    model = M.load_model(cfg.model, dtype=dtype, device=device)
+    if model.visual is not None and not cfg.train_vision:
+        model.visual.requires_grad_(False)
+    if world > 1:
+        M.apply_fsdp(model, activation_checkpointing=cfg.activation_checkpointing)
+    else:
+        model.activation_checkpointing = cfg.activation_checkpointing
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay)
+    start_step = 0
+    if cfg.resume:
+        progress = load_training_state(cfg.out, model, optimizer)
+        start_step = progress["step"] if progress else 0
+    logger = Logger(cfg, rank, job_type="sft")
+    if rank == 0:
+        print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world}, "
+              f"start at step {start_step}", flush=True)
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    skipped_too_long = 0
+    flops_per_token = M.flops_per_token(model.cfg, cfg.max_tokens / 2)
+    if eval_records and start_step == 0:
+        logger.log(0, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
+
+    # ---------------------------------------------------------------- training loop
+    timer, interval_tokens = Timer(), 0.0
+    for step in range(start_step, total_steps):
+        epoch, within = divmod(step, steps_per_epoch)
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        batch_indices = order[within * cfg.global_batch:(within + 1) * cfg.global_batch].tolist()
+        batches, too_long = microbatches(records, batch_indices[rank::world], processor, cfg.max_tokens)
+        skipped_too_long += int(all_reduce(too_long))
+        global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
+        n_micro = int(all_reduce(len(batches), torch.distributed.ReduceOp.MAX))
+
+        lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for k in range(n_micro):
+            weight = 1.0 if k < len(batches) else 0.0  # a rank short of micro-batches still joins FSDP's collectives
+            micro_loss, _ = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
+            # FSDP averages gradients over ranks, so scale by world to get the global token mean
+            (micro_loss * (weight * world / float(global_tokens))).backward()
+            loss_sum += weight * micro_loss.item()
+        loss = float(all_reduce(loss_sum) / global_tokens)
+        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+        if guard.ok(loss, grad_norm):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        done = step + 1
+        interval_tokens += float(all_reduce(sum(len(b["input_ids"]) for b in batches)))
+        if done % cfg.log_every == 0 or done == total_steps:
+            seconds, tokens, interval_tokens = timer.lap(), interval_tokens, 0.0
+            metrics = {"loss": loss, "lr": lr, "grad_norm": grad_norm, "epoch": done / steps_per_epoch,
+                       "tokens_per_s": tokens / seconds, "skipped_steps": guard.total,
+                       "skipped_too_long": skipped_too_long,
+                       "mfu": tokens * flops_per_token / seconds / world / (cfg.peak_tflops * 1e12),
+                       "peak_mem_gib": peak_memory_gib(device)}
+            if eval_records and cfg.eval_every and done % cfg.eval_every == 0:
+                metrics["eval_loss"] = eval_loss(model, eval_records, processor, cfg, device)
+            logger.log(done, metrics)
+        if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
+            M.save_model(model, os.path.join(cfg.out, f"step_{done}"))
+            save_training_state(cfg.out, done, model, optimizer, {"epoch": epoch})
+
+    # ---------------------------------------------------------------- end
+    if eval_records:
+        logger.log(total_steps, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
+    M.save_model(model, os.path.join(cfg.out, "final"))
+    save_training_state(cfg.out, total_steps, model, optimizer, {"epoch": cfg.epochs})
+    logger.finish()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

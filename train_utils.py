@@ -1,0 +1,230 @@
+"""What train_sft.py and train_grpo.py share: process group, logging, learning rate, checkpoints
+of the training state (exact resume), and the guard against non-finite steps."""
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import time
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+
+# -----------------------------------------------------------------------------
+# config from the command line
+
+def parse_config(config_cls, presets, argv=None, description=None):
+    """argparse over a dataclass: every field becomes a `--flag` (bools take true/false); a preset
+    fills in its values first and explicit flags win. Returns the filled dataclass."""
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    for f in fields(config_cls):
+        kind = type(f.default) if f.default is not None else str
+        if kind is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                                nargs="?", const=True, default=None)
+        else:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+    args = vars(parser.parse_args(argv))
+    values = {**presets[args.pop("preset")], **{k: v for k, v in args.items() if v is not None}}
+    return config_cls(**values)
+
+
+# -----------------------------------------------------------------------------
+# processes
+
+def init_distributed():
+    """(rank, world_size, device) under torchrun (nccl on CUDA, gloo on CPU) or a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank() if world > 1 else 0), world, device
+
+
+def all_reduce(value, op=dist.ReduceOp.SUM):
+    """Sum (or max) of a number or tensor over ranks; identity on one process."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).clone()
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
+def full_value(tensor):
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_gib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+class Logger:
+    """One stdout line per log step and the same numbers to wandb (rank 0 only). wandb runs
+    offline unless WANDB_MODE says otherwise, so nothing reaches the network by default."""
+
+    def __init__(self, cfg, rank, job_type):
+        self.rank, self.run = rank, None
+        if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
+            import wandb
+            self.run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None, name=cfg.run_name or None,
+                                  job_type=job_type, config=asdict(cfg), dir=cfg.out,
+                                  mode=os.environ.get("WANDB_MODE", "offline"))
+        self.history = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+
+    def log(self, step, metrics, echo=True):
+        if self.rank != 0:
+            return
+        metrics = {k: (v.item() if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        self.history.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.history.flush()
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+        if echo:
+            print(f"step {step:5d} | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in metrics.items()), flush=True)
+
+    def table(self, step, name, columns, rows):
+        if self.run is not None:
+            import wandb
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self):
+        if self.run is not None:
+            self.run.finish()
+        if self.history is not None:
+            self.history.close()
+
+
+# -----------------------------------------------------------------------------
+# learning rate
+
+def lr_at(step, total_steps, peak_lr, warmup_ratio=0.0, schedule="cosine", min_ratio=0.0):
+    """Linear warmup over `warmup_ratio * total_steps`, then cosine decay to `min_ratio * peak_lr`
+    (or constant). Example: total 100, warmup 0.05 -> steps 0..4 ramp 0.2..1.0 x peak, step 100 -> min."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return peak_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return peak_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return peak_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+# -----------------------------------------------------------------------------
+# training state: model + optimizer shards (torch.distributed.checkpoint) + step, data position, RNG
+
+def _rng_state():
+    """Every generator's state as tensors and ints, so it loads with weights_only=True."""
+    _, keys, pos, _, _ = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": torch.tensor(keys.astype(np.int64)), "numpy_pos": int(pos),
+            "python": torch.tensor(random.getstate()[1])}
+
+
+def _set_rng_state(rng):
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(rng["python"].tolist()), None))
+
+
+def save_training_state(out, step, model, optimizer, progress):
+    """Write <out>/state/step_<N> atomically (a temp folder renamed at the end) and point
+    <out>/state/latest at it. `progress` is a small JSON-able dict (data position etc.)."""
+    root = os.path.join(out, "state")
+    final, tmp = os.path.join(root, f"step_{step}"), os.path.join(root, f"tmp_step_{step}")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
+    torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "progress.json"), "w") as f:
+            json.dump({"step": step, **progress}, f)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        with open(os.path.join(root, "latest.tmp"), "w") as f:
+            f.write(f"step_{step}")
+        os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_training_state(out, model, optimizer):
+    """Restore the newest complete state under <out>/state; returns its progress dict (with
+    `step`), or None when there is none."""
+    root = os.path.join(out, "state")
+    if not os.path.exists(os.path.join(root, "latest")):
+        return None
+    with open(os.path.join(root, "latest")) as f:
+        path = os.path.join(root, f.read().strip())
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    _set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=True))
+    with open(os.path.join(path, "progress.json")) as f:
+        return json.load(f)
+
+
+# -----------------------------------------------------------------------------
+# non-finite steps
+
+class NonFiniteGuard:
+    """A non-finite loss or gradient norm skips the step; `limit` of them in a row stop the run
+    before anything corrupt is written."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def ok(self, *values):
+        if all(math.isfinite(float(v)) for v in values):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(f"{self.in_a_row} steps in a row had a non-finite loss or gradient; "
+                                     "stopping without saving (last good checkpoint is intact)")
+        return False
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    def lap(self):
+        now = time.perf_counter()
+        elapsed, self.start = now - self.start, now
+        return elapsed
