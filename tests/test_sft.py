@@ -1,0 +1,131 @@
+"""train_sft.py: packing, the released Vision-R1-cold layout, kill-and-resume, 2 ranks = 1 rank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+import model as M
+import train_sft
+from tests.test_fsdp import ROOT, torchrun
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+@pytest.fixture(scope="module")
+def cold_file(tiny_world, tmp_path_factory):
+    """40 records in the exact layout of the released Vision-R1-cold JSON: a JSON array, `image`
+    as one path string, human/gpt turns, the response in the Vision-R1 format."""
+    problems = data.load_problems(os.path.join(tiny_world, "data", "train.jsonl"))[:40]
+    records = [{"image": p["images"][0],
+                "conversations": [{"from": "human", "value": "<image>" + p["question"]},
+                                  {"from": "gpt", "value": f"<think> Let me look at the image. The answer is "
+                                                          f"{p['answer']}. </think><answer> Final Answer:{p['answer']} </answer>"}]}
+               for p in problems]
+    path = tmp_path_factory.mktemp("cold") / "vision_r1_cold.json"
+    path.write_text(json.dumps(records, indent=2))
+    return str(path)
+
+
+def sft_args(tiny_world, cold_file, out, *extra):
+    return ["--model", os.path.join(tiny_world, "model"), "--data", cold_file, "--out", str(out), "--lr", "1e-3",
+            "--global-batch", "8", "--epochs", "1", "--max-tokens", "1024", "--warmup-ratio", "0.2",
+            "--eval-holdout", "0", *extra]
+
+
+def final_state(out):
+    return M.load_model(os.path.join(out, "final")).state_dict()
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+
+
+def test_packed_loss_is_token_weighted_mean_of_sequence_losses(tiny_world, cold_file):
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"))
+    model = M.load_model(os.path.join(tiny_world, "model"))
+    records = data.load_conversations(cold_file)[:5]
+    (batch,), _ = train_sft.microbatches(records, range(5), processor, max_tokens=10_000)
+    assert len(batch["cu_seqlens"]) == 6
+    with torch.no_grad():
+        packed_sum, packed_tokens = train_sft.microbatch_loss(model, batch, "cpu")
+        singles = [train_sft.microbatch_loss(model, train_sft.microbatches(records, [i], processor, 10_000)[0][0], "cpu")
+                   for i in range(5)]
+    per_sequence_mean = [s / n for s, n in singles]
+    weights = [n for _, n in singles]
+    expected = sum(m * w for m, w in zip(per_sequence_mean, weights)) / sum(weights)
+    assert packed_tokens == sum(weights)
+    assert abs(packed_sum / packed_tokens - expected) <= 1e-5
+
+
+def test_shifted_targets_only_supervise_the_reply(tiny_world, cold_file):
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"))
+    records = data.load_conversations(cold_file)[:2]
+    (batch,), _ = train_sft.microbatches(records, [0, 1], processor, max_tokens=10_000)
+    targets = train_sft.shifted_targets(batch)
+    supervised = processor.tokenizer.decode(targets[targets != -100])
+    reply = records[0]["messages"][1]["content"]
+    assert supervised.startswith(reply) and supervised.count("<|im_end|>") == 2
+    assert "<|image_pad|>" not in supervised and records[0]["messages"][0]["content"][7:] not in supervised
+    # the last token of each packed sequence predicts nothing across the boundary
+    assert (targets[batch["cu_seqlens"][1:].long() - 1] == -100).all()
+
+
+def test_trains_on_released_cold_layout_and_loss_falls(tiny_world, cold_file, tmp_path):
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path, "--epochs", "5", "--global-batch", "4", "--lr", "3e-3",
+                            "--eval-holdout", "8"))
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [row["eval_loss"] for row in map(json.loads, f) if "eval_loss" in row]
+    assert evals[-1] < 0.5 * evals[0]
+    assert os.path.exists(tmp_path / "final" / "tokenizer.json")
+    assert os.path.exists(tmp_path / "state" / "latest")
+
+
+def run(args):
+    """train_sft.py in its own single-threaded process, so every run sums in the same order."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "train_sft.py", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_path):
+    args = sft_args(tiny_world, cold_file, tmp_path / "x", "--save-every", "1", "--epochs", "2")
+    straight = run(sft_args(tiny_world, cold_file, tmp_path / "straight", "--epochs", "2"))
+    assert straight.wait() == 0, straight.stderr.read()
+
+    proc = run(args)
+    deadline = time.time() + 240
+    while not os.path.exists(tmp_path / "x" / "state" / "step_2") and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    with open(tmp_path / "x" / "state" / "latest") as f:
+        killed_at = int(f.read().split("_")[1])
+    assert 2 <= killed_at < 4  # 4 steps in all (20 records, batch 8, 2 epochs): the kill landed mid-run
+
+    resumed = run(args + ["--resume"])
+    assert resumed.wait() == 0, resumed.stderr.read()
+    a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "x")
+    for name in a:
+        assert (a[name] - b[name]).abs().max() <= 1e-6, name
+
+
+def test_two_ranks_give_the_one_rank_loss_curve(tiny_world, cold_file, tmp_path):
+    args = ("--epochs", "2")
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path / "one", *args))
+    torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "two", *args), timeout=600)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 4
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
