@@ -656,18 +656,21 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
 # -----------------------------------------------------------------------------
 # 8. FSDP2
 
-def apply_fsdp(model, mesh=None, activation_checkpointing=True):
+def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False):
     """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`.
-    CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout.
+    CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout. `cpu_offload`
+    keeps the shards in host memory between uses (the frozen reference model in GRPO).
     Build the optimizer from `model.parameters()` after this call and outside any forward.
     FSDP averages gradients over ranks: a loss normalised by the global token count is scaled by
     the world size before backward so that the averaged gradient is the global batch's."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                        register_fsdp_forward_method)
     on_cuda = next(model.parameters()).is_cuda
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     blocks = list(model.model.layers) + (list(model.visual.blocks) if model.visual is not None else [])
     for block in blocks + [model]:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
     for method in ("forward_packed", "packed_logprobs"):
         register_fsdp_forward_method(model, method)
     model.activation_checkpointing = activation_checkpointing

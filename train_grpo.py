@@ -1,12 +1,34 @@
-"""GRPO with Progressive Thinking Suppression Training (PAPER.md section 3).
+"""GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (PAPER.md §3).
 
-The math sits at the top as small pure functions; the training loop below uses them.
-They follow the semantics of verl's `verl/trainer/ppo/core_algos.py`
+    python train_grpo.py --stage 1 && python train_grpo.py --stage 2     # the synthetic world, CPU
+    torchrun --nproc_per_node 8 train_grpo.py --preset paper --stage 1   # Vision-R1, stage 1: 4K x 16
+    python train_grpo.py --schedule long        # ablations run through the same code (long, zero, ...)
+
+Read top to bottom: the math as small pure functions (Eq. 1: group advantages, the clipped
+policy loss with the k3 KL term and its aggregation; Eq. 2 only changes the group size and the
+length cap per stage), the config, then the loop: sample prompts -> generate G responses each
+-> hard format-result rewards -> advantages -> old/ref log-probs -> PPO updates -> log.
+
+The math follows the semantics of verl's `verl/trainer/ppo/core_algos.py`
 (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `kl_penalty` with
 `low_var_kl`, `agg_loss`): same values and gradients for the same inputs and modes.
 """
 
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
 import torch
+
+import data
+import generate as gen
+import model as M
+import ptst
+import rewards
+from train_utils import (Logger, NonFiniteGuard, all_reduce, full_value, init_distributed, load_training_state,
+                         parse_config, peak_memory_gib, save_training_state, seed_everything)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -168,3 +190,301 @@ def policy_loss(
         per_token = per_token + kl_coef * kl
     loss = aggregate_loss(per_token, mask, agg, global_tokens, global_seqs)
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+# -----------------------------------------------------------------------------
+# config: every hyperparameter in one place (PAPER.md §3; * marks the unconfirmed EasyR1 defaults)
+
+@dataclass
+class GRPOConfig:
+    # PTST stage and checkpoints
+    schedule: str = "vision-r1"                  # ptst.SCHEDULES name
+    stages: str = ""                             # override: 'LxGxSTEPS,...' (ptst.parse_schedule)
+    stage: int = 1
+    length_scale: str = "1"                      # e.g. 1/64: the paper's lengths scaled to a small world
+    init: str = ""                               # start checkpoint; default: ptst.init_checkpoint
+    ref: str = ""                                # frozen KL reference; default: the schedule's stage-1 start
+    cold_start: str = "runs/toy/ci/final"        # Vision-R1-CI (train_sft.py on the cold data)
+    base: str = "runs/toy/base/final"            # the base model (Vision-R1-Zero starts here)
+    out_root: str = "runs/toy/grpo"
+    data: str = "runs/toy/data/rl.jsonl"         # problem records (JSONL or geometry3k parquet)
+    skip_bad: bool = False
+    min_pixels: int = 512 * 512                  # * images 512^2 - 2048^2 pixels
+    max_pixels: int = 2048 * 2048
+    # GRPO (Eq. 1)
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 0.0                       # 0: off
+    kl_coef: float = 1e-2                        # beta, k3 estimator, as a loss term
+    agg: str = "token-mean"                      # * AGG_MODES
+    scale_advantages: bool = True                # False: Dr. GRPO's r - mean
+    # rollout and optimisation
+    prompts_per_rollout: int = 512               # * prompts per rollout step, over all ranks
+    prompts_per_update: int = 128                # * prompts per optimizer update
+    ppo_epochs: int = 1                          # *
+    temperature: float = 1.0                     # *
+    top_p: float = 1.0                           # *
+    lr: float = 1e-6                             # * constant
+    weight_decay: float = 1e-2                   # *
+    grad_clip: float = 1.0                       # *
+    micro_batch_tokens: int = 32768              # packed tokens per forward/backward
+    activation_checkpointing: bool = True
+    ref_cpu_offload: bool = False
+    seed: int = 0
+    # operations
+    log_every: int = 1
+    table_every: int = 10                        # wandb table of sample completions
+    save_every: int = 50
+    max_nonfinite: int = 3
+    resume: bool = False
+    wandb_project: str = "vision-r1"
+    wandb_group: str = ""
+    run_name: str = ""
+    out: str = ""                                # filled in: the stage's folder
+
+
+PRESETS = {
+    "toy": dict(length_scale="1/32", min_pixels=28 * 28, max_pixels=112 * 112, prompts_per_rollout=16,
+                prompts_per_update=16, lr=2e-5, micro_batch_tokens=4096, activation_checkpointing=False,
+                save_every=10, table_every=5),
+    "paper": dict(cold_start="runs/vision-r1-ci/final", base="Qwen/Qwen2.5-VL-7B-Instruct",
+                  out_root="runs/vision-r1", data="vision_r1_rl.parquet"),
+}
+
+
+def resolve_schedule(cfg):
+    """The schedule with command-line overrides and the length scale applied."""
+    schedule = ptst.get_schedule(cfg.schedule)
+    if cfg.stages:
+        schedule = ptst.parse_schedule(cfg.stages, like=schedule, name=cfg.schedule)
+    return ptst.scale_schedule(schedule, cfg.length_scale)
+
+
+# -----------------------------------------------------------------------------
+# rollout pieces
+
+def score(completions, problems, schedule):
+    """Rewards [N] (hard format-result, or Zero's 0.5 format + 0.5 accuracy) plus the per-sample
+    facts the logs need. A response cut at the length cap scores 0 (PAPER.md §3)."""
+    reward_fn = rewards.reward if schedule.reward == "hard" else rewards.zero_reward
+    out = {"reward": [], "correct": [], "format": [], "truncated": []}
+    for c in completions:
+        p = problems[c.prompt_index]
+        truncated = c.finish_reason == "length"
+        args = (c.text, p["answer"], p.get("choices"), p.get("answer_type"))
+        out["reward"].append(reward_fn(*args, truncated=truncated))
+        out["correct"].append(rewards.reward(*args, truncated=truncated))
+        out["format"].append(float(rewards.format_ok(c.text) and not truncated))
+        out["truncated"].append(float(truncated))
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+def training_sequences(prompts, completions):
+    """Prompt + response token sequences for the packed forward, with where each response sits."""
+    return [{"input_ids": list(prompts[c.prompt_index]["input_ids"]) + list(c.token_ids),
+             "pixel_values": prompts[c.prompt_index]["pixel_values"],
+             "image_grid_thw": prompts[c.prompt_index]["image_grid_thw"],
+             "prompt_len": len(prompts[c.prompt_index]["input_ids"]), "response_len": len(c.token_ids)}
+            for c in completions]
+
+
+def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens, device, with_entropy=False):
+    """Per-token log-probs [N, max_len] of each response under `model` (and entropy), computed
+    on packed micro-batches; yields (indices, logp, entropy) per micro-batch so callers can
+    backward each one before the next forward."""
+    for batch in data.pack(sequences, micro_batch_tokens):
+        ids = batch["input_ids"].to(device)
+        cu = batch["cu_seqlens"].to(device)
+        to = (lambda t: None if t is None else t.to(device))
+        logp, entropy = model.packed_logprobs(ids, cu, torch.roll(ids, -1), to(batch["pixel_values"]),
+                                              to(batch["image_grid_thw"]), temperature, with_entropy=True)
+        # token t of a response is predicted at position prompt_len - 1 + t of its sequence
+        rows = [sequences[i] for i in batch["index"]]
+        starts = [int(cu[j]) + r["prompt_len"] - 1 for j, r in enumerate(rows)]
+        gather = torch.zeros(len(rows), max_len, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), max_len, dtype=torch.bool, device=device)
+        for j, (start, r) in enumerate(zip(starts, rows)):
+            gather[j, :r["response_len"]] = torch.arange(start, start + r["response_len"], device=device)
+            mask[j, :r["response_len"]] = True
+        yield batch["index"], logp[gather] * mask, (entropy[gather] * mask if with_entropy else None), mask
+
+
+@torch.no_grad()
+def frozen_logprobs(model, sequences, max_len, cfg, device):
+    """[N, max_len] log-probs under a model without gradients (old policy or reference)."""
+    out = torch.zeros(len(sequences), max_len, device=device)
+    for index, logp, _, _ in response_logprobs(model, sequences, max_len, cfg.temperature,
+                                               cfg.micro_batch_tokens, device):
+        out[index] = logp
+    return out
+
+
+def aligned_microbatches(count):
+    """FSDP ranks must run the same number of forward/backward passes."""
+    return int(all_reduce(count, torch.distributed.ReduceOp.MAX))
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
+def main(argv=None):
+    cfg = parse_config(GRPOConfig, PRESETS, argv, description=__doc__)
+    rank, world, device = init_distributed()
+    schedule = resolve_schedule(cfg)
+    stage = ptst.get_stage(schedule, cfg.stage)
+    cfg.out = ptst.stage_dir(cfg.out_root, schedule.name, cfg.stage)
+    cfg.init = cfg.init or ptst.init_checkpoint(cfg.out_root, schedule, cfg.stage, cfg.cold_start, cfg.base)
+    cfg.ref = cfg.ref or ptst.init_checkpoint(cfg.out_root, schedule, 1, cfg.cold_start, cfg.base)
+    cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
+    os.makedirs(cfg.out, exist_ok=True)
+    seed_everything(cfg.seed)
+    if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
+        raise ValueError("prompts_per_rollout must be a multiple of prompts_per_update and of the world size")
+
+    # ---------------------------------------------------------------- data (checked before step 1)
+    problems = data.load_problems(cfg.data, skip_bad=cfg.skip_bad)
+    processor = data.ChatProcessor(cfg.init, cfg.min_pixels, cfg.max_pixels)
+
+    # ---------------------------------------------------------------- policy, reference, optimizer
+    policy = M.load_model(cfg.init, device=device)
+    if policy.visual is not None:
+        policy.visual.requires_grad_(False)  # as in SFT: the LLM learns, the vision tower stays
+    reference = M.load_model(cfg.ref, device=device).eval().requires_grad_(False) if cfg.kl_coef else None
+    if world > 1:
+        M.apply_fsdp(policy, activation_checkpointing=cfg.activation_checkpointing)
+        if reference is not None:
+            M.apply_fsdp(reference, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
+    else:
+        policy.activation_checkpointing = cfg.activation_checkpointing
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_step = 0
+    if cfg.resume:
+        progress = load_training_state(cfg.out, policy, optimizer)
+        start_step = progress["step"] if progress else 0
+    logger = Logger(cfg, rank, job_type=f"grpo-stage{cfg.stage}")
+    guard = NonFiniteGuard(cfg.max_nonfinite)
+    G, L = stage.group_size, stage.max_tokens
+    if rank == 0:
+        print(ptst.format_schedule(schedule), flush=True)
+        print(f"stage {cfg.stage}: {L} tokens x {G} samples, {stage.steps} steps, from {cfg.init}, "
+              f"ref {cfg.ref}, start at step {start_step}", flush=True)
+
+    for step in range(start_step, stage.steps):
+        t0 = time.perf_counter()
+        # ------------------------------------------------------------ sample prompts (groups stay on one rank)
+        epoch_len = len(problems) // cfg.prompts_per_rollout
+        epoch, within = divmod(step, max(epoch_len, 1))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        step_ids = order[within * cfg.prompts_per_rollout:(within + 1) * cfg.prompts_per_rollout].tolist()
+        mine = [problems[i] for i in step_ids[rank::world]]
+        prompts = [processor.encode_problem(p, system=schedule.system_prompt) for p in mine]
+
+        # ------------------------------------------------------------ generate G responses per prompt
+        policy.eval()
+        sampler = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
+        with torch.no_grad(), M.gathered_params(policy):
+            completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, eos_ids=processor.eos_token_ids, generator=sampler,
+                                       tokenizer=processor.tokenizer)
+        t_generate = time.perf_counter() - t0
+
+        # ------------------------------------------------------------ rewards and advantages
+        scores = score(completions, mine, schedule)
+        advantages = group_advantages(scores["reward"], G, scale=cfg.scale_advantages).to(device)
+        t_score = time.perf_counter() - t0 - t_generate
+
+        # ------------------------------------------------------------ old and reference log-probs
+        sequences = training_sequences(prompts, completions)
+        on_policy = cfg.ppo_epochs == 1 and cfg.prompts_per_update == cfg.prompts_per_rollout
+        old_logp = None if on_policy else frozen_logprobs(policy, sequences, L, cfg, device)
+        ref_logp = frozen_logprobs(reference, sequences, L, cfg, device) if reference is not None else None
+
+        # ------------------------------------------------------------ PPO updates
+        policy.train()
+        per_update = cfg.prompts_per_update // world * G  # this rank's sequences per optimizer update
+        stats = {"loss": 0.0, "entropy": 0.0, "kl_ref": 0.0, "clip_frac_high": 0.0, "clip_frac_low": 0.0,
+                 "ppo_kl": 0.0, "grad_norm": 0.0}
+        updates = 0
+        for _ in range(cfg.ppo_epochs):
+            for first in range(0, len(sequences), per_update):
+                chosen = list(range(first, min(first + per_update, len(sequences))))
+                subset = [sequences[i] for i in chosen]
+                global_tokens = float(all_reduce(sum(s["response_len"] for s in subset)))
+                global_seqs = float(all_reduce(sum(s["response_len"] > 0 for s in subset)))
+                n_micro = aligned_microbatches(len(data.pack(subset, cfg.micro_batch_tokens)))
+                loss_total, seen = 0.0, 0
+                stream = response_logprobs(policy, subset, L, cfg.temperature, cfg.micro_batch_tokens, device,
+                                           with_entropy=True)
+                for k in range(n_micro):
+                    item = next(stream, None)
+                    if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
+                        item = next(response_logprobs(policy, subset[:1], L, cfg.temperature,
+                                                      cfg.micro_batch_tokens, device, with_entropy=True))
+                        weight = 0.0
+                    else:
+                        weight = 1.0
+                    index, logp, entropy, mask = item
+                    rows = torch.tensor([chosen[i] for i in index], device=device)
+                    old = logp.detach() if old_logp is None else old_logp[rows]
+                    loss, metrics = policy_loss(
+                        logp, old, advantages[rows], mask, cfg.clip_low, cfg.clip_high,
+                        ref_logp=None if ref_logp is None else ref_logp[rows], kl_coef=cfg.kl_coef, agg=cfg.agg,
+                        dual_clip=cfg.dual_clip or None, global_tokens=global_tokens, global_seqs=global_seqs)
+                    (loss * weight * world).backward()  # FSDP averages gradients over ranks
+                    loss_total += weight * loss.item()
+                    if weight:
+                        n_tok = mask.sum().item()
+                        seen += n_tok
+                        stats["entropy"] += (entropy.sum().item())
+                        for name in ("kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
+                            stats[name] += metrics.get(name, torch.tensor(0.0)).item() * n_tok
+                grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+                loss_value = float(all_reduce(loss_total))
+                if guard.ok(loss_value, grad_norm):
+                    optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                stats["loss"] += loss_value
+                stats["grad_norm"] += grad_norm
+                updates += 1
+        t_train = time.perf_counter() - t0 - t_generate - t_score
+
+        # ------------------------------------------------------------ log and checkpoint
+        done = step + 1
+        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+        group_std = scores["reward"].view(-1, G).std(-1)
+        total_tokens = float(all_reduce(lengths.sum()))
+        local = {"reward": scores["reward"].sum(), "reward_sq": (scores["reward"] ** 2).sum(),
+                 "accuracy": scores["correct"].sum(),
+                 "format_rate": scores["format"].sum(), "truncation_rate": scores["truncated"].sum(),
+                 "response_length": lengths.sum(), "zero_std_groups": (group_std == 0).float().sum() * G}
+        n = float(all_reduce(len(completions)))
+        metrics = {k: float(all_reduce(v)) / n for k, v in local.items()}
+        metrics["reward_std"] = math.sqrt(max(metrics.pop("reward_sq") - metrics["reward"] ** 2, 0.0))
+        metrics["response_length_max"] = float(all_reduce(lengths.max(), torch.distributed.ReduceOp.MAX))
+        metrics["clipped_fraction"] = metrics["truncation_rate"]
+        for name in ("entropy", "kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
+            metrics[name] = float(all_reduce(stats[name])) / max(total_tokens * cfg.ppo_epochs, 1)
+        metrics.update(loss=stats["loss"] / updates, grad_norm=stats["grad_norm"] / updates, lr=cfg.lr,
+                       time_generate=t_generate, time_score=t_score, time_train=t_train,
+                       tokens_per_s=total_tokens / (time.perf_counter() - t0), skipped_steps=guard.total,
+                       peak_mem_gib=peak_memory_gib(device), stage=cfg.stage, max_tokens=L, group_size=G)
+        if done % cfg.log_every == 0 or done == stage.steps:
+            logger.log(done, metrics)
+        if cfg.table_every and done % cfg.table_every == 0:
+            logger.table(done, "samples", ["id", "reward", "finish", "response"],
+                         [[mine[c.prompt_index]["id"], float(r), c.finish_reason, c.text]
+                          for c, r in zip(completions[:8], scores["reward"][:8])])
+        if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
+            M.save_model(policy, os.path.join(cfg.out, f"step_{done}"))
+            save_training_state(cfg.out, done, policy, optimizer, {"stage": cfg.stage})
+
+    M.save_model(policy, os.path.join(cfg.out, "final"))
+    save_training_state(cfg.out, stage.steps, policy, optimizer, {"stage": cfg.stage})
+    logger.finish()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
