@@ -684,6 +684,10 @@ def gathered_params(model):
     generation) pay for one all-gather. No-op for an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if fsdp_modules:
+        # FSDP2 makes the first module to run forward the root; generation calls the layers
+        # directly, so make the model the root before they run (a no-op once initialised)
+        model._get_fsdp_state()._lazy_init()
     for m in fsdp_modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)

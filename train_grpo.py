@@ -382,11 +382,12 @@ def main(argv=None):
 
         # ------------------------------------------------------------ generate G responses per prompt
         policy.eval()
-        sampler = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)
-        with torch.no_grad(), M.gathered_params(policy):
-            completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, eos_ids=processor.eos_token_ids, generator=sampler,
-                                       tokenizer=processor.tokenizer)
+        # one generator per prompt, seeded by (seed, step, prompt): samples independent of the world size
+        samplers = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 100_003 + i)
+                    for i in step_ids[rank::world]]
+        completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, eos_ids=processor.eos_token_ids, generator=samplers,
+                                   tokenizer=processor.tokenizer)
         t_generate = time.perf_counter() - t0
 
         # ------------------------------------------------------------ rewards and advantages
