@@ -1,0 +1,582 @@
+"""Record formats shared by every stage: loading, checking, and encoding chats for model.py.
+
+Problem records (RL training, evaluation, cold-data input), one JSON object per line:
+
+    {"id": "train-00001", "images": ["images/train-00001.png"], "question": "How many red squares are there?",
+     "answer": "2", "choices": null, "answer_type": "integer", "meta": {...}}
+
+Image paths are relative to the data file. Parquet exported from Hugging Face datasets loads as is:
+the released Vision-R1-rl / geometry3k layout (`images` as embedded bytes, `problem` with an
+`<image>` placeholder, `answer`) and benchmark exports such as MathVista (`pid`, `decoded_image`)
+or MathVerse (`sample_index`, `image`); columns we do not use go into `meta`.
+
+Conversation records (SFT), in either layout people have, JSON array or JSON lines:
+
+    {"images": ["a.png"], "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}]}
+    {"image": "a.png", "messages": [{"role": "user", "content": "<image>Q"}, {"role": "assistant", "content": "A"}]}
+
+The first is LLaMA-Factory's sharegpt layout as the released Vision-R1-cold files use it.
+
+    python data.py check FILE [--skip-bad]
+
+lists every bad record as FILE:LINE: reason (line in a JSON/JSONL file, row in a parquet table,
+counting from 1) and exits 1 if there is any; jobs run the same check when they load a file.
+"""
+
+import argparse
+import io
+import json
+import os
+import sys
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_PAD = "<|image_pad|>"
+IM_END = "<|im_end|>"
+ANSWER_TYPES = ("integer", "float", "text", "choice", "list")
+# Column aliases, first present wins. MathVista keeps a path string in `image` and the bytes in
+# `decoded_image`; MathVerse calls its id `sample_index`, MathVista `pid`.
+ID_KEYS = ("id", "pid", "sample_index")
+IMAGE_KEYS = ("images", "decoded_image", "image")
+QUESTION_KEYS = ("question", "problem")
+PROBLEM_KEYS = {*ID_KEYS, *IMAGE_KEYS, *QUESTION_KEYS, "answer", "choices", "answer_type", "meta"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+# Modes whose conversion to RGB keeps the picture's meaning. CMYK (ink, converted naively),
+# 16/32-bit integer and float modes (clipped to 255 on conversion) and other colour spaces are bad.
+CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
+MAX_ASPECT_RATIO = 200  # Qwen2-VL's resize refuses anything longer
+
+
+class DataError(Exception):
+    """A data file has bad records; the message lists `file:line: reason` for every one."""
+
+
+class BadInput(ValueError):
+    """One record or image that cannot be used; the message is the reason."""
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(source, min_pixels=None, max_pixels=None, factor=28):
+    """Open an image source (path, raw bytes or PIL image) as a checked RGB PIL image.
+
+    Bad (raises BadInput): a missing file; an empty or zero-size image; data PIL cannot decode;
+    a decompression bomb (more pixels than PIL's MAX_IMAGE_PIXELS, where PIL itself only warns up
+    to twice that); a mode outside CONVERTIBLE_MODES; a side ratio over 200. Convertible non-RGB
+    modes (palette, grey, alpha) are converted with `convert("RGB")`, as transformers does.
+
+    With min_pixels and/or max_pixels, the image is resized (bicubic) to Qwen2-VL's smart_resize
+    of its size: sides multiples of `factor` (patch 14 x merge 2), area within the bounds. The
+    Qwen2-VL image processor with the same bounds then keeps it as is, e.g. 150x90 with
+    max_pixels=112*112 -> 140x84.
+    """
+    name = source if isinstance(source, str) else "embedded image"
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        if isinstance(source, str) and not os.path.isfile(source):
+            raise BadInput(f"missing image: {name}")
+        if (os.path.getsize(source) if isinstance(source, str) else len(source)) == 0:
+            raise BadInput(f"zero-size image: {name} is 0 bytes")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(source if isinstance(source, str) else io.BytesIO(source))
+                image.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadInput(f"decompression bomb: {name}: {e}") from None
+        except Exception as e:  # decoders raise many types (OSError, SyntaxError, struct.error, ...) on bad data
+            raise BadInput(f"unreadable image: {name}: {e}") from None
+    if image.width == 0 or image.height == 0:
+        raise BadInput(f"zero-size image: {name} is {image.width}x{image.height}")
+    if image.mode not in CONVERTIBLE_MODES:
+        raise BadInput(f"non-RGB image: {name} has mode {image.mode} (accepted: {', '.join(CONVERTIBLE_MODES)})")
+    if max(image.size) / min(image.size) > MAX_ASPECT_RATIO:
+        raise BadInput(f"extreme aspect ratio: {name} is {image.width}x{image.height}, over {MAX_ASPECT_RATIO}:1")
+    image = image.convert("RGB")
+    if min_pixels is None and max_pixels is None:
+        return image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    height, width = smart_resize(image.height, image.width, factor,
+                                 min_pixels=min_pixels or factor * factor, max_pixels=max_pixels or float("inf"))
+    return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def image_sources(obj, base_dir):
+    """The record's images as sources load_image takes: absolute paths or raw bytes.
+
+    Accepts a path, a Hugging Face image struct {"bytes", "path"} (bytes win), or a list of those,
+    under the first present key of IMAGE_KEYS; relative paths are relative to `base_dir`.
+    """
+    key = next((k for k in IMAGE_KEYS if obj.get(k) is not None), None)
+    if key is None:
+        return []
+    items = obj[key] if isinstance(obj[key], list) else [obj[key]]
+    sources = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("bytes") or item.get("path")
+        if isinstance(item, bytes):
+            sources.append(item)
+        elif isinstance(item, str) and item:
+            sources.append(os.path.join(base_dir, item))
+        else:
+            raise BadInput(f"bad image entry: {str(item)[:60]!r} in {key!r}")
+    return sources
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def read_entries(path):
+    """Yield (line, object) for every record of a .jsonl, .json or .parquet file.
+
+    Lines count from 1 (parquet: rows). A malformed entry comes as (line, BadInput). A .json or
+    .jsonl file that starts with `[` is one JSON array; any other is JSON lines, blank lines
+    skipped, as Hugging Face's json loader reads both.
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        yield from _parquet_entries(path)
+    elif ext in (".json", ".jsonl"):
+        with open(path, "rb") as f:
+            data = f.read()
+        yield from (_json_array_entries if data.lstrip()[:1] == b"[" else _json_lines_entries)(data)
+    else:
+        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
+
+
+def _json_lines_entries(data):
+    for line, text in enumerate(data.split(b"\n"), 1):
+        if not text.strip():
+            continue
+        try:
+            yield line, json.loads(text)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            yield line, BadInput(f"malformed JSON: {e}")
+
+
+def _json_array_entries(data):
+    """Elements of a JSON array with the line each starts on; a syntax error ends the file there."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield 1, BadInput(f"malformed JSON: not UTF-8 ({e})")
+        return
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, text.index("[") + 1)
+    if text.startswith("]", pos):
+        return
+    line, counted = 1, 0
+    while True:
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            yield e.lineno, BadInput(f"malformed JSON: {e.msg} (column {e.colno}); the rest of the file is unread")
+            return
+        yield line, obj
+        pos = _skip_space(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_space(text, pos + 1)
+        elif text.startswith("]", pos) and not text[pos + 1:].strip():
+            return
+        else:
+            line += text.count("\n", counted, pos)
+            yield line, BadInput("malformed JSON: expected ',' or the closing ']' of the array; the rest of the file is unread")
+            return
+
+
+def _skip_space(text, pos):
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _parquet_entries(path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable parquet file: {e}") from None
+    row = 0
+    for batch in table.iter_batches(batch_size=256):
+        for obj in batch.to_pylist():
+            row += 1
+            yield row, obj
+
+
+# ----------------------------------------------------------------------------- normalising records
+
+def detect_kind(obj):
+    """'conversations' for sharegpt / messages records, else 'problems'."""
+    is_chat = isinstance(obj, dict) and ("conversations" in obj or "messages" in obj)
+    return "conversations" if is_chat else "problems"
+
+
+def problem_record(obj, base_dir, fallback_id):
+    """Normalise a problem row (our layout, geometry3k, a benchmark export) or raise BadInput.
+
+    `<image>` placeholders are removed from the question (the chat puts images first); when a
+    question has any, their count must equal the number of images.
+    """
+    if not isinstance(obj, dict):
+        raise BadInput(f"not a record: expected a JSON object, got {type(obj).__name__}")
+    if detect_kind(obj) == "conversations":
+        raise BadInput("not a problem record: it is a conversation (conversations/messages)")
+    question = next((obj[k] for k in QUESTION_KEYS if obj.get(k) is not None), None)
+    if not isinstance(question, str) or not question.replace(IMAGE_PLACEHOLDER, "").strip():
+        raise BadInput("missing question")
+    answer = obj.get("answer")
+    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+        raise BadInput("missing answer")
+    images = image_sources(obj, base_dir)
+    placeholders = question.count(IMAGE_PLACEHOLDER)
+    if placeholders and placeholders != len(images):
+        raise BadInput(f"image count mismatch: {placeholders} <image> placeholders for {len(images)} images")
+    choices = obj.get("choices")
+    if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+        raise BadInput(f"bad choices: expected a list of strings, got {choices!r:.60}")
+    answer_type = obj.get("answer_type")
+    if answer_type is not None and answer_type not in ANSWER_TYPES:
+        raise BadInput(f"bad answer_type: {answer_type!r} is not one of {', '.join(ANSWER_TYPES)}")
+    if answer_type == "choice" and not choices:
+        raise BadInput("bad choices: answer_type is choice but there are no choices")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise BadInput("bad meta: expected an object")
+    extra = {k: v for k, v in obj.items() if k not in PROBLEM_KEYS and not isinstance(v, bytes)}
+    record_id = next((obj[k] for k in ID_KEYS if obj.get(k) is not None), fallback_id)
+    return {"id": str(record_id), "images": images, "question": question.replace(IMAGE_PLACEHOLDER, "").strip(),
+            "answer": str(answer).strip(), "choices": choices or None, "answer_type": answer_type,
+            "meta": {**extra, **meta}}
+
+
+def conversation_record(obj, base_dir, fallback_id):
+    """Normalise a sharegpt or messages record to {id, images, messages} or raise BadInput.
+
+    Turns must be an optional system turn, then user and assistant alternating, ending with the
+    assistant (LLaMA-Factory's rule); a top-level `system` string becomes the system turn; the
+    `<image>` placeholders over all turns must match the images one to one.
+    """
+    if not isinstance(obj, dict):
+        raise BadInput(f"not a record: expected a JSON object, got {type(obj).__name__}")
+    turns = obj.get("conversations", obj.get("messages"))
+    if not isinstance(turns, list) or not turns:
+        raise BadInput("bad turns: missing conversations or messages")
+    messages = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise BadInput(f"bad turns: expected objects, got {turn!r:.60}")
+        role, content = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if role not in ROLES or not isinstance(content, str):
+            raise BadInput(f"bad turns: need a role in {sorted(ROLES)} and string content, got {turn!r:.80}")
+        messages.append({"role": ROLES[role], "content": content})
+    roles = [m["role"] for m in messages]
+    dialogue = roles[1:] if roles[0] == "system" else roles
+    if not dialogue or len(dialogue) % 2 or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(dialogue)):
+        raise BadInput(f"bad turns: need [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}")
+    images = image_sources(obj, base_dir)
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if placeholders != len(images):
+        raise BadInput(f"image count mismatch: {placeholders} <image> placeholders for {len(images)} images")
+    return {"id": str(obj.get("id", fallback_id)), "images": images, "messages": messages}
+
+
+# ----------------------------------------------------------------------------- checking and loading
+
+@dataclass
+class CheckReport:
+    """What checking a file found: `bad` holds (line, reason) for every bad record."""
+
+    path: str
+    kind: str
+    total: int
+    good: int
+    bad: list
+
+    def lines(self):
+        return [f"{self.path}:{line}: {reason}" for line, reason in self.bad]
+
+    def reasons(self):
+        """Bad records counted by kind of reason, e.g. 'missing image: 2, malformed JSON: 1'."""
+        counts = Counter(reason.split(":")[0] for _, reason in self.bad)
+        return ", ".join(f"{kind}: {n}" for kind, n in counts.items())
+
+    def summary(self):
+        """e.g. 'data/rl.jsonl: 7 good of 10 problems records (missing image: 2, malformed JSON: 1)'."""
+        reasons = f" ({self.reasons()})" if self.bad else ""
+        return f"{self.path}: {self.good} good of {self.total} {self.kind} records{reasons}"
+
+
+def read_records(path, kind="auto"):
+    """Parse, normalise and check every record of a file, images decoded; returns (CheckReport, records).
+
+    `kind` 'auto' takes the layout of the first parseable record. Ids must be unique in a file.
+    """
+    base_dir = os.path.dirname(os.path.abspath(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    records, bad, first_line_of = [], [], {}
+    total = 0
+    for line, obj in read_entries(path):
+        total += 1
+        try:
+            if isinstance(obj, BadInput):
+                raise obj
+            kind = detect_kind(obj) if kind == "auto" else kind
+            normalise = conversation_record if kind == "conversations" else problem_record
+            record = normalise(obj, base_dir, f"{stem}-{line}")
+            if record["id"] in first_line_of:
+                raise BadInput(f"duplicate id: {record['id']!r} (first on line {first_line_of[record['id']]})")
+            for source in record["images"]:
+                load_image(source)
+        except BadInput as e:
+            bad.append((line, str(e)))
+            continue
+        first_line_of[record["id"]] = line
+        records.append(record)
+    kind = "problems" if kind == "auto" else kind
+    return CheckReport(path, kind, total, len(records), bad), records
+
+
+def check_file(path, kind="auto"):
+    """Check a whole file before any job starts: kind is 'auto', 'problems' or 'conversations'."""
+    return read_records(path, kind)[0]
+
+
+def _load(path, kind, skip_bad):
+    report, records = read_records(path, kind)
+    if report.bad and not skip_bad:
+        raise DataError("\n".join([report.summary(), *report.lines()]))
+    if report.bad:
+        print(f"{path}: skipped {len(report.bad)} of {report.total} records ({report.reasons()})", file=sys.stderr)
+    return records
+
+
+def load_problems(path, skip_bad=False):
+    """Problem records of a .jsonl / .json / .parquet file, normalised to
+    {id, images, question, answer, choices, answer_type, meta}.
+
+    Raises DataError listing every bad line; with skip_bad, returns the good records and prints
+    `skipped N of M records (reasons)` to stderr.
+    """
+    return _load(path, "problems", skip_bad)
+
+
+def load_conversations(path, skip_bad=False):
+    """Conversation records (sharegpt or messages layout) normalised to {id, images, messages}.
+
+    Message content keeps its `<image>` placeholders. Bad records as in load_problems.
+    """
+    return _load(path, "conversations", skip_bad)
+
+
+# ----------------------------------------------------------------------------- chat encoding
+
+def template_messages(messages):
+    """Our messages in chat-template form: content with `<image>` placeholders becomes parts.
+
+    >>> template_messages([{"role": "user", "content": "<image>How many?"}])
+    [{'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'How many?'}]}]
+    """
+    converted = []
+    for m in messages:
+        content = m["content"]
+        if IMAGE_PLACEHOLDER in content:
+            pieces = content.split(IMAGE_PLACEHOLDER)
+            content = [{"type": "text", "text": pieces[0]}] if pieces[0] else []
+            for piece in pieces[1:]:
+                content += [{"type": "image"}] + ([{"type": "text", "text": piece}] if piece else [])
+        converted.append({"role": m["role"], "content": content})
+    return converted
+
+
+def expand_image_tokens(ids, labels, image_token_id, counts):
+    """Repeat the i-th image pad token counts[i] times, as Qwen2.5-VL's processor does.
+
+    counts[i] = grid_t * grid_h * grid_w / merge_size**2, e.g. a 112x112 image -> (1, 8, 8) -> 16.
+    Labels of the copies are those of the pad (always -100: images sit in user turns).
+    """
+    if ids.count(image_token_id) != len(counts):
+        raise ValueError(f"{ids.count(image_token_id)} image tokens in the chat for {len(counts)} images")
+    remaining = iter(counts)
+    out_ids, out_labels = [], []
+    for token, label in zip(ids, labels):
+        n = next(remaining) if token == image_token_id else 1
+        out_ids += [token] * n
+        out_labels += [label] * n
+    return out_ids, out_labels
+
+
+def eos_token_ids(model_dir, tokenizer):
+    """Stop tokens: generation_config.json's eos_token_id (Qwen lists <|im_end|> and <|endoftext|>), else the tokenizer's."""
+    path = os.path.join(model_dir, "generation_config.json")
+    eos = None
+    if os.path.exists(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return [tokenizer.eos_token_id]
+    return eos if isinstance(eos, list) else [eos]
+
+
+class ChatProcessor:
+    """A checkpoint's tokenizer (with its chat template) and Qwen2-VL image processor, combined as
+    transformers' Qwen2.5-VL processor combines them, without its torchvision dependency.
+
+    Images are loaded with the pixel bounds (default: the checkpoint's preprocessor config), the
+    template's single `<|image_pad|>` per image is expanded to the image's token count.
+    """
+
+    def __init__(self, model_dir, min_pixels=None, max_pixels=None):
+        from transformers import AutoTokenizer, Qwen2VLImageProcessor
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.image_processor = Qwen2VLImageProcessor.from_pretrained(model_dir)
+        self.min_pixels = min_pixels or self.image_processor.min_pixels
+        self.max_pixels = max_pixels or self.image_processor.max_pixels
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
+
+    def vision_inputs(self, images):
+        """(pixel_values [P, C*2*14*14], image_grid_thw [I, 3]) for PIL images or sources; (None, None) for none."""
+        if not images:
+            return None, None
+        factor = self.image_processor.patch_size * self.image_processor.merge_size
+        loaded = [load_image(im, self.min_pixels, self.max_pixels, factor) for im in images]
+        out = self.image_processor(images=loaded, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                                   return_tensors="pt")
+        return out["pixel_values"], out["image_grid_thw"]
+
+    def render(self, messages, add_generation_prompt=False):
+        return self.tokenizer.apply_chat_template(template_messages(messages), tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _encode(self, text, images, label_spans=None):
+        """Tokenise rendered chat text, label tokens overlapping label_spans, expand image tokens."""
+        pixel_values, grid_thw = self.vision_inputs(images)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=label_spans is not None)
+        ids = enc["input_ids"]
+        labels = [-100] * len(ids)
+        if label_spans is not None:
+            for i, (start, end) in enumerate(enc["offset_mapping"]):
+                if any(start < span_end and end > span_start for span_start, span_end in label_spans):
+                    labels[i] = ids[i]
+        merge = self.image_processor.merge_size ** 2
+        counts = [] if grid_thw is None else (grid_thw.prod(-1) // merge).tolist()
+        ids, labels = expand_image_tokens(ids, labels, self.image_token_id, counts)
+        out = {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        return {**out, "labels": labels} if label_spans is not None else out
+
+    def encode_prompt(self, question, images, system=None):
+        """One user turn (the images, then the question) with the generation prompt, ready to sample.
+
+        No system message unless `system` is given; the template's default system turn applies.
+        Returns {input_ids: list[int], pixel_values, image_grid_thw}.
+        """
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": IMAGE_PLACEHOLDER * len(images) + question})
+        return self._encode(self.render(messages, add_generation_prompt=True), images)
+
+    def encode_problem(self, record, system=None):
+        """encode_prompt for a problem record."""
+        return self.encode_prompt(record["question"], record["images"], system)
+
+    def encode_conversation(self, messages, images):
+        """A whole chat with labels: input_ids on each assistant reply and its closing <|im_end|>,
+        -100 elsewhere (system and user turns, image tokens, the `<|im_start|>assistant\\n` header,
+        the newline after <|im_end|>). `<image>` placeholders map to `images` in order.
+
+        Reply spans come from rendering the chat up to each reply with and without it; the template
+        must render every shorter chat as a prefix of the longer one (Qwen's does).
+        """
+        text = self.render(messages)
+        spans = []
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            head = self.render(messages[:k], add_generation_prompt=True)
+            turn = self.render(messages[:k + 1])
+            if not (text.startswith(turn) and turn.startswith(head)):
+                raise ValueError("chat template does not render a chat's prefix as a prefix of its text")
+            spans.append((len(head), turn.rindex(IM_END) + len(IM_END)))
+        return self._encode(text, images, spans)
+
+
+# ----------------------------------------------------------------------------- packing
+
+def pack(encoded, max_tokens):
+    """Greedy first-fit packing of encoded samples, in order, into batches of at most max_tokens.
+
+    Each sample goes into the first batch with room for it, else opens a new one (a sample longer
+    than max_tokens gets a batch of its own). Lengths 5, 4, 3, 2 with max_tokens 8 ->
+    [0, 2] (8 tokens), [1, 3] (6 tokens); cu_seqlens of the first: [0, 5, 8].
+    """
+    batches = []
+    for i, sample in enumerate(encoded):
+        n = len(sample["input_ids"])
+        batch = next((b for b in batches if b["tokens"] + n <= max_tokens), None)
+        if batch is None:
+            batch = {"tokens": 0, "index": []}
+            batches.append(batch)
+        batch["tokens"] += n
+        batch["index"].append(i)
+    return [collate([encoded[i] for i in b["index"]], b["index"]) for b in batches]
+
+
+def collate(samples, index):
+    """Concatenate samples into one packed sequence for model.forward_packed.
+
+    Returns input_ids LongTensor [T], labels LongTensor [T] (when every sample has them),
+    cu_seqlens IntTensor [B+1] from 0, pixel_values [P, D] and image_grid_thw [I, 3] in sequence
+    order (or None), and `index` (the samples' positions in the original list).
+    """
+    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+    images = [s for s in samples if s.get("pixel_values") is not None]
+    batch = {
+        "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long),
+        "cu_seqlens": torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32),
+        "pixel_values": torch.cat([s["pixel_values"] for s in images]) if images else None,
+        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in images]) if images else None,
+        "index": list(index),
+    }
+    if all("labels" in s for s in samples):
+        batch["labels"] = torch.tensor([t for s in samples for t in s["labels"]], dtype=torch.long)
+    return batch
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check data files before a job uses them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="list every bad record as FILE:LINE: reason")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--kind", default="auto", choices=["auto", "problems", "conversations"])
+    check.add_argument("--skip-bad", action="store_true", help="report counts and exit 0 when only some records are bad")
+    args = parser.parse_args(argv)
+    failed = False
+    for path in args.files:
+        try:
+            report = check_file(path, args.kind)
+        except (DataError, OSError) as e:
+            print(f"{path}: {e}")
+            failed = True
+            continue
+        for line in report.lines():
+            print(line)
+        print(report.summary())
+        failed |= bool(report.bad) and not (args.skip_bad and report.good)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The embedded default world: colored shapes on a grid, and a Qwen2.5-VL small enough to train on CPU.
+
+Every problem is one image of a grid (4x4 by default) whose cells are empty or hold one shape
+(square, circle, triangle) in one color (red, green, blue, yellow), and one question that needs
+looking *and* a few reasoning steps:
+
+    count          How many red squares are there?                   integer  filter, count
+    sum            How many shapes are red or blue in total?         integer  two counts, add
+    difference     How many more red shapes than blue shapes ...?    integer  two counts, subtract
+    most_frequent  Which color appears most often? Choices: A..D     choice   four counts, argmax
+    color_at       What color is the shape in row 2, column 3?       text     locate, read
+
+Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
+and the exact scene `description` a perfect describer would write, which the cold-data
+pipeline's offline backends use in place of a captioning MLLM.
+
+One grid cell is 28x28 pixels = one 2x2 group of 14-pixel patches = one merged vision token,
+so a 112x112 image costs 16 image tokens.
+
+    python synthetic.py --out runs/toy [--seed 0] [--preset toy]
+
+writes DIR/data/{train,rl,test}.jsonl (problem records), DIR/data/base_sft.jsonl (direct-answer
+conversations for the train split), DIR/data/images/, and DIR/model/: a byte-level BPE tokenizer
+with the Qwen special tokens and a Qwen2-VL-style chat template, a Qwen2-VL image-processor
+config sized for these images, and a random-weight Qwen2.5-VL, loadable by transformers'
+AutoTokenizer / AutoImageProcessor / AutoModelForImageTextToText like any real checkpoint.
+"""
+
+import argparse
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+SHAPES = ("square", "circle", "triangle")
+KINDS = ("count", "sum", "difference", "most_frequent", "color_at")
+ANSWER_TYPES = {"count": "integer", "sum": "integer", "difference": "integer",
+                "most_frequent": "choice", "color_at": "text"}
+CELL = 28  # pixels per grid cell: patch 14 x merge 2, so each cell is one merged vision token
+MARGIN = 5  # pixels between a shape and its cell border
+BACKGROUND = (255, 255, 255)
+GRID_LINE = (200, 200, 200)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|image_pad|>", "<|video_pad|>"]
+# Reasoning tags are ordinary text (they survive skip_special_tokens) but atomic, so a tag costs one token.
+TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# Qwen2-VL's chat template, images only: a default system turn unless the first message is one;
+# content is a string or a list of {"type": "image"} / {"type": "text", "text": ...} parts.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Words a reasoner writes about this world (cold-start CoT, R1-Zero prompt), so the BPE gives them
+# short encodings even though no problem text contains them.
+REASONING_TEXT = """
+<think> Let me look at the image carefully. I see the grid. First, let me count the shapes.
+Then I add the counts. Next I subtract. So the answer is </think><answer> Final Answer:A </answer>
+Wait, let me check again. Hmm, I made a mistake. Mistake. Alternatively, count row by row.
+Check: the total is correct. Double-check each row. Let me re-count. Therefore, the final answer is
+Row 1: Row 2: Row 3: Row 4: Column 1 has no shapes. There is one red square and two blue circles.
+Red: Green: Blue: Yellow: Squares: Circles: Triangles: That gives a total of
+one two three four five six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
++ - = 1 + 2 = 3. 5 - 2 = 3. The most frequent color is red. Option A B C D. The image shows
+A conversation between User and Assistant. The user asks a question, and the Assistant solves it.
+The assistant first thinks about the reasoning process in the mind and then provides the user with
+the answer. The reasoning process and answer are enclosed within <think> </think> and <answer>
+</answer> tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here
+</answer>. You are a helpful assistant.
+"""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of the world and of the random-weight model built for it."""
+
+    n_train: int
+    n_rl: int
+    n_test: int
+    grid: int = 4
+    min_objects: int = 3
+    max_objects: int = 8
+    vocab_size: int = 1024  # BPE target; the trainer stops early once no pair repeats
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    # M-RoPE splits the head_dim / 2 = 16 rotary frequencies, fastest first, into (temporal, height,
+    # width) bands. With theta 10,000 and (4, 6, 6) the width band turns < 0.004 rad per column, so a
+    # 4x4 grid's columns would look alike to attention; theta 100 with (2, 4, 10) turns 0.24-0.56 rad
+    # per row and 0.013-0.18 per column, and text positions stay distinct for ~470 tokens.
+    mrope_section: tuple = (2, 4, 10)
+    rope_theta: float = 100.0
+    vision_depth: int = 4
+    vision_hidden_size: int = 64
+    vision_heads: int = 4
+    vision_intermediate_size: int = 128
+    vision_fullatt_blocks: tuple = (1, 3)
+    vision_window: int = 56
+
+    @property
+    def image_size(self):
+        return self.grid * CELL
+
+
+PRESETS = {
+    "toy": Preset(n_train=2000, n_rl=1000, n_test=300),
+    "tiny": Preset(n_train=20, n_rl=10, n_test=10),  # tests
+}
+
+
+# ----------------------------------------------------------------------------- scenes and questions
+
+def random_scene(rng, preset):
+    """A scene: grid size and objects {row, col, color, shape} (1-based), in reading order."""
+    n = rng.randint(preset.min_objects, preset.max_objects)
+    cells = sorted(rng.sample(range(preset.grid * preset.grid), n))
+    objects = [{"row": c // preset.grid + 1, "col": c % preset.grid + 1,
+                "color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)} for c in cells]
+    return {"grid": preset.grid, "objects": objects}
+
+
+def scene_key(scene):
+    """Identity of a scene's picture: two problems with the same key would share an image."""
+    return tuple((o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"])
+
+
+def describe(scene):
+    """The exact scene description a perfect describer would write: every cell, row by row.
+
+    Reading order is the order of the image's tokens (one per cell), so describing is a
+    left-to-right scan a small model can learn.
+
+    >>> describe({"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"}]})
+    'Row 1: empty, red square. Row 2: empty, empty.'
+    """
+    cells = {(o["row"], o["col"]): f"{o['color']} {o['shape']}" for o in scene["objects"]}
+    grid = range(1, scene["grid"] + 1)
+    return " ".join(f"Row {r}: " + ", ".join(cells.get((r, c), "empty") for c in grid) + "." for r in grid)
+
+
+def color_counts(scene):
+    """{color: number of shapes of that color}, every color present as a key."""
+    counts = {color: 0 for color in COLORS}
+    for o in scene["objects"]:
+        counts[o["color"]] += 1
+    return counts
+
+
+def make_query(rng, scene, kind):
+    """Pick the question's parameters for `kind`, or None when this scene cannot pose it well.
+
+    Parameters are drawn answer-first (balanced_choice), a difference is asked only as larger
+    minus smaller, and most_frequent needs a unique winner.
+    """
+    counts = color_counts(scene)
+    pairs = [(a, b) for a in COLORS for b in COLORS if a < b]
+    if kind == "count":
+        options = [(sum((o["color"], o["shape"]) == (c, s) for o in scene["objects"]), {"color": c, "shape": s})
+                   for c in COLORS for s in SHAPES]
+    elif kind == "sum":
+        options = [(counts[a] + counts[b], {"colors": rng.sample([a, b], 2)}) for a, b in pairs]
+    elif kind == "difference":
+        options = [(abs(counts[a] - counts[b]), {"colors": sorted([a, b], key=counts.get, reverse=True)})
+                   for a, b in pairs if counts[a] != counts[b]]
+    elif kind == "color_at":
+        options = [(o["color"], {"row": o["row"], "col": o["col"]}) for o in scene["objects"]]
+    elif kind == "most_frequent":
+        top = max(counts.values())
+        if list(counts.values()).count(top) > 1:
+            return None
+        options = [(None, {"choices": rng.sample(list(COLORS), len(COLORS))})]
+    else:
+        raise ValueError(f"unknown question kind {kind!r}")
+    return {"kind": kind, **balanced_choice(rng, options)} if options else None
+
+
+def balanced_choice(rng, options):
+    """Pick from (answer, params) options: an answer value uniformly first, then params with it.
+
+    Drawing answers first flattens their distribution: a scene whose color-shape pairs have
+    counts {0: 8 pairs, 1: 3, 2: 1} asks for a count of 2 a third of the time, not 1 in 12.
+    """
+    values = sorted({answer for answer, _ in options}, key=str)
+    value = rng.choice(values)
+    return rng.choice([params for answer, params in options if answer == value])
+
+
+def question_text(query):
+    """The question the model sees; multiple choice lists its options as `A. red` lines."""
+    kind = query["kind"]
+    if kind == "count":
+        return f"How many {query['color']} {query['shape']}s are there?"
+    if kind == "sum":
+        return "How many shapes are {} or {} in total?".format(*query["colors"])
+    if kind == "difference":
+        return "How many more {} shapes than {} shapes are there?".format(*query["colors"])
+    if kind == "most_frequent":
+        options = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", query["choices"]))
+        return f"Which color appears most often?\nChoices:\n{options}"
+    if kind == "color_at":
+        return f"What color is the shape in row {query['row']}, column {query['col']}?"
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def answer(scene, query):
+    """The ground-truth answer string, computed from the scene."""
+    kind = query["kind"]
+    objects = scene["objects"]
+    counts = color_counts(scene)
+    if kind == "count":
+        return str(sum(o["color"] == query["color"] and o["shape"] == query["shape"] for o in objects))
+    if kind == "sum":
+        return str(sum(counts[c] for c in query["colors"]))
+    if kind == "difference":
+        first, second = query["colors"]
+        return str(counts[first] - counts[second])
+    if kind == "most_frequent":
+        return "ABCD"[query["choices"].index(max(counts, key=counts.get))]
+    if kind == "color_at":
+        return next(o["color"] for o in objects if (o["row"], o["col"]) == (query["row"], query["col"]))
+    raise ValueError(f"unknown question kind {kind!r}")
+
+
+def render(scene):
+    """Draw the scene: white background, light grid lines, one filled shape per occupied cell."""
+    size = scene["grid"] * CELL
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for i in range(1, scene["grid"]):
+        draw.line([(i * CELL, 0), (i * CELL, size)], fill=GRID_LINE)
+        draw.line([(0, i * CELL), (size, i * CELL)], fill=GRID_LINE)
+    for o in scene["objects"]:
+        x0, y0 = (o["col"] - 1) * CELL + MARGIN, (o["row"] - 1) * CELL + MARGIN
+        x1, y1 = x0 + CELL - 2 * MARGIN, y0 + CELL - 2 * MARGIN
+        fill = COLORS[o["color"]]
+        if o["shape"] == "square":
+            draw.rectangle([x0, y0, x1, y1], fill=fill)
+        elif o["shape"] == "circle":
+            draw.ellipse([x0, y0, x1, y1], fill=fill)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x0, y1), (x1, y1)], fill=fill)
+    return image
+
+
+def make_problems(preset, seed):
+    """All splits as {split: [(problem_id, scene, query)]}, deterministic by seed.
+
+    Question kinds cycle so every split is balanced; no scene appears twice in the world,
+    so train, rl and test never share an image.
+    """
+    rng = random.Random(seed)
+    seen = set()
+    splits = {}
+    for split, n in (("train", preset.n_train), ("rl", preset.n_rl), ("test", preset.n_test)):
+        problems = []
+        while len(problems) < n:
+            kind = KINDS[len(problems) % len(KINDS)]
+            scene = random_scene(rng, preset)
+            query = make_query(rng, scene, kind)
+            if query is None or scene_key(scene) in seen:
+                continue
+            seen.add(scene_key(scene))
+            problems.append((f"{split}-{len(problems):05d}", scene, query))
+        splits[split] = problems
+    return splits
+
+
+def problem_record(problem_id, scene, query, image_path):
+    choices = list(query["choices"]) if query["kind"] == "most_frequent" else None
+    return {"id": problem_id, "images": [image_path], "question": question_text(query),
+            "answer": answer(scene, query), "choices": choices, "answer_type": ANSWER_TYPES[query["kind"]],
+            "meta": {"kind": query["kind"], "description": describe(scene), "scene": scene, "query": query}}
+
+
+def direct_answer_conversation(record):
+    """A base-model SFT sample: the image and question in, just the short answer out (no reasoning)."""
+    return {"id": record["id"], "images": record["images"],
+            "conversations": [{"from": "human", "value": "<image>" + record["question"]},
+                              {"from": "gpt", "value": record["answer"]}]}
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def write_data(data_dir, splits):
+    """Render every image and write the problem splits and base_sft.jsonl; returns the records."""
+    os.makedirs(os.path.join(data_dir, "images"), exist_ok=True)
+    records = {}
+    for split, problems in splits.items():
+        records[split] = []
+        for problem_id, scene, query in problems:
+            image_path = f"images/{problem_id}.png"
+            render(scene).save(os.path.join(data_dir, image_path))
+            records[split].append(problem_record(problem_id, scene, query, image_path))
+        write_jsonl(os.path.join(data_dir, f"{split}.jsonl"), records[split])
+    write_jsonl(os.path.join(data_dir, "base_sft.jsonl"), [direct_answer_conversation(r) for r in records["train"]])
+    return records
+
+
+# ----------------------------------------------------------------------------- tokenizer, processor, model
+
+def train_tokenizer(texts, vocab_size):
+    """A Qwen2-style byte-level BPE trained on this world's text, as a transformers fast tokenizer.
+
+    Same pre-tokenizer as Qwen2 (digits split one by one, so numbers are read digit-wise), the
+    Qwen special tokens with `<|im_end|>` as eos and `<|endoftext|>` as pad, and the chat template.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast
+
+    qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(qwen2_split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=SPECIAL_TOKENS)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
+    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
+                              model_max_length=32768)
+
+
+def world_texts(records):
+    """Every text the world contains, in a fixed order (the BPE trainer's input)."""
+    texts = [REASONING_TEXT] * 2  # twice, so even its rarest words reach the trainer's min_frequency
+    for split in records.values():
+        for r in split:
+            texts += [r["question"], r["meta"]["description"], r["answer"]]
+    return texts
+
+
+def image_processor(preset):
+    """Qwen2-VL image processor whose pixel bounds keep this world's images at their size."""
+    from transformers import Qwen2VLImageProcessor
+
+    return Qwen2VLImageProcessor(min_pixels=CELL * CELL, max_pixels=preset.image_size ** 2,
+                                 patch_size=14, temporal_patch_size=2, merge_size=2)
+
+
+def build_model(tokenizer, preset, seed):
+    """A random-weight Qwen2.5-VL (fixed torch seed) wired to the tiny tokenizer's special-token ids."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    head_dim = preset.hidden_size // preset.num_heads
+    assert sum(preset.mrope_section) == head_dim // 2, "mrope_section must split head_dim / 2"
+    config = Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=preset.hidden_size,
+                         intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
+                         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
+                         max_position_embeddings=4096, rope_theta=preset.rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_scaling={"type": "mrope", "mrope_section": list(preset.mrope_section)},
+                         torch_dtype="float32"),
+        vision_config=dict(depth=preset.vision_depth, hidden_size=preset.vision_hidden_size,
+                           num_heads=preset.vision_heads, intermediate_size=preset.vision_intermediate_size,
+                           out_hidden_size=preset.hidden_size, fullatt_block_indexes=list(preset.vision_fullatt_blocks),
+                           window_size=preset.vision_window, patch_size=14, temporal_patch_size=2,
+                           spatial_merge_size=2, in_channels=3),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
+        tie_word_embeddings=True, torch_dtype="float32")
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],
+                                               pad_token_id=ids("<|endoftext|>"))
+    return model
+
+
+def build(out, preset="toy", seed=0):
+    """Write the world under `out`: data/ (splits, images, base_sft.jsonl) and model/. Returns out."""
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    records = write_data(os.path.join(out, "data"), make_problems(preset, seed))
+    model_dir = os.path.join(out, "model")
+    tokenizer = train_tokenizer(world_texts(records), preset.vocab_size)
+    tokenizer.save_pretrained(model_dir)
+    image_processor(preset).save_pretrained(model_dir)
+    build_model(tokenizer, preset, seed).save_pretrained(model_dir)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True, help="output directory (data/ and model/ go here)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    args = parser.parse_args()
+    start = time.time()
+    build(args.out, args.preset, args.seed)
+    p = PRESETS[args.preset]
+    print(f"wrote {args.out}/data ({p.n_train} train, {p.n_rl} rl, {p.n_test} test problems) "
+          f"and {args.out}/model in {time.time() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+import pytest
+
+
+# ----------------------------------------------------------------------------- synthetic world (data.py, synthetic.py)
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A `--preset tiny` world built once per session: <dir>/data (splits, images, base_sft.jsonl)
+    and <dir>/model (tokenizer, image processor, random-weight Qwen2.5-VL). Treat it as read-only."""
+    import synthetic
+
+    return synthetic.build(str(tmp_path_factory.mktemp("tiny_world")), preset="tiny", seed=0)

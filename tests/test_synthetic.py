@@ -1,0 +1,233 @@
+"""The synthetic world: answers recomputed from the scene and read back from the pixels, splits
+disjoint, determinism by seed, and the model directory loading in transformers and model.py."""
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import synthetic
+
+SPLITS = ("train", "rl", "test")
+RGB = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def world_records(world):
+    return {split: read_jsonl(os.path.join(world, "data", f"{split}.jsonl")) for split in SPLITS}
+
+
+def parse_question(question):
+    """The query a question asks, read off its text (independently of synthetic.question_text)."""
+    patterns = {
+        "count": r"How many (\w+) (\w+)s are there\?",
+        "sum": r"How many shapes are (\w+) or (\w+) in total\?",
+        "difference": r"How many more (\w+) shapes than (\w+) shapes are there\?",
+        "color_at": r"What color is the shape in row (\d), column (\d)\?",
+    }
+    for kind, pattern in patterns.items():
+        m = re.fullmatch(pattern, question)
+        if m:
+            return kind, m.groups()
+    head, choices = question.split("\nChoices:\n")
+    assert head == "Which color appears most often?"
+    return "most_frequent", tuple(line.split(". ")[1] for line in choices.split("\n"))
+
+
+def recompute_answer(scene, kind, params):
+    """The right answer from the structured scene alone."""
+    objects = [(o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"]]
+    per_color = Counter(color for _, _, color, _ in objects)
+    if kind == "count":
+        return str(sum((c, s) == params for _, _, c, s in objects))
+    if kind == "sum":
+        return str(per_color[params[0]] + per_color[params[1]])
+    if kind == "difference":
+        return str(per_color[params[0]] - per_color[params[1]])
+    if kind == "color_at":
+        return next(c for r, col, c, _ in objects if (str(r), str(col)) == params)
+    (winner, n), (_, runner_up) = (per_color + Counter({c: 0 for c in RGB})).most_common(2)
+    assert n > runner_up, "most_frequent needs a unique winner"
+    return "ABCD"[params.index(winner)]
+
+
+def test_answers_recomputed_from_scene(tiny_world):
+    for split, records in world_records(tiny_world).items():
+        for r in records:
+            kind, params = parse_question(r["question"])
+            assert kind == r["meta"]["kind"]
+            assert r["answer"] == recompute_answer(r["meta"]["scene"], kind, params), r["id"]
+            assert r["answer_type"] == {"most_frequent": "choice", "color_at": "text"}.get(kind, "integer")
+            if kind == "most_frequent":
+                assert r["choices"] == list(params) and sorted(params) == sorted(RGB)
+            else:
+                assert r["choices"] is None
+            if kind == "difference":
+                assert int(r["answer"]) > 0
+
+
+def cell_signature(image, row, col):
+    """(center, top-left, lower-left) pixels of a cell's shape box: a square fills all three,
+    a triangle the center and lower-left, a circle only the center."""
+    x0, y0 = (col - 1) * 28 + 5, (row - 1) * 28 + 5
+    return image.getpixel((x0 + 9, y0 + 9)), image.getpixel((x0 + 1, y0 + 1)), image.getpixel((x0 + 3, y0 + 17))
+
+
+def test_images_show_their_scene(tiny_world):
+    white = (255, 255, 255)
+    for records in world_records(tiny_world).values():
+        for r in records:
+            image = Image.open(os.path.join(tiny_world, "data", r["images"][0]))
+            assert image.size == (112, 112) and image.mode == "RGB"
+            occupied = {(o["row"], o["col"]): o for o in r["meta"]["scene"]["objects"]}
+            for row in range(1, 5):
+                for col in range(1, 5):
+                    o = occupied.get((row, col))
+                    if o is None:
+                        assert cell_signature(image, row, col) == (white, white, white)
+                        continue
+                    fill = RGB[o["color"]]
+                    expected = {"square": (fill, fill, fill), "triangle": (fill, white, fill),
+                                "circle": (fill, white, white)}[o["shape"]]
+                    assert cell_signature(image, row, col) == expected, (r["id"], o)
+
+
+def test_description_is_exact(tiny_world):
+    scene = {"grid": 4, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"},
+                                    {"row": 3, "col": 4, "color": "blue", "shape": "circle"}]}
+    assert synthetic.describe(scene) == ("Row 1: empty, red square, empty, empty. Row 2: empty, empty, empty, empty. "
+                                         "Row 3: empty, empty, empty, blue circle. Row 4: empty, empty, empty, empty.")
+    for records in world_records(tiny_world).values():
+        for r in records:
+            rows = re.fullmatch(r"Row 1: (.*)\. Row 2: (.*)\. Row 3: (.*)\. Row 4: (.*)\.", r["meta"]["description"]).groups()
+            described = {(row, col): cell for row, cells in enumerate(rows, 1)
+                         for col, cell in enumerate(cells.split(", "), 1) if cell != "empty"}
+            assert all(len(cells.split(", ")) == 4 for cells in rows)
+            assert described == {(o["row"], o["col"]): f"{o['color']} {o['shape']}" for o in r["meta"]["scene"]["objects"]}
+
+
+def test_splits_sized_balanced_and_disjoint(tiny_world):
+    preset = synthetic.PRESETS["tiny"]
+    records = world_records(tiny_world)
+    assert [len(records[s]) for s in SPLITS] == [preset.n_train, preset.n_rl, preset.n_test]
+    images, scenes, ids = [], [], []
+    for split, rs in records.items():
+        assert set(Counter(r["meta"]["kind"] for r in rs).values()) == {len(rs) // 5}  # every kind equally often
+        images += [r["images"][0] for r in rs]
+        scenes += [json.dumps(r["meta"]["scene"], sort_keys=True) for r in rs]
+        ids += [r["id"] for r in rs]
+    assert len(set(images)) == len(set(scenes)) == len(set(ids)) == len(ids)
+    pixels = {hashlib.sha256(open(os.path.join(tiny_world, "data", p), "rb").read()).hexdigest() for p in images}
+    assert len(pixels) == len(images)
+
+
+def test_base_sft_answers_directly(tiny_world):
+    train = {r["id"]: r for r in world_records(tiny_world)["train"]}
+    conversations = data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))
+    assert [c["id"] for c in conversations] == list(train)
+    for c in conversations:
+        problem = train[c["id"]]
+        assert c["messages"] == [{"role": "user", "content": "<image>" + problem["question"]},
+                                 {"role": "assistant", "content": problem["answer"]}]
+        assert c["images"] == [os.path.join(tiny_world, "data", problem["images"][0])]
+
+
+def digest(directory, names):
+    return {n: hashlib.sha256(open(os.path.join(directory, n), "rb").read()).hexdigest() for n in names}
+
+
+def test_cli_is_deterministic_by_seed(tiny_world, tmp_path):
+    out = tmp_path / "again"
+    subprocess.run([sys.executable, "synthetic.py", "--out", str(out), "--preset", "tiny", "--seed", "0"],
+                   check=True, capture_output=True, cwd=os.path.dirname(synthetic.__file__))
+    files = ["data/train.jsonl", "data/rl.jsonl", "data/test.jsonl", "data/base_sft.jsonl", "data/images/test-00003.png",
+             "model/tokenizer.json", "model/config.json", "model/model.safetensors", "model/preprocessor_config.json"]
+    assert digest(out, files) == digest(tiny_world, files)
+    other = synthetic.make_problems(synthetic.PRESETS["tiny"], seed=1)
+    assert other != synthetic.make_problems(synthetic.PRESETS["tiny"], seed=0)
+
+
+def test_chat_template_is_qwen2_vl_style(tiny_world):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "model"))
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}
+    assert tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>How many?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "<think> x </think><answer> Final Answer:2 </answer>"}]
+    assert tokenizer.apply_chat_template(chat, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\n<think> x </think><answer> Final Answer:2 </answer><|im_end|>\n")
+    # the reasoning tags are one token each and survive decoding without special tokens
+    ids = tokenizer("<think> 3 + 2 = 5 </think><answer> Final Answer:5 </answer>").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids).count("<think>") == 1
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "<think> 3 + 2 = 5 </think><answer> Final Answer:5 </answer>"
+    assert 300 <= len(tokenizer) <= 2048
+
+
+def test_transformers_loads_the_model_dir(tiny_world):
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessor
+
+    model_dir = os.path.join(tiny_world, "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert isinstance(AutoImageProcessor.from_pretrained(model_dir), Qwen2VLImageProcessor)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    ids = tokenizer.convert_tokens_to_ids
+    config = model.config
+    assert (config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id) == (
+        ids("<|image_pad|>"), ids("<|video_pad|>"), ids("<|vision_start|>"), ids("<|vision_end|>"))
+    assert config.text_config.vocab_size % 64 == 0 and config.text_config.vocab_size >= len(tokenizer)
+    assert model.generation_config.eos_token_id == [ids("<|im_end|>"), ids("<|endoftext|>")]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"
+
+    processor = data.ChatProcessor(model_dir)
+    problem = data.load_problems(os.path.join(tiny_world, "data", "test.jsonl"))[0]
+    encoded = processor.encode_problem(problem)
+    assert encoded["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112x112 kept: 16 image tokens
+    assert encoded["input_ids"].count(processor.image_token_id) == 16
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([encoded["input_ids"]]), pixel_values=encoded["pixel_values"],
+                       image_grid_thw=encoded["image_grid_thw"]).logits
+    assert logits.shape == (1, len(encoded["input_ids"]), config.text_config.vocab_size)
+
+
+def test_our_load_model_matches_transformers_on_packed_data(tiny_world):
+    model_py = pytest.importorskip("model")
+    if not hasattr(model_py, "load_model"):
+        pytest.skip("model.py has no load_model yet")
+    from transformers import AutoModelForImageTextToText
+
+    model_dir = os.path.join(tiny_world, "model")
+    ours = model_py.load_model(model_dir).eval()
+    theirs = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    processor = data.ChatProcessor(model_dir)
+    problem = data.load_problems(os.path.join(tiny_world, "data", "rl.jsonl"))[1]
+    conversation = data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))[2]
+    samples = [processor.encode_problem(problem),
+               processor.encode_conversation(conversation["messages"], conversation["images"])]
+    (batch,) = data.pack(samples, max_tokens=1024)
+    with torch.no_grad():
+        hidden = ours.forward_packed(batch["input_ids"], batch["cu_seqlens"], batch["pixel_values"],
+                                     batch["image_grid_thw"])
+        logits = hidden @ ours.head_weight.t()
+        for i, sample in enumerate(samples):
+            expected = theirs(input_ids=torch.tensor([sample["input_ids"]]), pixel_values=sample["pixel_values"],
+                              image_grid_thw=sample["image_grid_thw"]).logits[0]
+            start, end = batch["cu_seqlens"][i:i + 2].tolist()
+            torch.testing.assert_close(logits[start:end], expected, atol=1e-4, rtol=1e-4)
