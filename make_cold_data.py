@@ -20,10 +20,12 @@ Per problem record (data.load_problems layout), `build` runs:
                  to "the description" are rewritten to speak of "the image";
 and appends a sharegpt record with the response `<think> COT </think><answer> Final Answer:X </answer>`
 to OUT (images relative to OUT's folder), or the rejected response with its filter's name to
-OUT.rejected.jsonl, one flushed line each. A restart of the same command skips every id already in
-either file, so a killed job loses at most its in-flight requests and never writes a record twice.
-OUT.summary.json counts every outcome (records = kept + filtered + failed + pending) and gives the
-CoT statistics of the kept records.
+STEM.rejected.jsonl beside it (OUT = STEM.jsonl), one flushed line each. A record whose requests
+fail for good is written nowhere. A restart of the same command skips every id already in either
+file, so a killed job loses at most its in-flight requests and never writes a record twice, and
+retries what failed. STEM.summary.json counts every outcome (records = kept + filtered + failed +
+pending) and gives the CoT statistics of the kept records. Workers that split a dataset run
+`--shard i/N` each with its own --out; their outputs concatenate.
 
 Backends, per step: `openai` (any OpenAI-compatible chat-completions server: vLLM, SGLang, the
 DeepSeek API; the key comes from the environment variable named by --api-key-env), `local` (a
@@ -170,7 +172,8 @@ def parse_question(question):
 
 def solve(scene, query):
     """The answer to a query about a scene, or None when it has none (an empty cell, a tie for the most)."""
-    if query["kind"] == "color_at" and not any((o["row"], o["col"]) == (query["row"], query["col"]) for o in scene["objects"]):
+    cells = {(o["row"], o["col"]) for o in scene["objects"]}
+    if query["kind"] == "color_at" and (query["row"], query["col"]) not in cells:
         return None
     counts = list(synthetic.color_counts(scene).values())
     if query["kind"] == "most_frequent" and counts.count(max(counts)) > 1:
@@ -192,7 +195,8 @@ def perturb(scene, query, rng):
                    for r, c in cells for color in synthetic.COLORS for shape in synthetic.SHAPES]
     candidates += [[{**o, "color": new if o["color"] == old else o["color"]} for o in objects]
                    for old in synthetic.COLORS for new in synthetic.COLORS if new != old]
-    wrong = [{**scene, "objects": seen} for seen in candidates if solve({**scene, "objects": seen}, query) not in (None, right)]
+    scenes = [{**scene, "objects": seen} for seen in candidates]
+    wrong = [seen for seen in scenes if solve(seen, query) not in (None, right)]
     return rng.choice(wrong) if wrong else None
 
 
@@ -346,10 +350,13 @@ class OpenAIBackend:
 
     def __init__(self, url, model, api_key=None, timeout=900.0, max_retries=5, backoff=1.0, max_tokens=16384,
                  temperature=0.6, seed=0):
-        self.url = url.rstrip("/") if url.rstrip("/").endswith("/chat/completions") else url.rstrip("/") + "/chat/completions"
+        url = url.rstrip("/")
+        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
         self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
         self.max_tokens, self.temperature = max_tokens, temperature
-        self.headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.rng = random.Random(seed)
 
     def ask(self, request):
@@ -362,10 +369,10 @@ class OpenAIBackend:
         return self.post(json.dumps(body).encode())
 
     def post(self, body):
+        request = urllib.request.Request(self.url, body, self.headers)  # a malformed URL fails here, at once
         for attempt in range(self.max_retries + 1):
             wait = None
             try:
-                request = urllib.request.Request(self.url, body, self.headers)
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     return parse_completion(response.read())
             except urllib.error.HTTPError as e:
@@ -423,7 +430,8 @@ class LocalBackend:
 
     def ask(self, request):
         prompt = self.processor.encode_prompt(request.prompt, request.images)
-        generator = self.torch.Generator(self.device).manual_seed(stable_seed(self.seed, request.problem["id"], request.step))
+        seed = stable_seed(self.seed, request.problem["id"], request.step)
+        generator = self.torch.Generator(self.device).manual_seed(seed)
         with self.lock:
             (completion,) = self.generate(self.model, [prompt], eos_ids=self.processor.eos_token_ids,
                                           max_new_tokens=self.max_tokens, temperature=self.temperature,
@@ -495,7 +503,8 @@ def split_reply(reply):
 
 ANSWER_STATEMENTS = (  # how texts state their answer; the last statement in a text counts
     re.compile(r"final\s*answer\W{0,4}?:\**\s*(?P<answer>[^\n]+)", re.IGNORECASE),
-    re.compile(r"\banswer (?:is|should be)\s*:?\s*(?P<answer>[^\n]+?)(?=[.,;!?]?\s*$|[.,;!?]\s)", re.IGNORECASE | re.MULTILINE),
+    re.compile(r"\banswer (?:is|should be)\s*:?\s*(?P<answer>[^\n]+?)(?=[.,;!?]?\s*$|[.,;!?]\s)",
+               re.IGNORECASE | re.MULTILINE),
 )
 
 
@@ -643,8 +652,9 @@ def to_conversation(problem, cot, answer, out_dir):
     """The SFT record, LLaMA-Factory sharegpt layout as Vision-R1-cold has it, image paths relative
     to out_dir: {"id", "images", "conversations": [human '<image>question', gpt RESPONSE]}."""
     images = [image_ref(s, out_dir, f"{file_name(problem['id'])}-{k}") for k, s in enumerate(problem["images"])]
+    question = data.IMAGE_PLACEHOLDER * len(images) + question_with_choices(problem)
     return {"id": problem["id"], "images": images,
-            "conversations": [{"from": "human", "value": data.IMAGE_PLACEHOLDER * len(images) + question_with_choices(problem)},
+            "conversations": [{"from": "human", "value": question},
                               {"from": "gpt", "value": format_response(cot, answer)}]}
 
 
@@ -706,12 +716,13 @@ def conversation_responses(path, skip_bad=False):
     responses, bad = [], []
     for line, obj in data.read_entries(path):
         turns = obj.get("conversations", obj.get("messages")) if isinstance(obj, dict) else None
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value", t.get("content")), str)
-                                                  for t in turns):
-            bad.append(f"{path}:{line}: {obj if isinstance(obj, data.BadInput) else 'bad turns: expected a list of turns'}")
+        texts = [t.get("value", t.get("content")) if isinstance(t, dict) else None for t in turns or []]
+        if not isinstance(turns, list) or not all(isinstance(text, str) for text in texts):
+            reason = obj if isinstance(obj, data.BadInput) else "bad turns: expected a list of turns with text"
+            bad.append(f"{path}:{line}: {reason}")
             continue
-        responses += [t.get("value", t.get("content")) for t in turns
-                      if data.ROLES.get(t.get("from", t.get("role"))) == "assistant"]
+        roles = [data.ROLES.get(t.get("from", t.get("role"))) for t in turns]
+        responses += [text for role, text in zip(roles, texts) if role == "assistant"]
     if bad and not skip_bad:
         raise data.DataError("\n".join(bad))
     return responses, len(bad)
@@ -738,18 +749,22 @@ DESCRIBE_QUESTION = "Describe the image briefly."
 # caption_fields' additions. Captions no rule matches stay as they are.
 REBALANCE_RULES = [
     {"name": "file_format",
-     "caption": rf"(?:this is )?an? (?P<medium>screenshot|photo|picture|image) of (?P<thing>an? (?P<format>{'|'.join(FILE_FORMATS)})\b.*)",
+     "caption": rf"(?:this is )?an? (?P<medium>screenshot|photo|picture|image) of "
+                rf"(?P<thing>an? (?P<format>{'|'.join(FILE_FORMATS)})\b.*)",
      "question": "Why does this {medium} show a {format} file rather than a {contrast}?",
-     "answer": "The {medium} shows {thing}. {format} is {format_kind}, so the file is a {format} file, not a {contrast}."},
+     "answer": "The {medium} shows {thing}. {format} is {format_kind}, so the file is a {format} file, "
+               "not a {contrast}."},
     {"name": "text_reading",
-     "caption": r"(?P<scene>.*?)\b(?P<thing>sign|poster|banner|label|billboard|screen) (?:that )?(?:says|reads|saying|reading) "
-                r"[\"\u201c](?P<text>[^\"\u201d]+)[\"\u201d](?P<rest>.*)",
+     "caption": r"(?P<scene>.*?)\b(?P<thing>sign|poster|banner|label|billboard|screen) "
+                r"(?:that )?(?:says|reads|saying|reading) [\"\u201c](?P<text>[^\"\u201d]+)[\"\u201d](?P<rest>.*)",
      "question": "What is written on the {thing}?",
      "answer": "The image shows {scene}{thing} with the words \"{text}\"{rest}, so the {thing} says \"{text}\"."},
     {"name": "count",
-     "caption": rf"(?:an? (?:photo|picture|image) of )?(?P<number>{'|'.join(NUMBER_WORDS)}|\d+) (?P<things>\w+s) (?P<doing>\w+ing\b.*)",
+     "caption": rf"(?:an? (?:photo|picture|image) of )?(?P<number>{'|'.join(NUMBER_WORDS)}|\d+) "
+                rf"(?P<things>\w+s) (?P<doing>\w+ing\b.*)",
      "question": "How many {things} are {doing}?",
-     "answer": "The image shows {number} {things} {doing}. Counting them one by one gives {count}, so there are {count}."},
+     "answer": "The image shows {number} {things} {doing}. Counting them one by one gives {count}, "
+               "so there are {count}."},
     {"name": "color_relation",
      "caption": rf"an? (?P<color1>{COLOR_NAMES}) (?P<first>\w+)(?: \w+ed| standing| sitting| lying)? "
                 rf"(?P<relation>next to|beside|behind|in front of|near|on top of|under) "
@@ -810,16 +825,18 @@ def rebalance_record(obj, base_dir, out_dir, fallback_id):
     if not isinstance(obj, dict):
         raise data.BadInput(f"not a record: expected a JSON object, got {type(obj).__name__}")
     record_id = str(obj.get("id", fallback_id))
-    images = [image_ref(s, out_dir, f"{file_name(record_id)}-{k}") for k, s in enumerate(data.image_sources(obj, base_dir))]
+    sources = data.image_sources(obj, base_dir)
+    images = [image_ref(s, out_dir, f"{file_name(record_id)}-{k}") for k, s in enumerate(sources)]
     if "caption" in obj:
         if not isinstance(obj["caption"], str) or not obj["caption"].strip():
             raise data.BadInput("bad caption: expected a non-empty string")
-        caption, turns = obj["caption"], [{"role": "user", "content": DESCRIBE_QUESTION}, {"role": "assistant", "content": obj["caption"]}]
+        caption = obj["caption"]
+        turns = [{"role": "user", "content": DESCRIBE_QUESTION}, {"role": "assistant", "content": caption}]
     else:
         turns = data.conversation_record(obj, base_dir, record_id)["messages"]
         dialogue = [t for t in turns if t["role"] != "system"]
-        describes = len(dialogue) == 2 and DESCRIBE_REQUEST.search(dialogue[0]["content"].replace(data.IMAGE_PLACEHOLDER, ""))
-        caption = dialogue[1]["content"] if describes else None
+        request = dialogue[0]["content"].replace(data.IMAGE_PLACEHOLDER, "")
+        caption = dialogue[1]["content"] if len(dialogue) == 2 and DESCRIBE_REQUEST.search(request) else None
     rewritten = rebalance_caption(caption) if caption else None
     if rewritten is not None:
         turns = [{"role": "user", "content": rewritten[1]}, {"role": "assistant", "content": rewritten[2]}]
@@ -903,7 +920,8 @@ def build(args):
     if report.bad and not args.skip_bad:
         raise data.DataError("\n".join([report.summary(), *report.lines()]))
     if report.bad:
-        print(f"{args.input}: skipped {len(report.bad)} of {report.total} records ({report.reasons()})", file=sys.stderr)
+        print(f"{args.input}: skipped {len(report.bad)} of {report.total} records ({report.reasons()})",
+              file=sys.stderr)
     index, count = args.shard
     problems = problems[index::count]
     if args.describer == "synthetic":
@@ -918,7 +936,8 @@ def build(args):
     counts, failures = Counter(), []
     pool = ThreadPoolExecutor(args.concurrency)
     try:
-        with open(args.out, "a", encoding="utf-8") as kept_file, open(rejected_path, "a", encoding="utf-8") as rejected_file, \
+        with open(args.out, "a", encoding="utf-8") as kept_file, \
+                open(rejected_path, "a", encoding="utf-8") as rejected_file, \
                 tqdm(total=len(problems), initial=len(problems) - len(todo), desc="cold data", unit="rec") as bar:
             futures = {pool.submit(process, p, describer, reasoner, limits, out_dir): p["id"] for p in todo}
             for future in as_completed(futures):
@@ -977,7 +996,7 @@ def rebalance(args):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description="Cold-start CoT data by modality bridging (PAPER.md section 1).")
     commands = parser.add_subparsers(dest="command")
     b = commands.add_parser("build", help="run the modality-bridging pipeline (the default command)")
     b.add_argument("--input", default="runs/toy/data/train.jsonl", help="problem records (.jsonl / .json / .parquet)")
@@ -1033,6 +1052,8 @@ def main(argv=None):
             rebalance(args)
         else:
             build(args)
+    except FileNotFoundError as e:
+        sys.exit(f"{e.filename}: no such file")
     except data.DataError as e:
         sys.exit(str(e))
     return 0

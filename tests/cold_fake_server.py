@@ -89,7 +89,8 @@ class FlakyChatServer:
         message = {"role": "assistant", "content": reply.text}
         if step == "reason":
             cot, answer = make_cold_data.split_reply(reply)
-            message = {"role": "assistant", "content": f"Final Answer: {answer}" if answer else "", "reasoning_content": cot}
+            content = f"Final Answer: {answer}" if answer else ""
+            message = {"role": "assistant", "content": content, "reasoning_content": cot}
         return {"id": "cmpl-test", "object": "chat.completion", "model": payload["model"],
                 "choices": [{"index": 0, "message": message, "finish_reason": "length" if reply.truncated else "stop"}]}
 

@@ -30,14 +30,23 @@ def read_jsonl(path):
         return [json.loads(line) for line in f]
 
 
+def split_file(world, split):
+    return os.path.join(world, "data", f"{split}.jsonl")
+
+
 def train_file(world):
-    return os.path.join(world, "data", "train.jsonl")
+    return split_file(world, "train")
+
+
+def records_by_id(path):
+    return {r["id"]: r for r in read_jsonl(path)}
 
 
 def outputs(out):
     """(kept records, rejected records, summary) of a build."""
     rejected, summary = M.output_paths(str(out))
-    return read_jsonl(out), read_jsonl(rejected), json.load(open(summary))
+    with open(summary) as f:
+        return read_jsonl(out), read_jsonl(rejected), json.load(f)
 
 
 def assert_counts_add_up(summary, kept, rejected):
@@ -55,9 +64,11 @@ def assert_each_id_once(problems, kept, rejected):
 
 def openai_args(world, out, url, concurrency=4):
     """Both steps on the test server, with a client timeout (0.5 s) the server's hangs exceed."""
-    return ["build", "--input", train_file(world), "--out", str(out), "--describer", "openai", "--describer-url", url,
-            "--describer-model", "fake-vl", "--reasoner", "openai", "--reasoner-url", url, "--reasoner-model", "fake-r1",
-            "--concurrency", str(concurrency), "--timeout", "0.5", "--backoff", "0.01", "--api-key-env", "COLD_TEST_KEY"]
+    return ["build", "--input", train_file(world), "--out", str(out),
+            "--describer", "openai", "--describer-url", url, "--describer-model", "fake-vl",
+            "--reasoner", "openai", "--reasoner-url", url, "--reasoner-model", "fake-r1",
+            "--concurrency", str(concurrency), "--timeout", "0.5", "--backoff", "0.01",
+            "--api-key-env", "COLD_TEST_KEY"]
 
 
 def lines_written(out):
@@ -114,13 +125,13 @@ def test_synthetic_run_keeps_only_correct_trainable_records(tiny_world, tmp_path
 
     # deterministic by seed whatever the completion order; another seed makes other CoTs
     again, other = tmp_path / "b" / "cold.jsonl", tmp_path / "c" / "cold.jsonl"
-    M.main(["build", "--input", train_file(tiny_world), "--out", str(again), "--error-rate", "0.2", "--concurrency", "3"])
+    M.main(["build", "--input", train_file(tiny_world), "--out", str(again), "--error-rate", "0.2",
+            "--concurrency", "3"])
     M.main(["build", "--input", train_file(tiny_world), "--out", str(other), "--error-rate", "0.2", "--seed", "1"])
-    by_id = lambda path: {r["id"]: r for r in read_jsonl(path)}  # noqa: E731
-    assert by_id(again) == by_id(out) and by_id(other) != by_id(out)
+    assert records_by_id(again) == records_by_id(out) and records_by_id(other) != records_by_id(out)
 
 
-def test_default_paths_are_the_toy_world(tmp_path, monkeypatch):
+def test_default_paths_are_the_toy_world():
     args = M.parse_args([])
     assert (args.command, args.input, args.out) == ("build", "runs/toy/data/train.jsonl", "runs/toy/cold/cold.jsonl")
     assert (args.describer, args.reasoner, args.shard) == ("synthetic", "synthetic", (0, 1))
@@ -130,7 +141,7 @@ def test_default_paths_are_the_toy_world(tmp_path, monkeypatch):
 
 def test_every_mistake_is_caught_by_its_filter(tiny_world):
     """At error rate 1 every CoT holds a mistake and each kind meets its filter; at 0 none is rejected."""
-    problems = [p for split in ("train", "rl", "test") for p in data.load_problems(os.path.join(tiny_world, "data", f"{split}.jsonl"))]
+    problems = [p for split in ("train", "rl", "test") for p in data.load_problems(split_file(tiny_world, split))]
     rejected_by = {}
     for error_rate in (0.0, 1.0):
         teacher = M.SyntheticBackend(seed=0, error_rate=error_rate)
@@ -148,7 +159,7 @@ def test_synthetic_cot_is_short_human_like_and_right(tiny_world):
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "model"))
     teacher = M.SyntheticBackend(seed=0)
     lengths, corrections = [], 0
-    for p in data.load_problems(os.path.join(tiny_world, "data", "rl.jsonl")) + data.load_problems(train_file(tiny_world)):
+    for p in data.load_problems(split_file(tiny_world, "rl")) + data.load_problems(train_file(tiny_world)):
         cot, answer, _ = M.reason(teacher, p, p["meta"]["description"])
         lengths.append(len(tokenizer(M.format_response(M.rewrite_description_refs(cot), answer)).input_ids))
         assert answer == p["answer"] and cot.endswith(f"So the answer is {p['answer']}.")
@@ -270,7 +281,8 @@ def test_to_conversation_layout(tmp_path):
     record = M.to_conversation(problem, "Two is larger. So the answer is B.", "B", str(tmp_path / "cold"))
     assert record == {"id": "geo/7", "images": ["../data/images/a.png"], "conversations": [
         {"from": "human", "value": "<image>Which is largest?\nChoices:\nA. 1\nB. 2"},
-        {"from": "gpt", "value": "<think> Two is larger. So the answer is B. </think><answer> Final Answer:B </answer>"}]}
+        {"from": "gpt",
+         "value": "<think> Two is larger. So the answer is B. </think><answer> Final Answer:B </answer>"}]}
     embedded = M.to_conversation({**problem, "images": [image.read_bytes()]}, "x", "B", str(tmp_path / "cold"))
     assert embedded["images"] == ["images/geo_7-0.png"]
     assert (tmp_path / "cold" / "images" / "geo_7-0.png").read_bytes() == image.read_bytes()
@@ -299,7 +311,8 @@ def test_stats_counts_table_2_words(tmp_path, capsys):
 
 
 REBALANCE_CASES = [
-    ("A screenshot of a FLAC audio file.", "file_format", "Why does this screenshot show a FLAC file rather than a JPEG image?",
+    ("A screenshot of a FLAC audio file.", "file_format",
+     "Why does this screenshot show a FLAC file rather than a JPEG image?",
      "The screenshot shows a FLAC audio file. FLAC is an audio format, so the file is a FLAC file, not a JPEG image."),
     ('A red sign that says "STOP" at a street corner.', "text_reading", "What is written on the sign?",
      'The image shows a red sign with the words "STOP" at a street corner, so the sign says "STOP".'),
@@ -345,7 +358,8 @@ def test_rebalance_file_keeps_its_size(tiny_world, tmp_path):
     assert records["c2"]["messages"][0]["content"] == "<image>" + M.DESCRIBE_QUESTION
     assert records["c3"]["messages"][0]["content"] == "<image>How many dogs are playing in the snow?"
     assert records["c4"]["messages"][0]["content"] == "<image>How many dogs?"  # not a description request
-    summary = json.load(open(M.output_paths(str(out))[1]))
+    with open(M.output_paths(str(out))[1]) as f:
+        summary = json.load(f)
     assert summary["records"] == 4 and summary["unchanged"] == 2
     assert summary["rewritten"] == {"file_format": 1, "text_reading": 0, "count": 1, "color_relation": 0,
                                     "weather": 0, "time_of_day": 0}
@@ -409,7 +423,8 @@ def test_openai_backend_survives_a_flaky_server(tiny_world, tmp_path, client_env
     assert server.outcomes["ok"] >= 3 * len(problems) and server.unmatched == 0
     gold = {p["id"]: p["answer"] for p in problems}
     assert all(rewards.extract_answer(r["conversations"][1]["value"]) == gold[r["id"]] for r in kept)
-    # the reasoning came back as reasoning_content and went through the same filters and rewrite
+    # the CoT came back as reasoning_content (the content held only the final answer) and was rewritten
+    assert len(kept) >= 10 and summary["cot"]["mean_cot_words"] > 20
     assert all("description" not in r["conversations"][1]["value"] for r in kept)
     captured = capsys.readouterr()
     written = "".join(p.read_text() for p in tmp_path.iterdir() if p.is_file())
@@ -452,7 +467,8 @@ def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):
     env = {**os.environ, "COLD_TEST_KEY": SECRET, "no_proxy": "127.0.0.1,localhost"}
     with FlakyChatServer(problems, failure_rate=0.3, delay=0.05, api_key=SECRET, error_rate=0.2) as server:
         # concurrency 2 and a 50 ms answer: slow enough to be caught mid-run
-        command = [sys.executable, os.path.join(REPO, "make_cold_data.py"), *openai_args(tiny_world, out, server.url, 2)]
+        script = os.path.join(REPO, "make_cold_data.py")
+        command = [sys.executable, script, *openai_args(tiny_world, out, server.url, concurrency=2)]
         job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while lines_written(out) < 5:
@@ -479,4 +495,4 @@ def test_local_backend_runs_end_to_end(tiny_world, tmp_path):
     assert summary["records"] == 4 and summary["failed"] == 0 and summary["pending"] == 0
     # random weights write 4 tokens of noise: no think block, no answer
     assert summary["filtered"]["format"] == 4
-    assert {r["id"]: r for r in outputs(outs[1])[1]} == {r["id"]: r for r in rejected}  # seeded per record
+    assert records_by_id(M.output_paths(str(outs[1]))[0]) == {r["id"]: r for r in rejected}  # seeded per record
