@@ -104,31 +104,33 @@ class ModelConfig:
 # -----------------------------------------------------------------------------
 # 2. attention over packed sequences
 
-DENSE_ATTENTION_MAX_TOKENS = 2048
+PADDED_ATTENTION_MAX_SCORES = 2**26  # B * Hq * Lmax^2 beyond which SDPA runs sequence by sequence
 
 
 def varlen_attention(q, k, v, cu_seqlens, causal):
     """Attention over sequences packed along dim 0 that never crosses a `cu_seqlens` boundary.
 
     q: [T, Hq, D], k/v: [T, Hkv, D] (grouped-query when Hkv < Hq); returns [T, Hq, D].
-    CUDA with flash-attn uses its varlen kernel. Otherwise SDPA: one call with a block-diagonal
-    mask while the batch is small (one kernel beats a Python loop of tiny ones, in backward above
-    all), one call per sequence beyond DENSE_ATTENTION_MAX_TOKENS (the mask grows as T^2).
+    CUDA with flash-attn uses its varlen kernel. Otherwise SDPA over the sequences padded into one
+    [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward above all), or
+    one call per sequence when that padded score matrix would be too large.
     """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    max_len = int(lengths.max())
     if flash_attn_varlen_func is not None and q.is_cuda:
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
     gqa = k.shape[1] != q.shape[1]
-    T = q.shape[0]
-    if T <= DENSE_ATTENTION_MAX_TOKENS:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        seq = torch.repeat_interleave(torch.arange(len(lengths), device=q.device), lengths)
-        mask = seq[:, None] == seq[None, :]
+    B = len(lengths)
+    if B * q.shape[1] * max_len**2 <= PADDED_ATTENTION_MAX_SCORES:
+        seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)
+        pos = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long()[seq]
+        padded = [x.new_zeros(B, max_len, *x.shape[1:]).index_put_((seq, pos), x).transpose(1, 2) for x in (q, k, v)]
+        keys = torch.arange(max_len, device=q.device)
+        mask = (keys < lengths[:, None])[:, None, None, :]  # [B, 1, 1, Lmax]: real keys only
         if causal:
-            mask = mask.tril()
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(0, 1)
+            mask = mask & (keys[None, :] <= keys[:, None])
+        out = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa)
+        return out.transpose(1, 2)[seq, pos]
     bounds = cu_seqlens.tolist()
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
