@@ -37,7 +37,7 @@ class Stage:
 @dataclass(frozen=True)
 class Schedule:
     name: str
-    stages: tuple
+    stages: tuple[Stage, ...]
     start: str = "cold"
     reward: str = "hard"
     system_prompt: str | None = None  # None: the chat template's default system turn
@@ -65,7 +65,8 @@ SCHEDULES = {
         # an accuracy gain
         Schedule("vision-r1", _stages([(4096, 16, 100), (8192, 8, 100), (16384, 4, 100)]), release_stage=2),
         Schedule("long", _stages([(16384, 4, 300)])),  # Vision-R1-Long
-        Schedule("zero", _stages([(4096, 16, 300)]), start="base", reward="zero", system_prompt=R1_ZERO_SYSTEM_PROMPT),
+        Schedule("zero", _stages([(4096, 16, 300)]), start="base", reward="zero",
+                 system_prompt=R1_ZERO_SYSTEM_PROMPT),  # Vision-R1-Zero
         Schedule("zero-ptst", _stages([(4096, 16, 100), (8192, 8, 100)]), start="base", reward="zero",
                  system_prompt=R1_ZERO_SYSTEM_PROMPT),
         Schedule("4Kx16-4Kx16", _stages([(4096, 16, 100), (4096, 16, 100)])),

@@ -372,7 +372,8 @@ def _short_exponents(answer):
     if len(powers) != answer.count("^") or len(powers) > MAX_SYMBOLIC_POWERS:
         return False
     for power in powers:
-        base, exponent = power.group(1), power.group(2) or power.group(3)
+        base, braced, single = power.groups()
+        exponent = single if braced is None else braced
         if "^" in answer[_power_base_start(answer, power.start() + 1):power.start() + 1]:
             return False
         if not (_SMALL_EXPONENT.fullmatch(exponent) or (base.isdigit() and _NUMBER_EXPONENT.fullmatch(exponent))):

@@ -1,5 +1,9 @@
 """Tests for rewards.py: a hand-labelled table (tests/data/reward_cases.jsonl), big hostile
-inputs built here, the time bound, and the public helpers."""
+inputs built here, the time bound, and the public helpers.
+
+Times are the CPU time of the calling thread (time.thread_time): the checker is single-threaded,
+so on an idle core that is its wall time, and it does not count other jobs on a shared machine.
+"""
 import json
 import os
 import random
@@ -88,9 +92,10 @@ HOSTILE = [
     ("50k answer tags", "<think>a</think>" + "<answer>" * 50_000 + "7</answer>", "7", "vision-r1", 0.0),
     ("64k of closing tags", "<think>a" + "</think>" * 8_000 + "<answer>7</answer>", "7", "vision-r1", 0.0),
     ("1000 hedges", _wrap(" or ".join(["7"] * 1000)), "7", "vision-r1", 0.0),
-    ("undecodable bytes around a right answer", _wrap("7", think=b"\xff\xfe\x80".decode("utf-8", "surrogateescape")),
-     "7", "vision-r1", 1.0),
-    ("raw bytes with broken UTF-8", b"<think>\xff\xfe</think><answer> Final Answer:7 </answer>", "7", "vision-r1", 1.0),
+    ("undecodable bytes around a right answer",
+     _wrap("7", think=b"\xff\xfe\x80".decode("utf-8", "surrogateescape")), "7", "vision-r1", 1.0),
+    ("raw bytes with broken UTF-8",
+     b"<think>\xff\xfe</think><answer> Final Answer:7 </answer>", "7", "vision-r1", 1.0),
     ("random-looking debris", _wrap("\x00\x1b[31m\ufffd\udcff}{\\\\boxed{$$^_^"), "7", "vision-r1", 0.0),
 ]
 
@@ -116,6 +121,8 @@ SLOW_BUT_ALLOWED = [
     "\\sqrt{(x+1)^3(x+2)^3(x+3)^3}=y",
     "999999999999999^{99}",
     "(999999999999999, 2^{99})",
+    "((2)(\\sin(1))((3)(\\sqrt{2})(3)(2)(999999999999999))(0.5 0.5)(\\cos{1}))((3)^{3})",
+    "((\\frac{3}{999999999999999}+0.5)^{-3}\\cdot ((\\pi)(2)(3))^{3}, \\sqrt{2})",
 ]
 
 
@@ -131,7 +138,7 @@ def test_worst_allowed_symbolic_answers_stay_under_the_limit(answer):
 
 JUNK_TOKENS = ["{", "}", "(", ")", "[", "]", "\\boxed{", "\\frac{", "\\sqrt", "^", "_", "=", "<", ",", " or ",
                "1", "9" * 40, "0.5", "x", "y", "B", "(C)", "\\pi", "\\sin", "\\le", "%", "\u00b0", "\u2212",
-               "\udcff", "\x00", "$", "\\text{cm}", "</answer>", " ", "!", "/", "\\\\", "\\left("]
+               "\udcff", "\x00", "$", "\\text{cm}", "</answer>", " ", "!", "/", "\\\\", "\\left(", "^{}"]
 
 
 def test_random_junk_never_raises_and_stays_fast():
@@ -153,8 +160,9 @@ def test_random_junk_never_raises_and_stays_fast():
     ("(-\\infty, -\\frac{1}{2})\\cup(3, +\\infty)", True),
     ("2^{2^{9}}", False), ("9^{999}", False), ("x^{10}", False), ("x^4", False), ("((x+1)^2)^2", False),
     ("(x+y+z)^2", False),
-    ("100!", False), ("\\int_0^1 x dx", False), ("y=\\sin x", False), ("\\frac{\\frac{\\frac{\\frac{\\frac{1}{2}}{2}}{2}}{2}}{2}", False),
-    ("1234567890123456", False), ("x" * 81, False), ("\u03c0", False),
+    ("100!", False), ("\\int_0^1 x dx", False), ("y=\\sin x", False),
+    ("\\frac{\\frac{\\frac{\\frac{\\frac{1}{2}}{2}}{2}}{2}}{2}", False),
+    ("1234567890123456", False), ("x" * 81, False), ("\u03c0", False), ("x^{}", False),
 ])
 def test_symbolic_gate(answer, safe):
     assert rewards._symbolic_safe(answer) == safe
@@ -162,12 +170,16 @@ def test_symbolic_gate(answer, safe):
 
 def test_reward_from_worker_threads_matches_main_thread():
     """math-verify's own timeouts use signals, which fail off the main thread; ours do not."""
-    cases = [(_wrap("\\frac{\\sqrt{3}}{2}"), "\\sqrt{3}/2"), (_wrap("y = 1 + 2x"), "y=2x+1"), (_wrap("B"), "15")]
-    expected = [reward(text, gold, choices=["10", "15"] if gold == "15" else None) for text, gold in cases]
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        got = list(pool.map(lambda case: reward(case[0], case[1], choices=["10", "15"] if case[1] == "15" else None),
-                            cases))
-    assert got == expected == [1.0, 1.0, 1.0]
+    cases = [(_wrap("\\frac{\\sqrt{6}}{2}"), "\\sqrt{6}/2", None), (_wrap("y = 1 + 3x"), "y=3x+1", None),
+             (_wrap("B"), "15", ["10", "15"])]
+
+    def score_case(case):
+        text, gold, choices = case
+        return reward(text, gold, choices=choices)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # threads first, before any result is cached
+        in_threads = list(pool.map(score_case, cases))
+    assert in_threads == [score_case(case) for case in cases] == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("text, style, answer", [
