@@ -220,8 +220,9 @@ def detect_kind(obj):
     return "conversations" if is_chat else "problems"
 
 
-def problem_record(obj, base_dir, fallback_id):
+def problem_record(obj, base_dir, fallback_id, require_answer=True):
     """Normalise a problem row (our layout, geometry3k, a benchmark export) or raise BadInput.
+    Prompts to sample from (`require_answer=False`) may come without an answer.
 
     `<image>` placeholders are removed from the question (the chat puts images first); when a
     question has any, their count must equal the number of images.
@@ -234,7 +235,8 @@ def problem_record(obj, base_dir, fallback_id):
     if not isinstance(question, str) or not question.replace(IMAGE_PLACEHOLDER, "").strip():
         raise BadInput("missing question")
     answer = obj.get("answer")
-    if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) or not str(answer).strip():
+    has_answer = not isinstance(answer, bool) and isinstance(answer, (str, int, float)) and str(answer).strip()
+    if require_answer and not has_answer:
         raise BadInput("missing answer")
     images = image_sources(obj, base_dir)
     placeholders = question.count(IMAGE_PLACEHOLDER)
@@ -254,7 +256,7 @@ def problem_record(obj, base_dir, fallback_id):
     extra = {k: v for k, v in obj.items() if k not in PROBLEM_KEYS and not isinstance(v, bytes)}
     record_id = next((obj[k] for k in ID_KEYS if obj.get(k) is not None), fallback_id)
     return {"id": str(record_id), "images": images, "question": question.replace(IMAGE_PLACEHOLDER, "").strip(),
-            "answer": str(answer).strip(), "choices": choices or None, "answer_type": answer_type,
+            "answer": str(answer).strip() if has_answer else None, "choices": choices or None, "answer_type": answer_type,
             "meta": {**extra, **meta}}
 
 
@@ -330,8 +332,11 @@ def read_records(path, kind="auto"):
             if isinstance(obj, BadInput):
                 raise obj
             kind = detect_kind(obj) if kind == "auto" else kind
-            normalise = conversation_record if kind == "conversations" else problem_record
-            record = normalise(obj, base_dir, f"{stem}-{line}")
+            # records without an id are numbered by position: a one-line JSON array holds many
+            if kind == "conversations":
+                record = conversation_record(obj, base_dir, f"{stem}-{total}")
+            else:
+                record = problem_record(obj, base_dir, f"{stem}-{total}", require_answer=kind != "prompts")
             if record["id"] in first_line_of:
                 raise BadInput(f"duplicate id: {record['id']!r} (first on line {first_line_of[record['id']]})")
             for source in record["images"]:
@@ -367,6 +372,11 @@ def load_problems(path, skip_bad=False):
     `skipped N of M records (reasons)` to stderr.
     """
     return _load(path, "problems", skip_bad)
+
+
+def load_prompts(path, skip_bad=False):
+    """Problem records to sample from (generate.py): as load_problems, the answer optional."""
+    return _load(path, "prompts", skip_bad)
 
 
 def load_conversations(path, skip_bad=False):

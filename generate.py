@@ -269,7 +269,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     try:  # every bad line (missing or corrupt image, no question) is reported before any model work
-        problems = data.load_problems(args.prompts)
+        problems = data.load_prompts(args.prompts)
     except data.DataError as e:
         sys.exit(str(e))
     processor = data.ChatProcessor(args.model)

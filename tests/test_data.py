@@ -370,3 +370,21 @@ def test_pack_first_fit_in_order():
     assert batches[2]["cu_seqlens"].tolist() == [0, 12]  # longer than max_tokens: a batch of its own
     unlabeled = data.pack([fake_sample(3, 0, labels=False), fake_sample(2, 5)], max_tokens=8)
     assert "labels" not in unlabeled[0]
+
+
+def test_one_line_json_array_without_ids_numbers_records_by_position(tmp_path):
+    """Released sharegpt files are often one compact JSON array: ids must not repeat per line."""
+    save_png(tmp_path / "a.png")
+    rows = [{"image": "a.png", "conversations": [{"from": "human", "value": f"<image>Q{i}"},
+                                                 {"from": "gpt", "value": f"A{i}"}]} for i in range(3)]
+    (tmp_path / "cold.json").write_text(json.dumps(rows))
+    records = data.load_conversations(tmp_path / "cold.json")
+    assert [r["id"] for r in records] == ["cold-1", "cold-2", "cold-3"]
+
+
+def test_prompts_may_come_without_an_answer(tmp_path):
+    save_png(tmp_path / "a.png")
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "x", "images": ["a.png"], "question": "How many?"}])
+    assert data.load_prompts(tmp_path / "p.jsonl")[0]["answer"] is None
+    with pytest.raises(data.DataError, match="p.jsonl:1: missing answer"):
+        data.load_problems(tmp_path / "p.jsonl")
