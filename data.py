@@ -387,6 +387,34 @@ def load_conversations(path, skip_bad=False):
     return _load(path, "conversations", skip_bad)
 
 
+# ----------------------------------------------------------------------------- append-only outputs
+
+def read_append_only(path):
+    """The records of an append-only output file, after cutting a torn last line (a kill mid-write)
+    so that appending resumes on a line boundary. A bad line elsewhere raises DataError."""
+    if not os.path.exists(path):
+        return []
+    with open(path, "rb") as f:
+        raw = f.read()
+    complete = raw[:raw.rfind(b"\n") + 1]
+    if len(complete) != len(raw):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    records = []
+    for line, text in enumerate(complete.decode("utf-8").splitlines(), 1):
+        try:
+            records.append(json.loads(text))
+        except ValueError as e:
+            raise DataError(f"{path}:{line}: malformed JSON in an output file: {e}") from None
+    return records
+
+
+def append_record(file, record):
+    """One record as one line, flushed now: a kill never loses a record that was written."""
+    file.write(json.dumps(record, ensure_ascii=False) + "\n")
+    file.flush()
+
+
 # ----------------------------------------------------------------------------- chat encoding
 
 def template_messages(messages):

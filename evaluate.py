@@ -454,24 +454,6 @@ def sample_until_answer(sample, prompts, n, retries):
 
 # ----------------------------------------------------------------------------- resumable sample files
 
-def read_samples(path):
-    """Rows of a samples file ([] when absent). A last line without its newline was cut by an
-    interrupted write and is dropped; any other bad line is an error naming file and line."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().split("\n")
-    if lines[-1]:
-        print(f"{path}: dropped an interrupted last line", file=sys.stderr)
-    rows = []
-    for number, line in enumerate(lines[:-1], 1):
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            raise data.DataError(f"{path}:{number}: malformed sample line: {e}") from None
-    return rows
-
-
 def consolidate(run_dir, order):
     """Fold the ranks' samples.rank<r>.jsonl into samples.jsonl: one row per (id, sample), the first
     kept, in benchmark order (`order`: id -> position; unknown ids last). Written to a temporary file
@@ -482,7 +464,7 @@ def consolidate(run_dir, order):
         return
     rows, seen = [], set()
     for path in [target, *rank_files]:
-        for row in read_samples(path):
+        for row in data.read_append_only(path):
             if (row["id"], row["sample"]) not in seen:
                 seen.add((row["id"], row["sample"]))
                 rows.append(row)
@@ -543,7 +525,7 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
             json.dump(settings, f, indent=2)
         consolidate(run_dir, order)  # rows a killed run left in rank files
     barrier()
-    done = Counter(row["id"] for row in read_samples(os.path.join(run_dir, "samples.jsonl")))
+    done = Counter(row["id"] for row in data.read_append_only(os.path.join(run_dir, "samples.jsonl")))
     todo = [record for record in records if done[record["id"]] < args.n]
     shard = todo[rank::world]
 
@@ -560,8 +542,7 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
             completions, attempts = sample_until_answer(sample, prompts, args.n, args.retry_until_answer)
             for completion, tries in zip(completions, attempts):
                 row = score_sample(bench, batch[completion.prompt_index], completion, tries, judge)
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-                out.flush()
+                data.append_record(out, row)
                 correct, scored = correct + row["correct"], scored + 1
             progress.update(len(batch))
             progress.set_postfix(accuracy=f"{correct / scored:.3f}")
@@ -569,7 +550,7 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
     if rank != 0:
         return None
     consolidate(run_dir, order)
-    rows = [row for row in read_samples(os.path.join(run_dir, "samples.jsonl"))
+    rows = [row for row in data.read_append_only(os.path.join(run_dir, "samples.jsonl"))
             if row["id"] in order and row["sample"] < args.n]
     summary = {"model": name, "settings": settings, **summarize(bench, rows)}
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:

@@ -859,32 +859,6 @@ def parse_shard(text):
     return int(m[1]), int(m[2])
 
 
-def read_output(path):
-    """The records of an append-only output file, after cutting a torn last line (a kill mid-write)
-    so that appending resumes on a line boundary. A bad line elsewhere raises DataError."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        raw = f.read()
-    complete = raw[:raw.rfind(b"\n") + 1]
-    if len(complete) != len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(complete))
-    records = []
-    for line, text in enumerate(complete.decode("utf-8").splitlines(), 1):
-        try:
-            records.append(json.loads(text))
-        except ValueError as e:
-            raise data.DataError(f"{path}:{line}: malformed JSON in an output file: {e}") from None
-    return records
-
-
-def append(file, record):
-    """One record as one line, flushed now: a kill never loses a record that was written."""
-    file.write(json.dumps(record, ensure_ascii=False) + "\n")
-    file.flush()
-
-
 def output_paths(out):
     stem = os.path.splitext(out)[0]
     return f"{stem}.rejected.jsonl", f"{stem}.summary.json"
@@ -895,8 +869,8 @@ def summarize(problems, out, failures, resumed, started):
     filtered + failed (this run) + pending (not yet tried), and the CoT statistics of what was kept."""
     rejected_path, _ = output_paths(out)
     ids = {p["id"] for p in problems}
-    kept = {r["id"]: r for r in read_output(out) if r["id"] in ids}
-    rejected = {r["id"]: r["filter"] for r in read_output(rejected_path) if r["id"] in ids}
+    kept = {r["id"]: r for r in data.read_append_only(out) if r["id"] in ids}
+    rejected = {r["id"]: r["filter"] for r in data.read_append_only(rejected_path) if r["id"] in ids}
     filtered = Counter(rejected.values())
     return {"records": len(problems), "kept": len(kept), "filtered": {name: filtered[name] for name in FILTERS},
             "filtered_total": len(rejected), "failed": len(failures),
@@ -929,7 +903,7 @@ def build(args):
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     rejected_path, summary_path = output_paths(args.out)
-    finished = {r["id"] for r in read_output(args.out) + read_output(rejected_path)}
+    finished = {r["id"] for r in data.read_append_only(args.out) + data.read_append_only(rejected_path)}
     todo = [p for p in problems if p["id"] not in finished]
     describer, reasoner = make_backend("describer", args), make_backend("reasoner", args)
     limits = Limits(args.min_cot_words, args.max_cot_words, args.repeat_ngram, args.max_repeats)
@@ -947,7 +921,7 @@ def build(args):
                     failures.append({"id": futures[future], "error": str(e)})
                     counts["failed"] += 1
                 else:
-                    append(kept_file if status == "kept" else rejected_file, record)
+                    data.append_record(kept_file if status == "kept" else rejected_file, record)
                     counts["kept" if status == "kept" else "filtered"] += 1
                 bar.update()
                 bar.set_postfix(counts, refresh=False)

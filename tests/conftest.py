@@ -10,3 +10,15 @@ def tiny_world(tmp_path_factory):
     import synthetic
 
     return synthetic.build(str(tmp_path_factory.mktemp("tiny_world")), preset="tiny", seed=0)
+
+
+# ----------------------------------------------------------------------------- tiny Qwen2.5-VL checkpoint (model.py, generate.py)
+
+@pytest.fixture(scope="module")
+def vl_dir(tmp_path_factory):
+    """tests/tiny.py's random-weight Qwen2.5-VL saved with save_pretrained."""
+    from tests import tiny
+
+    path = tmp_path_factory.mktemp("vl")
+    tiny.save_vl(path)
+    return path

@@ -30,13 +30,6 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vl")
-    tiny.save_vl(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def ours(vl_dir):
     return M.load_model(vl_dir).eval()
 

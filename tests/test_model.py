@@ -19,13 +19,6 @@ SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)])]
 
 
 @pytest.fixture(scope="module")
-def vl_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vl")
-    tiny.save_vl(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def oracle(vl_dir):
     return AutoModelForImageTextToText.from_pretrained(vl_dir, torch_dtype=torch.float32).eval()
 
