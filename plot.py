@@ -1,0 +1,59 @@
+"""Reward and response-length curves of GRPO runs, the picture for PTST's length behaviour
+(PAPER.md §3, Fig. 1): suppression in stage 1, growth again in stage 2.
+
+    python plot.py --runs runs/toy/grpo/vision-r1/stage1 runs/toy/grpo/vision-r1/stage2 \\
+        runs/toy/grpo/long/stage1 --out curves.png
+
+Consecutive stages of one schedule are drawn as one curve (stage 2's steps continue stage 1's).
+"""
+
+import argparse
+import json
+import os
+from collections import defaultdict
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PANELS = (("reward", "mean reward"), ("response_length", "mean response length (tokens)"))
+
+
+def read_metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [row for row in map(json.loads, f) if "reward" in row]
+
+
+def curves(run_dirs):
+    """{schedule name: [metric rows with a global step]}, stages of a schedule chained in order."""
+    by_schedule = defaultdict(list)
+    for run_dir in sorted(run_dirs, key=lambda d: (os.path.dirname(os.path.normpath(d)), d)):
+        name = os.path.basename(os.path.dirname(os.path.normpath(run_dir)))
+        offset = by_schedule[name][-1]["global_step"] if by_schedule[name] else 0
+        by_schedule[name] += [{**row, "global_step": offset + row["step"]} for row in read_metrics(run_dir)]
+    return by_schedule
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="GRPO stage folders holding metrics.jsonl")
+    parser.add_argument("--out", default="curves.png")
+    args = parser.parse_args()
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
+    for name, rows in curves(args.runs).items():
+        steps = [row["global_step"] for row in rows]
+        for ax, (key, _) in zip(axes, PANELS):
+            ax.plot(steps, [row[key] for row in rows], label=name)
+    for ax, (_, title) in zip(axes, PANELS):
+        ax.set_xlabel("GRPO step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
