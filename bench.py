@@ -3,12 +3,17 @@ the same run and printed as ratios.
 
     python bench.py logprobs     # token_logprobs vs naive log_softmax at vocab 151,936 x 4,096 tokens
     python bench.py generate     # generate.generate vs transformers generate, greedy, batch 1 and 8 prompts x 8
+    python bench.py grpo-step    # one train_grpo.py step vs one TRL GRPOTrainer step, same model and workload
+                                 # (pip install -r requirements-bench.txt)
 """
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,6 +167,147 @@ def bench_generate(args):
               f"{hf_seconds / our_seconds:8.2f}{f'{same}/{len(tokens[run_ours])}':>13s}")
 
 
+# -----------------------------------------------------------------------------
+# grpo-step: one step of train_grpo.py vs one step of TRL's GRPOTrainer, same model and workload
+
+def grpo_problems(count, seed):
+    """`count` text-only problems of the synthetic world: the scene's description stands in for
+    its image, so a text-only checkpoint can be given them."""
+    import synthetic
+
+    splits = synthetic.make_problems(synthetic.Preset(n_train=count, n_rl=0, n_test=0), seed)
+    return [{"id": problem_id, "question": f"{synthetic.describe(scene)} {synthetic.question_text(query)}",
+             "answer": synthetic.answer(scene, query)} for problem_id, scene, query in splits["train"]]
+
+
+def save_grpo_checkpoint(path, problems, vocab, hidden, layers, seed=0):
+    """A random-weight text-only Qwen2 (64-dim heads, one KV head per 4 query heads, MLP 3x wide,
+    tied head) with a byte-level BPE trained on the problems and the synthetic world's chat template.
+    Its generation_config.json lists no stop token, so every sample runs to the length cap. The
+    image-processor config is there only because data.ChatProcessor reads one."""
+    import synthetic
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = synthetic.train_tokenizer([synthetic.REASONING_TEXT] * 2 + [p["question"] for p in problems], 1024)
+    if vocab < len(tokenizer):
+        raise ValueError(f"vocab {vocab} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    tokenizer.save_pretrained(path)
+    synthetic.image_processor(synthetic.PRESETS["tiny"]).save_pretrained(path)
+    heads = max(hidden // 64, 1)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), rope_theta=1e6,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[], pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(path)
+
+
+def ours_grpo_steps(args, path, problems, out):
+    """train_grpo.main, the real loop, for warm-up + measured steps; each step's time split from its
+    metrics.jsonl: [{generate, score, train, response_length}]. generate covers prompt encoding and
+    sampling; train the reference log-probs and the packed update with its optimizer step."""
+    import train_grpo
+
+    os.makedirs(out, exist_ok=True)
+    data_path = os.path.join(out, "problems.jsonl")
+    with open(data_path, "w") as f:
+        f.writelines(json.dumps(p) + "\n" for p in problems)
+    os.environ["WANDB_MODE"] = "disabled"  # a benchmark logs nothing anywhere
+    train_grpo.main([
+        "--init", path, "--ref", path, "--data", data_path, "--out-root", out, "--length-scale", "1",
+        "--stages", f"{args.max_tokens}x{args.group_size}x{args.warmup + args.steps}",
+        "--prompts-per-rollout", str(args.prompts), "--prompts-per-update", str(args.prompts), "--ppo-epochs", "1",
+        "--kl-coef", str(args.beta), "--lr", str(args.lr), "--weight-decay", "0", "--grad-clip", "1.0",
+        "--micro-batch-tokens", str(args.micro_batch_tokens), "--activation-checkpointing", "false",
+        "--save-every", "0", "--table-every", "0"])
+    with open(os.path.join(out, "vision-r1", "stage1", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{"generate": r["time_generate"], "score": r["time_score"], "train": r["time_train"],
+             "response_length": r["response_length"]} for r in rows]
+
+
+def trl_grpo_steps(args, path, problems, out):
+    """TRL's GRPOTrainer on the same checkpoint and prompts (as a chat, so the same template
+    applies), group size, length cap (min_new_tokens = the cap, so every sample has that many
+    tokens, as ours), beta, lr, clipping and one optimizer update per step, with a length reward.
+    Per step: [{generate, total, response_length}]; total from step begin to step end (the
+    optimizer step included, the logging after it not), generate from the trainer's `_generate`."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    steps = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            steps.append({"start": time.perf_counter()})
+
+        def on_step_end(self, *_, **__):
+            steps[-1]["total"] = time.perf_counter() - steps[-1].pop("start")
+
+        def on_log(self, *_, logs=None, **__):
+            if logs and "completions/mean_length" in logs:
+                steps[-1]["response_length"] = logs["completions/mean_length"]
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        def _generate(self, prompts):
+            start = time.perf_counter()
+            result = super()._generate(prompts)
+            steps[-1]["generate"] = time.perf_counter() - start
+            return result
+
+    def length_reward(completion_ids, **_):
+        return [float(len(ids)) for ids in completion_ids]
+
+    config = GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=0, max_steps=args.warmup + args.steps,
+        per_device_train_batch_size=args.prompts * args.group_size, gradient_accumulation_steps=1,
+        num_generations=args.group_size, num_iterations=1, max_completion_length=args.max_tokens,
+        generation_kwargs={"min_new_tokens": args.max_tokens}, temperature=1.0, top_p=1.0, beta=args.beta,
+        epsilon=0.2, learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", max_grad_norm=1.0)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": p["question"]}]} for p in problems])
+    trainer = TimedGRPOTrainer(model=path, reward_funcs=length_reward, args=config, train_dataset=dataset,
+                               processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
+    trainer.train()
+    return steps
+
+
+def bench_grpo_step(args):
+    """Rounds alternate the sides (ours, then TRL, each a fresh run of warm-up + measured steps), so
+    a change in a shared machine's load falls on both; the table shows medians over the measured
+    steps of all rounds. The trainers' own per-step prints are silenced."""
+    torch.set_num_threads(args.threads)
+    problems = grpo_problems(args.prompts * (args.warmup + args.steps), seed=0)
+    ours, trl = [], []
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "model")
+        save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
+        for r in range(args.rounds):
+            with contextlib.redirect_stdout(io.StringIO()):
+                ours += ours_grpo_steps(args, path, problems, os.path.join(root, f"ours{r}"))[args.warmup:]
+                trl += trl_grpo_steps(args, path, problems, os.path.join(root, f"trl{r}"))[args.warmup:]
+
+    def median(rows, key):
+        return statistics.median(key(r) for r in rows)
+
+    our_split = {k: median(ours, lambda r: r[k]) for k in ("generate", "score", "train")}
+    our_total = median(ours, lambda r: r["generate"] + r["score"] + r["train"])
+    trl_generate, trl_total = median(trl, lambda r: r["generate"]), median(trl, lambda r: r["total"])
+    print(f"grpo-step: {args.prompts} prompts x {args.group_size} samples x {args.max_tokens} tokens, "
+          f"beta {args.beta}, one optimizer update; Qwen2 {args.layers} layers x {args.hidden}, vocab {args.vocab}, "
+          f"cpu fp32, {torch.get_num_threads()} threads; median of {len(ours)} steps ({args.rounds} alternating runs "
+          f"of {args.warmup} warm-up + {args.steps})")
+    print(f"{'seconds':8s}{'generate':>10s}{'score':>8s}{'train':>8s}{'total':>8s}{'tokens/sample':>15s}")
+    print(f"{'TRL':8s}{trl_generate:10.2f}{trl_total - trl_generate:>16.2f}{trl_total:8.2f}"
+          f"{median(trl, lambda r: r['response_length']):15.1f}   (score + train together)")
+    print(f"{'ours':8s}{our_split['generate']:10.2f}{our_split['score']:8.2f}{our_split['train']:8.2f}{our_total:8.2f}"
+          f"{median(ours, lambda r: r['response_length']):15.1f}")
+    print(f"step time TRL/ours: {trl_total / our_total:.2f} (target >= 2)   generate: "
+          f"{trl_generate / our_split['generate']:.2f}   score + train: "
+          f"{(trl_total - trl_generate) / (our_split['score'] + our_split['train']):.2f}")
+
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_logprobs_worker":
         impl, tokens, vocab, hidden, device = sys.argv[2:]
@@ -181,6 +327,24 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; 1 on a shared box)")
     p.set_defaults(run=bench_generate)
+    p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference model)")
+    p.add_argument("--lr", type=float, default=1e-6)
+    # train_grpo's toy preset: 4,096 packed tokens per forward/backward
+    p.add_argument("--micro-batch-tokens", type=int, default=4096)
+    # 4 x 256 with vocab 4,096: the head is ~25% of the weights, as in the generate bench's model;
+    # a run stays under ~2 minutes on one core
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="measured steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
+    p.set_defaults(run=bench_grpo_step)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     args.run(args)

@@ -498,12 +498,15 @@ def barrier():
 # ----------------------------------------------------------------------------- command line
 
 def model_name(path):
-    """A checkpoint's name in folders and tables: its folder, after the run's folder when it is a
-    checkpoint inside a run. "runs/toy/ci/final" -> "ci-final"; "Vision-R1-7B" -> "Vision-R1-7B"."""
+    """A checkpoint's name in folders and tables: its folder, after the run's folder (and the
+    schedule's, for a GRPO stage) when it is a checkpoint inside a run. "runs/toy/ci/final" ->
+    "ci-final"; "runs/toy/grpo/long/stage1/final" -> "long-stage1-final"; "Vision-R1-7B" -> itself."""
     parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    if re.fullmatch(r"final|step_\d+|checkpoint-\d+", parts[-1]):
-        return f"{parts[-2]}-{parts[-1]}"
-    return parts[-1]
+    if not re.fullmatch(r"final|step_\d+|checkpoint-\d+", parts[-1]):
+        return parts[-1]
+    if re.fullmatch(r"stage\d+", parts[-2]):
+        return f"{parts[-3]}-{parts[-2]}-{parts[-1]}"
+    return f"{parts[-2]}-{parts[-1]}"
 
 
 def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank, world, device):

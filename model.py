@@ -474,10 +474,13 @@ class Qwen25VL(nn.Module):
         return self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
 
     def packed_logprobs(self, input_ids, cu_seqlens, targets, pixel_values=None, image_grid_thw=None,
-                        temperature=1.0, with_entropy=False):
+                        temperature=1.0, with_entropy=False, positions=None):
         """Per-token log p(targets[t] | tokens <= t) for a packed batch, via the chunked head
-        (`token_logprobs`). A method of the model so FSDP2 gathers the head inside it."""
+        (`token_logprobs`), at every position or only at `positions` (GRPO scores the responses:
+        the head never runs on prompt tokens). A method of the model so FSDP2 gathers the head inside it."""
         hidden = self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
+        if positions is not None:
+            hidden, targets = hidden[positions], targets[positions]
         return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
 
     # --- the transformers-style call ----------------------------------------------------
@@ -556,9 +559,8 @@ def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=1024,
     of one [chunk, vocab] block instead of several [T, vocab] ones. Returns `logp` [T], or
     `(logp, entropy)` when `with_entropy`. Accumulates in fp32 (fp64 for fp64 inputs).
     """
-    if hidden.shape[0] == 0:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return (empty, empty) if with_entropy else empty
+    # no shortcut for T = 0: the empty result stays in the graph, so backward still runs through
+    # the trunk (FSDP ranks must join every layer's collectives, with or without response tokens)
     logp, entropy = _ChunkedLogprobs.apply(hidden, lm_head_weight, targets, float(temperature), chunk, with_entropy)
     return (logp, entropy) if with_entropy else logp
 

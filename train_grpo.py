@@ -296,8 +296,6 @@ def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens
         ids = batch["input_ids"].to(device)
         cu = batch["cu_seqlens"].to(device)
         to = (lambda t: None if t is None else t.to(device))
-        logp, entropy = model.packed_logprobs(ids, cu, torch.roll(ids, -1), to(batch["pixel_values"]),
-                                              to(batch["image_grid_thw"]), temperature, with_entropy=True)
         # token t of a response is predicted at position prompt_len - 1 + t of its sequence
         rows = [sequences[i] for i in batch["index"]]
         starts = [int(cu[j]) + r["prompt_len"] - 1 for j, r in enumerate(rows)]
@@ -306,7 +304,14 @@ def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens
         for j, (start, r) in enumerate(zip(starts, rows)):
             gather[j, :r["response_len"]] = torch.arange(start, start + r["response_len"], device=device)
             mask[j, :r["response_len"]] = True
-        yield batch["index"], logp[gather] * mask, (entropy[gather] * mask if with_entropy else None), mask
+        # the head runs on the response positions only (a prompt's logits are never used)
+        out = model.packed_logprobs(ids, cu, torch.roll(ids, -1), to(batch["pixel_values"]),
+                                    to(batch["image_grid_thw"]), temperature, with_entropy=with_entropy,
+                                    positions=gather[mask])
+        logp, entropy = out if with_entropy else (out, None)
+        padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
+        yield (batch["index"], padded.masked_scatter(mask, logp),
+               padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
 
 
 @torch.no_grad()

@@ -405,6 +405,7 @@ def test_model_names():
     assert E.model_name("runs/toy/ci/final") == "ci-final"
     assert E.model_name("runs/toy/grpo/step_100/") == "grpo-step_100"
     assert E.model_name("/models/Vision-R1-7B") == "Vision-R1-7B"
+    assert E.model_name("runs/toy/grpo/long/stage1/final") == "long-stage1-final"
 
 
 # ----------------------------------------------------------------------------- the command line
