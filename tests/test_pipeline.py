@@ -1,0 +1,27 @@
+"""The main job at toy size: every stage of pipeline.py runs, and the Table 4 it prints is the
+one in evaluate.py's summary files."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.test_fsdp import ROOT
+
+
+def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "pipeline.py", "--size", "mini", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
+    table = out.stdout[out.stdout.index("| method |"):].strip().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["Vision-R1-Zero", "Vision-R1-CI", "Vision-R1-Long",
+                                                                 "Vision-R1"]
+    for row, name in zip(table[2:], ["zero-stage1-final", "ci-final", "long-stage1-final", "vision-r1-stage2-final"]):
+        summary = json.loads((tmp_path / "eval" / "synthetic" / name / "summary.json").read_text())
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[5] == f"{summary['mean_tokens']:.0f}" and cells[6] == f"{100 * summary['accuracy']:.1f}"
+    for stage in ("vision-r1/stage1", "vision-r1/stage2", "zero/stage1", "long/stage1"):
+        assert (tmp_path / "grpo" / stage / "final" / "model.safetensors").exists()
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
