@@ -526,12 +526,16 @@ class _ChunkedLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.mark_non_differentiable(targets)
+        ctx.set_materialize_grads(False)  # an entropy that is only logged sends no gradient: skip its branch
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, targets, lse, entropy = ctx.saved_tensors
         tau = ctx.temperature
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
+        with_entropy = ctx.with_entropy and grad_entropy is not None
         acc = lse.dtype
         grad_hidden = torch.zeros_like(hidden, dtype=acc)
         grad_weight = torch.zeros_like(weight, dtype=acc)
@@ -540,7 +544,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
             h, g_logp = hidden[rows], grad_logp[rows, None]
             # one [chunk, vocab] buffer is rewritten in place: logits -> log p -> p -> dloss/dz
             log_p = (h @ weight.t()).to(acc).div_(tau).sub_(lse[rows, None])
-            if ctx.with_entropy:
+            if with_entropy:
                 # d logp_t / dz = onehot(t) - p ;  d H / dz_j = -p_j (log p_j + H)
                 p = log_p.exp()
                 gz = p.mul_(log_p.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_logp)).neg_()

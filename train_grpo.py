@@ -362,7 +362,7 @@ def main(argv=None):
     else:
         policy.activation_checkpointing = cfg.activation_checkpointing
     params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     start_step = 0
     if cfg.resume:
         progress = load_training_state(cfg.out, policy, optimizer)

@@ -147,7 +147,7 @@ def main(argv=None):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay)
+                                  weight_decay=cfg.weight_decay, foreach=True)
     start_step = 0
     if cfg.resume:
         progress = load_training_state(cfg.out, model, optimizer)

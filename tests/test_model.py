@@ -223,3 +223,15 @@ def test_packed_logprobs_is_the_packed_forward_through_the_head(ours):
     logp.sum().backward()
     assert ours.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     ours.zero_grad(set_to_none=True)
+
+
+def test_token_logprobs_gradient_when_entropy_is_only_logged():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 30, (9,), generator=g)
+    logp, _ = M.token_logprobs(hidden, weight, targets, chunk=4, with_entropy=True)
+    grads = torch.autograd.grad(logp.sum(), (hidden, weight))
+    naive = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).sum()
+    for a, b in zip(grads, torch.autograd.grad(naive, (hidden, weight))):
+        assert (a - b).abs().max() <= 1e-10
