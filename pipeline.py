@@ -1,7 +1,7 @@
 """The whole Vision-R1 pipeline on the embedded synthetic world, on CPU, ending with the paper's
 Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
 
-    python pipeline.py                 # about 20 minutes on 2 cores
+    python pipeline.py                 # about 12 minutes on 2 idle cores
     python pipeline.py --size mini     # the same steps, smaller: the CI test
 
 Every step is a plain call of the real scripts with visible arguments, in the order the paper
@@ -31,8 +31,8 @@ from fractions import Fraction
 SIZES = {
     # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
     # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems
-    "full": dict(world="toy", base_epochs=2, ci_epochs=2, holdout=64, stage_steps=(20, 20), zero_steps=40,
-                 long_steps=40, prompts=8, test=300, length_scale="1/32"),
+    "full": dict(world="toy", base_epochs=2, ci_epochs=2, holdout=64, stage_steps=(40, 40), zero_steps=80,
+                 long_steps=80, prompts=8, test=300, length_scale="1/32"),
     "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, stage_steps=(2, 2), zero_steps=2,
                  long_steps=2, prompts=2, test=6, length_scale="1/256"),
 }

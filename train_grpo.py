@@ -419,10 +419,10 @@ def main(argv=None):
                 global_tokens = float(all_reduce(sum(s["response_len"] for s in subset)))
                 global_seqs = float(all_reduce(sum(s["response_len"] > 0 for s in subset)))
                 n_micro = aligned_microbatches(len(data.pack(subset, cfg.micro_batch_tokens)))
-                loss_total, seen = 0.0, 0
+                loss_total = 0.0
                 stream = response_logprobs(policy, subset, L, cfg.temperature, cfg.micro_batch_tokens, device,
                                            with_entropy=True)
-                for k in range(n_micro):
+                for _ in range(n_micro):
                     item = next(stream, None)
                     if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
                         item = next(response_logprobs(policy, subset[:1], L, cfg.temperature,
@@ -441,8 +441,7 @@ def main(argv=None):
                     loss_total += weight * loss.item()
                     if weight:
                         n_tok = mask.sum().item()
-                        seen += n_tok
-                        stats["entropy"] += (entropy.sum().item())
+                        stats["entropy"] += entropy.sum().item()
                         for name in ("kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
                             stats[name] += metrics.get(name, torch.tensor(0.0)).item() * n_tok
                 grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
