@@ -28,7 +28,7 @@ import model as M
 import ptst
 import rewards
 from train_utils import (Logger, NonFiniteGuard, all_reduce, full_value, init_distributed, load_training_state,
-                         parse_config, peak_memory_gib, save_training_state, seed_everything)
+                         packed_inputs, parse_config, peak_memory_gib, ranks_max, save_training_state, seed_everything)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -288,14 +288,12 @@ def training_sequences(prompts, completions):
             for c in completions]
 
 
-def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens, device, with_entropy=False):
-    """Per-token log-probs [N, max_len] of each response under `model` (and entropy), computed
-    on packed micro-batches; yields (indices, logp, entropy) per micro-batch so callers can
-    backward each one before the next forward."""
-    for batch in data.pack(sequences, micro_batch_tokens):
-        ids = batch["input_ids"].to(device)
-        cu = batch["cu_seqlens"].to(device)
-        to = (lambda t: None if t is None else t.to(device))
+def response_logprobs(model, sequences, batches, max_len, temperature, device, with_entropy=False):
+    """Per-token log-probs [rows, max_len] of the responses in each packed batch of `sequences`
+    (`data.pack` output) under `model`, and their entropy; yields (indices, logp, entropy, mask) per
+    batch so callers can backward each one before the next forward."""
+    for batch in batches:
+        ids, cu, pixels, grid = packed_inputs(batch, device)
         # token t of a response is predicted at position prompt_len - 1 + t of its sequence
         rows = [sequences[i] for i in batch["index"]]
         starts = [int(cu[j]) + r["prompt_len"] - 1 for j, r in enumerate(rows)]
@@ -305,9 +303,8 @@ def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens
             gather[j, :r["response_len"]] = torch.arange(start, start + r["response_len"], device=device)
             mask[j, :r["response_len"]] = True
         # the head runs on the response positions only (a prompt's logits are never used)
-        out = model.packed_logprobs(ids, cu, torch.roll(ids, -1), to(batch["pixel_values"]),
-                                    to(batch["image_grid_thw"]), temperature, with_entropy=with_entropy,
-                                    positions=gather[mask])
+        out = model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid, temperature,
+                                    with_entropy=with_entropy, positions=gather[mask])
         logp, entropy = out if with_entropy else (out, None)
         padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
         yield (batch["index"], padded.masked_scatter(mask, logp),
@@ -318,15 +315,10 @@ def response_logprobs(model, sequences, max_len, temperature, micro_batch_tokens
 def frozen_logprobs(model, sequences, max_len, cfg, device):
     """[N, max_len] log-probs under a model without gradients (old policy or reference)."""
     out = torch.zeros(len(sequences), max_len, device=device)
-    for index, logp, _, _ in response_logprobs(model, sequences, max_len, cfg.temperature,
-                                               cfg.micro_batch_tokens, device):
+    batches = data.pack(sequences, cfg.micro_batch_tokens)
+    for index, logp, _, _ in response_logprobs(model, sequences, batches, max_len, cfg.temperature, device):
         out[index] = logp
     return out
-
-
-def aligned_microbatches(count):
-    """FSDP ranks must run the same number of forward/backward passes."""
-    return int(all_reduce(count, torch.distributed.ReduceOp.MAX))
 
 
 # -----------------------------------------------------------------------------
@@ -418,15 +410,15 @@ def main(argv=None):
                 subset = [sequences[i] for i in chosen]
                 global_tokens = float(all_reduce(sum(s["response_len"] for s in subset)))
                 global_seqs = float(all_reduce(sum(s["response_len"] > 0 for s in subset)))
-                n_micro = aligned_microbatches(len(data.pack(subset, cfg.micro_batch_tokens)))
+                batches = data.pack(subset, cfg.micro_batch_tokens)
+                n_micro = ranks_max(len(batches))
                 loss_total = 0.0
-                stream = response_logprobs(policy, subset, L, cfg.temperature, cfg.micro_batch_tokens, device,
-                                           with_entropy=True)
+                stream = response_logprobs(policy, subset, batches, L, cfg.temperature, device, with_entropy=True)
                 for _ in range(n_micro):
                     item = next(stream, None)
                     if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
-                        item = next(response_logprobs(policy, subset[:1], L, cfg.temperature,
-                                                      cfg.micro_batch_tokens, device, with_entropy=True))
+                        item = next(response_logprobs(policy, subset, batches[:1], L, cfg.temperature, device,
+                                                      with_entropy=True))
                         weight = 0.0
                     else:
                         weight = 1.0

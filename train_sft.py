@@ -20,7 +20,8 @@ import torch
 import data
 import model as M
 from train_utils import (Logger, NonFiniteGuard, Timer, all_reduce, full_value, init_distributed, load_training_state,
-                         lr_at, parse_config, peak_memory_gib, save_training_state, seed_everything)
+                         lr_at, packed_inputs, parse_config, peak_memory_gib, ranks_max, save_training_state,
+                         seed_everything)
 
 
 @dataclass
@@ -88,9 +89,8 @@ def microbatch_loss(model, batch, device):
     """(sum of -log p over labelled tokens, number of labelled tokens) of one packed micro-batch."""
     targets = shifted_targets(batch).to(device)
     mask = targets != -100
-    to = (lambda t: None if t is None else t.to(device))
-    logp = model.packed_logprobs(batch["input_ids"].to(device), batch["cu_seqlens"].to(device),
-                                 targets.clamp(min=0), to(batch["pixel_values"]), to(batch["image_grid_thw"]))
+    ids, cu, pixels, grid = packed_inputs(batch, device)
+    logp = model.packed_logprobs(ids, cu, targets.clamp(min=0), pixels, grid)
     return -(logp * mask).sum(), mask.sum()
 
 
@@ -108,7 +108,7 @@ def eval_loss(model, records, processor, cfg, device):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     batches, _ = microbatches(records, range(rank, len(records), world), processor, cfg.max_tokens)
-    n_batches = int(all_reduce(len(batches), torch.distributed.ReduceOp.MAX))
+    n_batches = ranks_max(len(batches))
     total = tokens = 0.0
     for k in range(n_batches):  # ranks with fewer batches repeat one with weight 0 (FSDP collectives)
         loss_sum, n = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
@@ -171,7 +171,7 @@ def main(argv=None):
         batches, too_long = microbatches(records, batch_indices[rank::world], processor, cfg.max_tokens)
         skipped_too_long += int(all_reduce(too_long))
         global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
-        n_micro = int(all_reduce(len(batches), torch.distributed.ReduceOp.MAX))
+        n_micro = ranks_max(len(batches))
 
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.schedule)
         for group in optimizer.param_groups:

@@ -62,6 +62,18 @@ def all_reduce(value, op=dist.ReduceOp.SUM):
     return tensor
 
 
+def ranks_max(count):
+    """The largest count over ranks: FSDP ranks must run the same number of forward/backward
+    passes, so a rank with fewer micro-batches pads with zero-weight ones."""
+    return int(all_reduce(count, dist.ReduceOp.MAX))
+
+
+def packed_inputs(batch, device):
+    """(input_ids, cu_seqlens, pixel_values, image_grid_thw) of a `data.pack` batch on `device`."""
+    return tuple(None if batch[k] is None else batch[k].to(device)
+                 for k in ("input_ids", "cu_seqlens", "pixel_values", "image_grid_thw"))
+
+
 def full_value(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
