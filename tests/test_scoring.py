@@ -27,15 +27,18 @@ def answer_block(answer):
 def test_mathvista_matches_published_official_verdicts():
     with gzip.open(DATA / "instructblip2_vicuna_13b.json.gz", "rt", encoding="utf-8") as f:
         records = json.load(f)
-    assert len(records) == 456
+    assert len(records) == 1000
     verdicts = [scoring.score_mathvista(r, r["extraction"]) for r in records]
     disagreements = [r["pid"] for r, verdict in zip(records, verdicts) if verdict != r["true_false"]]
-    # No published verdict in pids 1-456 contradicts the current official scorer, so the
-    # reimplementation must reproduce every one of them.
-    assert disagreements == []
+    # The one disagreement is a published verdict the current official scorer contradicts:
+    # pid 917 (integer answer "1", extraction "1.5") was scored when integers were cast with
+    # int("1.5"), which fails; calculate_score.py now casts with int(float(x)) -> "1" == "1".
+    assert disagreements == ["917"]
     assert 1 - len(disagreements) / len(records) >= 0.998
-    # The published accuracy of this slice, recomputed: 114 of 456 correct.
-    assert sum(verdicts) == 114
+    # The published testmini accuracy of this model (MathVista paper: InstructBLIP 25.3%), recomputed
+    # from the published verdicts; the current scorer adds pid 917.
+    assert sum(r["true_false"] for r in records) == 253
+    assert sum(verdicts) == 254
 
 
 @pytest.mark.parametrize("extraction, prediction", [
