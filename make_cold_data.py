@@ -129,7 +129,7 @@ QUESTION_PATTERNS = {  # synthetic.question_text, read back
     "sum": r"How many shapes are (?P<first>\w+) or (?P<second>\w+) in total\?",
     "difference": r"How many more (?P<first>\w+) shapes than (?P<second>\w+) shapes are there\?",
     "most_frequent": r"Which color appears most often\?\nChoices:\n(?P<options>(?:[A-D]\. \w+\n?)+)",
-    "color_at": r"What color is the shape in row (?P<row>\d+), column (?P<col>\d+)\?",
+    "most_shape": r"Which shape appears most often\?",
 }
 
 
@@ -166,25 +166,23 @@ def parse_question(question):
             return {"kind": kind, "colors": [m["first"], m["second"]]}
         if kind == "most_frequent":
             return {"kind": kind, "choices": re.findall(r"[A-D]\. (\w+)", m["options"])}
-        return {"kind": kind, "row": int(m["row"]), "col": int(m["col"])}
+        return {"kind": kind}
     raise BackendError(f"synthetic reasoner: not a synthetic-world question: {question[:80]!r}")
 
 
 def solve(scene, query):
-    """The answer to a query about a scene, or None when it has none (an empty cell, a tie for the most)."""
-    cells = {(o["row"], o["col"]) for o in scene["objects"]}
-    if query["kind"] == "color_at" and (query["row"], query["col"]) not in cells:
-        return None
-    counts = list(synthetic.color_counts(scene).values())
-    if query["kind"] == "most_frequent" and counts.count(max(counts)) > 1:
+    """The answer to a query about a scene, or None when it has none (a tie for the most)."""
+    counted = {"most_frequent": synthetic.color_counts, "most_shape": synthetic.shape_counts}.get(query["kind"])
+    counts = list(counted(scene).values()) if counted else []
+    if counts and counts.count(max(counts)) > 1:
         return None
     return synthetic.answer(scene, query)
 
 
 def perturb(scene, query, rng):
-    """A misperceived scene that changes the answer: one object dropped, recolored or imagined in an
-    empty cell, or one color mistaken for another throughout (the mistakes a reader of a long
-    description makes); None when none changes it."""
+    """A misperceived scene that changes the answer: one object dropped, recolored, reshaped or
+    imagined in an empty cell, or one color or shape mistaken for another throughout (the mistakes
+    a reader of a long description makes); None when none changes it."""
     objects, right = scene["objects"], solve(scene, query)
     taken = {(o["row"], o["col"]) for o in objects}
     cells = [(r, c) for r in range(1, scene["grid"] + 1) for c in range(1, scene["grid"] + 1) if (r, c) not in taken]
@@ -193,53 +191,44 @@ def perturb(scene, query, rng):
                    for i, o in enumerate(objects) for color in synthetic.COLORS if color != o["color"]]
     candidates += [objects + [{"row": r, "col": c, "color": color, "shape": shape}]
                    for r, c in cells for color in synthetic.COLORS for shape in synthetic.SHAPES]
-    candidates += [[{**o, "color": new if o["color"] == old else o["color"]} for o in objects]
-                   for old in synthetic.COLORS for new in synthetic.COLORS if new != old]
+    candidates += [objects[:i] + [{**o, "shape": shape}] + objects[i + 1:]
+                   for i, o in enumerate(objects) for shape in synthetic.SHAPES if shape != o["shape"]]
+    candidates += [[{**o, key: new if o[key] == old else o[key]} for o in objects]
+                   for key, values in (("color", synthetic.COLORS), ("shape", synthetic.SHAPES))
+                   for old in values for new in values if new != old]
     scenes = [{**scene, "objects": seen} for seen in candidates]
     wrong = [seen for seen in scenes if solve(seen, query) not in (None, right)]
     return rng.choice(wrong) if wrong else None
 
 
-def at(o):
-    return f"row {o['row']}, column {o['col']}"
-
-
 def tally(label, objects, missed=None):
-    """One counting sentence; with `missed`, the count first leaves it out, then corrects itself.
+    """One counting sentence, the label right before its count; with `missed`, the count first
+    leaves it out, then corrects itself.
 
-    >>> tally("Red", [{"row": 1, "col": 2}, {"row": 3, "col": 1}], missed=None)
-    'Red: row 1, column 2; row 3, column 1. That is 2.'
+    >>> tally("Red", [{"row": 1, "col": 2}, {"row": 3, "col": 1}], missed={"row": 3, "col": 1})
+    'Red: 1. Wait, let me count again. Red: 2.'
     """
-    seen = [o for o in objects if o is not missed]
-    text = f"{label}: {'; '.join(at(o) for o in seen) or 'none'}. That is {len(seen)}."
+    text = f"{label}: {len(objects) - (missed is not None)}."
     if missed is not None:
-        text += f" Wait, I missed {at(missed)}. So it is {len(objects)}."
+        text += f" Wait, let me count again. {label}: {len(objects)}."
     return text
 
 
 def write_steps(scene, query, rng, slip=False):
     """The reasoning steps over the objects the question needs, and the answer they reach.
 
-    With `slip`, one relevant object is first overlooked (or the wrong column read) and the step
-    corrects itself with "Wait", ending at the right value: the self-checks R1 writes.
+    With `slip`, one relevant object is first overlooked and the step corrects itself with
+    "Wait", ending at the right value: the self-checks R1 writes.
     """
     kind, objects = query["kind"], scene["objects"]
     answer = solve(scene, query)
-    if kind == "color_at":
-        row = [o for o in objects if o["row"] == query["row"]]
-        cells = {o["col"]: f"{o['color']} {o['shape']}" for o in row}
-        listing = ", ".join(cells.get(c, "empty") for c in range(1, scene["grid"] + 1))
-        steps = [f"I need row {query['row']}, column {query['col']}.", f"Row {query['row']}: {listing}."]
-        neighbours = [c for c in (query["col"] - 1, query["col"] + 1) if 1 <= c <= scene["grid"]]
-        if slip and neighbours:
-            other = rng.choice(neighbours)
-            seen = f"a {cells[other]}" if other in cells else "empty"
-            steps.append(f"Column {other} is {seen}. Wait, that is column {other}, not column {query['col']}.")
-        return steps + [f"Column {query['col']} is a {cells[query['col']]}."], answer
     if kind == "count":
         groups = [(f"{query['color'].capitalize()} {query['shape']}s",
                    [o for o in objects if (o["color"], o["shape"]) == (query["color"], query["shape"])])]
         steps = [f"I need the {query['color']} {query['shape']}s."]
+    elif kind == "most_shape":
+        groups = [(f"{shape.capitalize()}s", [o for o in objects if o["shape"] == shape]) for shape in synthetic.SHAPES]
+        steps = []
     else:
         colors = query["colors"] if kind != "most_frequent" else list(synthetic.COLORS)
         groups = [(color.capitalize(), [o for o in objects if o["color"] == color]) for color in colors]
@@ -255,6 +244,8 @@ def write_steps(scene, query, rng, slip=False):
     elif kind == "most_frequent":
         winner = query["choices"]["ABCD".index(answer)]
         steps.append(f"The most frequent color is {winner}. Option {answer} is {winner}.")
+    elif kind == "most_shape":
+        steps.append(f"The most frequent shape is {answer}.")
     return steps, answer
 
 

@@ -8,7 +8,12 @@ looking *and* a few reasoning steps:
     sum            How many shapes are red or blue in total?         integer  two counts, add
     difference     How many more red shapes than blue shapes ...?    integer  two counts, subtract
     most_frequent  Which color appears most often? Choices: A..D     choice   four counts, argmax
-    color_at       What color is the shape in row 2, column 3?       text     locate, read
+    most_shape     Which shape appears most often?                   text     three counts, argmax
+
+Every question needs counts that depend on the question (which colors, which shapes): a small
+model answering directly must pick them out of the image in one step, which it learns poorly,
+while a reasoner that first tallies "Red: 2. Blue: 1." reads each count right after naming it,
+which it learns well. That is the gap cold-start CoT and RL close here, as in the paper.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
 and the exact scene `description` a perfect describer would write, which the cold-data
@@ -19,8 +24,8 @@ so a 112x112 image costs 16 image tokens.
 
     python synthetic.py --out runs/toy [--seed 0] [--preset toy]
 
-writes DIR/data/{train,rl,test}.jsonl (problem records), DIR/data/base_sft.jsonl (direct-answer
-conversations for the train split), DIR/data/images/, and DIR/model/: a byte-level BPE tokenizer
+writes DIR/data/{train,rl,test}.jsonl (problem records), DIR/data/base_sft.jsonl (direct answers
+and count read-outs for the train split), DIR/data/images/, and DIR/model/: a byte-level BPE tokenizer
 with the Qwen special tokens and a Qwen2-VL-style chat template, a Qwen2-VL image-processor
 config sized for these images, and a random-weight Qwen2.5-VL, loadable by transformers'
 AutoTokenizer / AutoImageProcessor / AutoModelForImageTextToText like any real checkpoint.
@@ -37,9 +42,9 @@ from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ("square", "circle", "triangle")
-KINDS = ("count", "sum", "difference", "most_frequent", "color_at")
+KINDS = ("count", "sum", "difference", "most_frequent", "most_shape")
 ANSWER_TYPES = {"count": "integer", "sum": "integer", "difference": "integer",
-                "most_frequent": "choice", "color_at": "text"}
+                "most_frequent": "choice", "most_shape": "text"}
 CELL = 28  # pixels per grid cell: patch 14 x merge 2, so each cell is one merged vision token
 MARGIN = 5  # pixels between a shape and its cell border
 BACKGROUND = (255, 255, 255)
@@ -73,7 +78,7 @@ CHAT_TEMPLATE = (
 # short encodings even though no problem text contains them.
 REASONING_TEXT = """
 <think> Let me look at the image carefully. I see the grid. First, let me count the shapes.
-Then I add the counts. Next I subtract. So the answer is </think><answer> Final Answer:A </answer>
+Then I add the counts. Next I subtract. The most frequent shape is circle. So the answer is </think><answer> Final Answer:A </answer>
 Wait, let me check again. Hmm, I made a mistake. Mistake. Alternatively, count row by row.
 Check: the total is correct. Double-check each row. Let me re-count. Therefore, the final answer is
 Row 1: Row 2: Row 3: Row 4: Column 1 has no shapes. There is one red square and two blue circles.
@@ -123,7 +128,7 @@ class Preset:
 
 
 PRESETS = {
-    "toy": Preset(n_train=2000, n_rl=1000, n_test=300),
+    "toy": Preset(n_train=6000, n_rl=2000, n_test=300),
     "tiny": Preset(n_train=20, n_rl=10, n_test=10),  # tests
 }
 
@@ -166,11 +171,30 @@ def color_counts(scene):
     return counts
 
 
+def shape_counts(scene):
+    """{shape: number of shapes of that kind}, every shape present as a key."""
+    counts = {shape: 0 for shape in SHAPES}
+    for o in scene["objects"]:
+        counts[o["shape"]] += 1
+    return counts
+
+
+def tally(scene):
+    """The per-color and per-shape counts as text: what a model that perceives the scene says.
+
+    >>> tally({"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"}]})
+    'Red: 1. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 0. Triangles: 0.'
+    """
+    colors = [f"{color.capitalize()}: {n}." for color, n in color_counts(scene).items()]
+    shapes = [f"{shape.capitalize()}s: {n}." for shape, n in shape_counts(scene).items()]
+    return " ".join(colors + shapes)
+
+
 def make_query(rng, scene, kind):
     """Pick the question's parameters for `kind`, or None when this scene cannot pose it well.
 
     Parameters are drawn answer-first (balanced_choice), a difference is asked only as larger
-    minus smaller, and most_frequent needs a unique winner.
+    minus smaller, and most_frequent / most_shape need a unique winner.
     """
     counts = color_counts(scene)
     pairs = [(a, b) for a in COLORS for b in COLORS if a < b]
@@ -182,8 +206,11 @@ def make_query(rng, scene, kind):
     elif kind == "difference":
         options = [(abs(counts[a] - counts[b]), {"colors": sorted([a, b], key=counts.get, reverse=True)})
                    for a, b in pairs if counts[a] != counts[b]]
-    elif kind == "color_at":
-        options = [(o["color"], {"row": o["row"], "col": o["col"]}) for o in scene["objects"]]
+    elif kind == "most_shape":
+        top = max(shape_counts(scene).values())
+        if list(shape_counts(scene).values()).count(top) > 1:
+            return None
+        options = [(None, {})]
     elif kind == "most_frequent":
         top = max(counts.values())
         if list(counts.values()).count(top) > 1:
@@ -217,8 +244,8 @@ def question_text(query):
     if kind == "most_frequent":
         options = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", query["choices"]))
         return f"Which color appears most often?\nChoices:\n{options}"
-    if kind == "color_at":
-        return f"What color is the shape in row {query['row']}, column {query['col']}?"
+    if kind == "most_shape":
+        return "Which shape appears most often?"
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -236,8 +263,9 @@ def answer(scene, query):
         return str(counts[first] - counts[second])
     if kind == "most_frequent":
         return "ABCD"[query["choices"].index(max(counts, key=counts.get))]
-    if kind == "color_at":
-        return next(o["color"] for o in objects if (o["row"], o["col"]) == (query["row"], query["col"]))
+    if kind == "most_shape":
+        shapes = shape_counts(scene)
+        return max(shapes, key=shapes.get)
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -292,11 +320,17 @@ def problem_record(problem_id, scene, query, image_path):
             "meta": {"kind": query["kind"], "description": describe(scene), "scene": scene, "query": query}}
 
 
-def direct_answer_conversation(record):
-    """A base-model SFT sample: the image and question in, just the short answer out (no reasoning)."""
-    return {"id": record["id"], "images": record["images"],
-            "conversations": [{"from": "human", "value": "<image>" + record["question"]},
-                              {"from": "gpt", "value": record["answer"]}]}
+PERCEPTION_QUESTION = "Count the shapes by color and by shape."
+
+
+def base_conversations(record):
+    """The base model's SFT samples for one train problem, the two skills an Instruct model has:
+    the question answered directly (no reasoning), and the image's counts read out on request."""
+    def chat(suffix, question, reply):
+        return {"id": record["id"] + suffix, "images": record["images"],
+                "conversations": [{"from": "human", "value": "<image>" + question}, {"from": "gpt", "value": reply}]}
+    return [chat("", record["question"], record["answer"]),
+            chat("-perception", PERCEPTION_QUESTION, tally(record["meta"]["scene"]))]
 
 
 def write_jsonl(path, records):
@@ -316,7 +350,7 @@ def write_data(data_dir, splits):
             render(scene).save(os.path.join(data_dir, image_path))
             records[split].append(problem_record(problem_id, scene, query, image_path))
         write_jsonl(os.path.join(data_dir, f"{split}.jsonl"), records[split])
-    write_jsonl(os.path.join(data_dir, "base_sft.jsonl"), [direct_answer_conversation(r) for r in records["train"]])
+    write_jsonl(os.path.join(data_dir, "base_sft.jsonl"), [c for r in records["train"] for c in base_conversations(r)])
     return records
 
 
@@ -350,10 +384,10 @@ def train_tokenizer(texts, vocab_size):
 
 def world_texts(records):
     """Every text the world contains, in a fixed order (the BPE trainer's input)."""
-    texts = [REASONING_TEXT] * 2  # twice, so even its rarest words reach the trainer's min_frequency
+    texts = [REASONING_TEXT, PERCEPTION_QUESTION] * 2  # twice, so even its rarest words reach the trainer's min_frequency
     for split in records.values():
         for r in split:
-            texts += [r["question"], r["meta"]["description"], r["answer"]]
+            texts += [r["question"], r["meta"]["description"], r["answer"], tally(r["meta"]["scene"])]
     return texts
 
 

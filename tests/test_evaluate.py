@@ -297,16 +297,16 @@ def test_synthetic_scored_by_the_training_reward():
         (synthetic_record("count", "2", "integer"), completion(block("2"))),
         (synthetic_record("most_frequent", "B", "choice", ["red", "blue", "green", "yellow"]),
          completion(block("B or C"))),  # hedging scores 0 under the training reward
-        (synthetic_record("color_at", "red", "text"), completion(block("red"), finish="length")),  # truncated: 0
+        (synthetic_record("most_shape", "circle", "text"), completion(block("circle"), finish="length")),  # truncated: 0
         (synthetic_record("sum", "3", "integer"), completion("<answer> Final Answer:3 </answer>")),  # no <think>
-        (synthetic_record("color_at", "blue", "text"), completion(block("blue"))),
+        (synthetic_record("most_shape", "square", "text"), completion(block("square"))),
     ]
     rows = [E.score_sample("synthetic", record, c) for record, c in cases]
     assert [r["correct"] for r in rows] == [True, False, False, False, True]
     summary = E.summarize("synthetic", rows)
     assert summary["accuracy"] == 2 / 5 and summary["format_rate"] == 4 / 5 and summary["truncation_rate"] == 1 / 5
     assert accuracies(summary["breakdown"]) == {
-        "kind": {"count": (1, 1), "sum": (0, 1), "most_frequent": (0, 1), "color_at": (1, 2)}}
+        "kind": {"count": (1, 1), "sum": (0, 1), "most_frequent": (0, 1), "most_shape": (1, 2)}}
     assert "hedged" in summary["scored_by"]
 
 

@@ -175,9 +175,12 @@ def test_synthetic_teacher_reads_the_world_back(tiny_world):
     scene = {"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"},
                                     {"row": 2, "col": 1, "color": "red", "shape": "circle"}]}
     assert M.write_steps(scene, {"kind": "count", "color": "red", "shape": "square"}, None) == (
-        ["I need the red squares.", "Red squares: row 1, column 2. That is 1."], "1")
+        ["I need the red squares.", "Red squares: 1."], "1")
+    circles = {**scene, "objects": scene["objects"] + [{"row": 2, "col": 2, "color": "blue", "shape": "circle"}]}
+    assert M.write_steps(circles, {"kind": "most_shape"}, None) == (
+        ["Squares: 1.", "Circles: 2.", "Triangles: 0.", "The most frequent shape is circle."], "circle")
     assert M.tally("Red", scene["objects"], missed=scene["objects"][0]) == (
-        "Red: row 2, column 1. That is 1. Wait, I missed row 1, column 2. So it is 2.")
+        "Red: 1. Wait, let me count again. Red: 2.")
     with pytest.raises(M.BackendError, match="not a synthetic-world question"):
         M.parse_question("What is the area of the triangle?")
 

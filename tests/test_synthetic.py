@@ -35,7 +35,7 @@ def parse_question(question):
         "count": r"How many (\w+) (\w+)s are there\?",
         "sum": r"How many shapes are (\w+) or (\w+) in total\?",
         "difference": r"How many more (\w+) shapes than (\w+) shapes are there\?",
-        "color_at": r"What color is the shape in row (\d), column (\d)\?",
+        "most_shape": r"Which shape appears most often\?",
     }
     for kind, pattern in patterns.items():
         m = re.fullmatch(pattern, question)
@@ -50,14 +50,17 @@ def recompute_answer(scene, kind, params):
     """The right answer from the structured scene alone."""
     objects = [(o["row"], o["col"], o["color"], o["shape"]) for o in scene["objects"]]
     per_color = Counter(color for _, _, color, _ in objects)
+    per_shape = Counter(shape for _, _, _, shape in objects)
     if kind == "count":
         return str(sum((c, s) == params for _, _, c, s in objects))
     if kind == "sum":
         return str(per_color[params[0]] + per_color[params[1]])
     if kind == "difference":
         return str(per_color[params[0]] - per_color[params[1]])
-    if kind == "color_at":
-        return next(c for r, col, c, _ in objects if (str(r), str(col)) == params)
+    if kind == "most_shape":
+        (winner, n), (_, runner_up) = per_shape.most_common(2)
+        assert n > runner_up, "most_shape needs a unique winner"
+        return winner
     (winner, n), (_, runner_up) = (per_color + Counter({c: 0 for c in RGB})).most_common(2)
     assert n > runner_up, "most_frequent needs a unique winner"
     return "ABCD"[params.index(winner)]
@@ -69,7 +72,7 @@ def test_answers_recomputed_from_scene(tiny_world):
             kind, params = parse_question(r["question"])
             assert kind == r["meta"]["kind"]
             assert r["answer"] == recompute_answer(r["meta"]["scene"], kind, params), r["id"]
-            assert r["answer_type"] == {"most_frequent": "choice", "color_at": "text"}.get(kind, "integer")
+            assert r["answer_type"] == {"most_frequent": "choice", "most_shape": "text"}.get(kind, "integer")
             if kind == "most_frequent":
                 assert r["choices"] == list(params) and sorted(params) == sorted(RGB)
             else:
@@ -133,15 +136,23 @@ def test_splits_sized_balanced_and_disjoint(tiny_world):
     assert len(pixels) == len(images)
 
 
-def test_base_sft_answers_directly(tiny_world):
+def test_base_sft_answers_directly_and_reads_out_counts(tiny_world):
     train = {r["id"]: r for r in world_records(tiny_world)["train"]}
     conversations = data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))
-    assert [c["id"] for c in conversations] == list(train)
-    for c in conversations:
-        problem = train[c["id"]]
-        assert c["messages"] == [{"role": "user", "content": "<image>" + problem["question"]},
-                                 {"role": "assistant", "content": problem["answer"]}]
-        assert c["images"] == [os.path.join(tiny_world, "data", problem["images"][0])]
+    assert [c["id"] for c in conversations] == [i + suffix for i in train for suffix in ("", "-perception")]
+    for direct, perception in zip(conversations[::2], conversations[1::2]):
+        problem = train[direct["id"]]
+        assert direct["messages"] == [{"role": "user", "content": "<image>" + problem["question"]},
+                                      {"role": "assistant", "content": problem["answer"]}]
+        assert perception["messages"][0] == {"role": "user", "content": "<image>Count the shapes by color and by shape."}
+        # the read-out, recomputed from the scene's objects
+        objects = problem["meta"]["scene"]["objects"]
+        per_color = Counter(o["color"] for o in objects)
+        per_shape = Counter(o["shape"] for o in objects)
+        expected = " ".join([f"{c.capitalize()}: {per_color[c]}." for c in ("red", "green", "blue", "yellow")]
+                            + [f"{s.capitalize()}s: {per_shape[s]}." for s in ("square", "circle", "triangle")])
+        assert perception["messages"][1] == {"role": "assistant", "content": expected}
+        assert direct["images"] == perception["images"] == [os.path.join(tiny_world, "data", problem["images"][0])]
 
 
 def digest(directory, names):
