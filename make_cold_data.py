@@ -119,13 +119,13 @@ class Reply:
 # -- synthetic teachers: the exact description, and a reasoner that reads it like a text-only model
 
 ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
-CORRECTION_RATE = 0.3  # CoTs that miss an object, then say "Wait" and find it
+RECOUNT_RATE = 0.3  # CoTs that stop at one count, say "Wait" and count it again
 CHECK_RATE = 0.5  # CoTs that re-check before concluding
 OPENINGS = ("Let me look at the description.", "Let me read the description row by row.")
 CHECKS = ("Let me check again. Yes, that is correct.", "Hmm, let me re-check each row. Yes.",
           "Double-check: yes, that is right.")
 QUESTION_PATTERNS = {  # synthetic.question_text, read back
-    "count": r"How many (?P<color>\w+) (?P<shape>\w+)s are there\?",
+    "count": r"How many (?P<shape>\w+)s are there\?",
     "sum": r"How many shapes are (?P<first>\w+) or (?P<second>\w+) in total\?",
     "difference": r"How many more (?P<first>\w+) shapes than (?P<second>\w+) shapes are there\?",
     "most_frequent": r"Which color appears most often\?\nChoices:\n(?P<options>(?:[A-D]\. \w+\n?)+)",
@@ -161,7 +161,7 @@ def parse_question(question):
         if m is None:
             continue
         if kind == "count":
-            return {"kind": kind, "color": m["color"], "shape": m["shape"]}
+            return {"kind": kind, "shape": m["shape"]}
         if kind in ("sum", "difference"):
             return {"kind": kind, "colors": [m["first"], m["second"]]}
         if kind == "most_frequent":
@@ -201,51 +201,35 @@ def perturb(scene, query, rng):
     return rng.choice(wrong) if wrong else None
 
 
-def tally(label, objects, missed=None):
-    """One counting sentence, the label right before its count; with `missed`, the count first
-    leaves it out, then corrects itself.
+def write_steps(scene, query, rng, recount=False):
+    """The reasoning steps and the answer they reach: first every count read off the image in a
+    fixed order (synthetic.tally), then the question's arithmetic over the counts it needs.
 
-    >>> tally("Red", [{"row": 1, "col": 2}, {"row": 3, "col": 1}], missed={"row": 3, "col": 1})
-    'Red: 1. Wait, let me count again. Red: 2.'
+    With `recount`, one needed count is checked again after a "Wait", R1's self-check (the count
+    stays: a wrong first count would teach the model to misread the image).
     """
-    text = f"{label}: {len(objects) - (missed is not None)}."
-    if missed is not None:
-        text += f" Wait, let me count again. {label}: {len(objects)}."
-    return text
-
-
-def write_steps(scene, query, rng, slip=False):
-    """The reasoning steps over the objects the question needs, and the answer they reach.
-
-    With `slip`, one relevant object is first overlooked and the step corrects itself with
-    "Wait", ending at the right value: the self-checks R1 writes.
-    """
-    kind, objects = query["kind"], scene["objects"]
-    answer = solve(scene, query)
+    kind, answer = query["kind"], solve(scene, query)
+    colors, shapes = synthetic.color_counts(scene), synthetic.shape_counts(scene)
+    steps = [synthetic.tally(scene)]
     if kind == "count":
-        groups = [(f"{query['color'].capitalize()} {query['shape']}s",
-                   [o for o in objects if (o["color"], o["shape"]) == (query["color"], query["shape"])])]
-        steps = [f"I need the {query['color']} {query['shape']}s."]
-    elif kind == "most_shape":
-        groups = [(f"{shape.capitalize()}s", [o for o in objects if o["shape"] == shape]) for shape in synthetic.SHAPES]
-        steps = []
-    else:
-        colors = query["colors"] if kind != "most_frequent" else list(synthetic.COLORS)
-        groups = [(color.capitalize(), [o for o in objects if o["color"] == color]) for color in colors]
-        steps = [] if kind == "most_frequent" else [f"I need the {colors[0]} and {colors[1]} shapes."]
-    countable = [o for _, group in groups for o in group]
-    missed = rng.choice(countable) if slip and countable else None
-    steps += [tally(label, group, missed if missed in group else None) for label, group in groups]
-    counts = [len(group) for _, group in groups]
-    if kind == "sum":
-        steps.append(f"Then I add the counts: {counts[0]} + {counts[1]} = {answer}.")
-    elif kind == "difference":
-        steps.append(f"Next I subtract: {counts[0]} - {counts[1]} = {answer}.")
+        needed = [(f"{query['shape'].capitalize()}s", shapes[query["shape"]])]
+        steps.append(f"I need the {query['shape']}s: {shapes[query['shape']]}.")
+    elif kind in ("sum", "difference"):
+        first, second = query["colors"]
+        needed = [(first.capitalize(), colors[first]), (second.capitalize(), colors[second])]
+        steps.append(f"I need the {first} and {second} shapes.")
+        sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
+        steps.append(f"{verb}: {colors[first]} {sign} {colors[second]} = {answer}.")
     elif kind == "most_frequent":
         winner = query["choices"]["ABCD".index(answer)]
+        needed = [(winner.capitalize(), colors[winner])]
         steps.append(f"The most frequent color is {winner}. Option {answer} is {winner}.")
-    elif kind == "most_shape":
+    else:
+        needed = [(f"{answer.capitalize()}s", shapes[answer])]
         steps.append(f"The most frequent shape is {answer}.")
+    if recount:
+        label, n = rng.choice(needed)
+        steps.insert(1, f"Wait, let me count the {label.lower()} again. {label}: {n}.")
     return steps, answer
 
 
@@ -260,8 +244,8 @@ def synthetic_pseudo_cot(problem, rng):
 def synthetic_reasoning(description, question, hint, rng, error_rate=0.0):
     """The offline reasoner: parse the description and question, solve, and think aloud, R1 style.
 
-    The CoT opens on the description, reasons over the relevant objects (sometimes overlooking one
-    and catching it with "Wait"), sometimes re-checks, and concludes "So the answer is X."; the
+    The CoT opens on the description, reads every count, reasons over those the question needs
+    (sometimes stopping with "Wait" to count one again), sometimes re-checks, and concludes "So the answer is X."; the
     reply is `<think>\\nCOT\\n</think>\\n\\nFinal Answer: X`. With probability error_rate it makes one
     mistake of ERROR_KINDS, each of which one filter catches:
       miscount         misperceives the scene and reasons consistently to a wrong answer (answer)
@@ -274,9 +258,9 @@ def synthetic_reasoning(description, question, hint, rng, error_rate=0.0):
     if solve(scene, query) is None:
         raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
     error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
-    slip, check = rng.random() < CORRECTION_RATE, rng.random() < CHECK_RATE
+    recount, check = rng.random() < RECOUNT_RATE, rng.random() < CHECK_RATE
     seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
-    steps, concluded = write_steps(seen, query, rng, slip)
+    steps, concluded = write_steps(seen, query, rng, recount)
     conclusion = f"So the answer is {concluded}."
     sentences = [rng.choice(OPENINGS), *steps, *([rng.choice(CHECKS)] if check else []), conclusion]
     if error == "language_mixing":

@@ -4,7 +4,7 @@ Every problem is one image of a grid (4x4 by default) whose cells are empty or h
 (square, circle, triangle) in one color (red, green, blue, yellow), and one question that needs
 looking *and* a few reasoning steps:
 
-    count          How many red squares are there?                   integer  filter, count
+    count          How many triangles are there?                     integer  one count
     sum            How many shapes are red or blue in total?         integer  two counts, add
     difference     How many more red shapes than blue shapes ...?    integer  two counts, subtract
     most_frequent  Which color appears most often? Choices: A..D     choice   four counts, argmax
@@ -12,8 +12,9 @@ looking *and* a few reasoning steps:
 
 Every question needs counts that depend on the question (which colors, which shapes): a small
 model answering directly must pick them out of the image in one step, which it learns poorly,
-while a reasoner that first tallies "Red: 2. Blue: 1." reads each count right after naming it,
-which it learns well. That is the gap cold-start CoT and RL close here, as in the paper.
+while a reasoner that first reads all counts off the image in a fixed order ("Red: 2. Green: 0.
+... Triangles: 1.") and then reasons over them learns both steps well. That is the gap
+cold-start CoT and RL close here, as in the paper.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
 and the exact scene `description` a perfect describer would write, which the cold-data
@@ -180,14 +181,16 @@ def shape_counts(scene):
 
 
 def tally(scene):
-    """The per-color and per-shape counts as text: what a model that perceives the scene says.
+    """The per-color and per-shape counts as text, always in this order: what a model that
+    perceives the scene says. (A small model learns to read the counts off the image in a fixed
+    order; in a random order, each one picked by the label before it, it does not.)
 
     >>> tally({"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"}]})
     'Red: 1. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 0. Triangles: 0.'
     """
-    colors = [f"{color.capitalize()}: {n}." for color, n in color_counts(scene).items()]
-    shapes = [f"{shape.capitalize()}s: {n}." for shape, n in shape_counts(scene).items()]
-    return " ".join(colors + shapes)
+    counts = [f"{color.capitalize()}: {n}." for color, n in color_counts(scene).items()]
+    counts += [f"{shape.capitalize()}s: {n}." for shape, n in shape_counts(scene).items()]
+    return " ".join(counts)
 
 
 def make_query(rng, scene, kind):
@@ -199,8 +202,7 @@ def make_query(rng, scene, kind):
     counts = color_counts(scene)
     pairs = [(a, b) for a in COLORS for b in COLORS if a < b]
     if kind == "count":
-        options = [(sum((o["color"], o["shape"]) == (c, s) for o in scene["objects"]), {"color": c, "shape": s})
-                   for c in COLORS for s in SHAPES]
+        options = [(n, {"shape": shape}) for shape, n in shape_counts(scene).items()]
     elif kind == "sum":
         options = [(counts[a] + counts[b], {"colors": rng.sample([a, b], 2)}) for a, b in pairs]
     elif kind == "difference":
@@ -236,7 +238,7 @@ def question_text(query):
     """The question the model sees; multiple choice lists its options as `A. red` lines."""
     kind = query["kind"]
     if kind == "count":
-        return f"How many {query['color']} {query['shape']}s are there?"
+        return f"How many {query['shape']}s are there?"
     if kind == "sum":
         return "How many shapes are {} or {} in total?".format(*query["colors"])
     if kind == "difference":
@@ -255,7 +257,7 @@ def answer(scene, query):
     objects = scene["objects"]
     counts = color_counts(scene)
     if kind == "count":
-        return str(sum(o["color"] == query["color"] and o["shape"] == query["shape"] for o in objects))
+        return str(shape_counts(scene)[query["shape"]])
     if kind == "sum":
         return str(sum(counts[c] for c in query["colors"]))
     if kind == "difference":

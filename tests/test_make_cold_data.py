@@ -4,6 +4,7 @@ flaky server and a kill -9 without losing or duplicating a record; the local bac
 
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -174,13 +175,15 @@ def test_synthetic_teacher_reads_the_world_back(tiny_world):
         assert M.parse_question(p["question"]) == p["meta"]["query"]
     scene = {"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"},
                                     {"row": 2, "col": 1, "color": "red", "shape": "circle"}]}
-    assert M.write_steps(scene, {"kind": "count", "color": "red", "shape": "square"}, None) == (
-        ["I need the red squares.", "Red squares: 1."], "1")
+    readout = "Red: 2. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 1. Triangles: 0."
+    assert M.write_steps(scene, {"kind": "count", "shape": "square"}, None) == (
+        [readout, "I need the squares: 1."], "1")
+    assert M.write_steps(scene, {"kind": "difference", "colors": ["red", "blue"]}, None) == (
+        [readout, "I need the red and blue shapes.", "Next I subtract: 2 - 0 = 2."], "2")
     circles = {**scene, "objects": scene["objects"] + [{"row": 2, "col": 2, "color": "blue", "shape": "circle"}]}
-    assert M.write_steps(circles, {"kind": "most_shape"}, None) == (
-        ["Squares: 1.", "Circles: 2.", "Triangles: 0.", "The most frequent shape is circle."], "circle")
-    assert M.tally("Red", scene["objects"], missed=scene["objects"][0]) == (
-        "Red: 1. Wait, let me count again. Red: 2.")
+    assert M.write_steps(circles, {"kind": "most_shape"}, random.Random(0), recount=True) == (
+        ["Red: 2. Green: 0. Blue: 1. Yellow: 0. Squares: 1. Circles: 2. Triangles: 0.",
+         "Wait, let me count the circles again. Circles: 2.", "The most frequent shape is circle."], "circle")
     with pytest.raises(M.BackendError, match="not a synthetic-world question"):
         M.parse_question("What is the area of the triangle?")
 

@@ -32,7 +32,7 @@ def world_records(world):
 def parse_question(question):
     """The query a question asks, read off its text (independently of synthetic.question_text)."""
     patterns = {
-        "count": r"How many (\w+) (\w+)s are there\?",
+        "count": r"How many (\w+)s are there\?",
         "sum": r"How many shapes are (\w+) or (\w+) in total\?",
         "difference": r"How many more (\w+) shapes than (\w+) shapes are there\?",
         "most_shape": r"Which shape appears most often\?",
@@ -52,7 +52,7 @@ def recompute_answer(scene, kind, params):
     per_color = Counter(color for _, _, color, _ in objects)
     per_shape = Counter(shape for _, _, _, shape in objects)
     if kind == "count":
-        return str(sum((c, s) == params for _, _, c, s in objects))
+        return str(per_shape[params[0]])
     if kind == "sum":
         return str(per_color[params[0]] + per_color[params[1]])
     if kind == "difference":
