@@ -30,11 +30,11 @@ from fractions import Fraction
 
 SIZES = {
     # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
-    # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems
+    # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems and samples per problem
     "full": dict(world="toy", base_epochs=1, ci_epochs=2, holdout=64, stage_steps=(40, 40), zero_steps=80,
-                 long_steps=80, prompts=8, test=300, length_scale="1/32"),
+                 long_steps=80, prompts=8, test=300, samples=4, length_scale="1/32"),
     "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, stage_steps=(2, 2), zero_steps=2,
-                 long_steps=2, prompts=2, test=6, length_scale="1/256"),
+                 long_steps=2, prompts=2, test=6, samples=1, length_scale="1/256"),
 }
 # length_scale: the paper's 4K / 8K / 16K response caps become 128 / 256 / 512 tokens at 1/32
 
@@ -85,12 +85,14 @@ def main():
 
     models = {"Vision-R1-Zero": f"{out}/grpo/zero/stage1/final", "Vision-R1-CI": f"{out}/ci/final",
               "Vision-R1-Long": f"{out}/grpo/long/stage1/final", "Vision-R1": f"{out}/grpo/vision-r1/stage2/final"}
+    # the paper's protocol (temperature 0.6, top-p 0.95: evaluate.py's defaults), 4 samples per problem
+    sampling = ["--n", str(size["samples"])]
     # Zero is asked with the prompt it was trained with; the others with the template's default
     zero_prompt = ["--system", _r1_zero_prompt()]
     run(["evaluate.py", "--model", models["Vision-R1-Zero"], "--bench", "synthetic", "--data", f"{out}/data/test.jsonl",
-         "--out", f"{out}/eval", "--greedy", "--max-new-tokens", max_tokens, "--limit", str(size["test"]), *zero_prompt], log)
+         "--out", f"{out}/eval", *sampling, "--max-new-tokens", max_tokens, "--limit", str(size["test"]), *zero_prompt], log)
     run(["evaluate.py", *sum((["--model", models[m]] for m in ("Vision-R1-CI", "Vision-R1-Long", "Vision-R1")), []),
-         "--bench", "synthetic", "--data", f"{out}/data/test.jsonl", "--out", f"{out}/eval", "--greedy",
+         "--bench", "synthetic", "--data", f"{out}/data/test.jsonl", "--out", f"{out}/eval", *sampling,
          "--max-new-tokens", max_tokens, "--limit", str(size["test"])], log)
     run(["plot.py", "--runs", f"{out}/grpo/vision-r1/stage1", f"{out}/grpo/vision-r1/stage2", f"{out}/grpo/long/stage1",
          f"{out}/grpo/zero/stage1", "--out", f"{out}/curves.png"], log)
