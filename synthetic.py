@@ -153,8 +153,7 @@ def scene_key(scene):
 def describe(scene):
     """The exact scene description a perfect describer would write: every cell, row by row.
 
-    Reading order is the order of the image's tokens (one per cell), so describing is a
-    left-to-right scan a small model can learn.
+    Reading order is the order of the image's tokens (one per cell).
 
     >>> describe({"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"}]})
     'Row 1: empty, red square. Row 2: empty, empty.'
