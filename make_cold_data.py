@@ -173,8 +173,7 @@ def parse_question(question):
 def solve(scene, query):
     """The answer to a query about a scene, or None when it has none (a tie for the most)."""
     counted = {"most_frequent": synthetic.color_counts, "most_shape": synthetic.shape_counts}.get(query["kind"])
-    counts = list(counted(scene).values()) if counted else []
-    if counts and counts.count(max(counts)) > 1:
+    if counted and synthetic.unique_top(counted(scene)) is None:
         return None
     return synthetic.answer(scene, query)
 

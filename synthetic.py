@@ -179,6 +179,16 @@ def shape_counts(scene):
     return counts
 
 
+def unique_top(counts):
+    """The key with the largest count, or None when two or more share it.
+
+    >>> unique_top({"red": 2, "blue": 1}), unique_top({"red": 2, "blue": 2})
+    ('red', None)
+    """
+    top = max(counts.values())
+    return max(counts, key=counts.get) if list(counts.values()).count(top) == 1 else None
+
+
 def tally(scene):
     """The per-color and per-shape counts as text, always in this order: what a model that
     perceives the scene says. (A small model learns to read the counts off the image in a fixed
@@ -208,13 +218,11 @@ def make_query(rng, scene, kind):
         options = [(abs(counts[a] - counts[b]), {"colors": sorted([a, b], key=counts.get, reverse=True)})
                    for a, b in pairs if counts[a] != counts[b]]
     elif kind == "most_shape":
-        top = max(shape_counts(scene).values())
-        if list(shape_counts(scene).values()).count(top) > 1:
+        if unique_top(shape_counts(scene)) is None:
             return None
         options = [(None, {})]
     elif kind == "most_frequent":
-        top = max(counts.values())
-        if list(counts.values()).count(top) > 1:
+        if unique_top(counts) is None:
             return None
         options = [(None, {"choices": rng.sample(list(COLORS), len(COLORS))})]
     else:
@@ -225,8 +233,8 @@ def make_query(rng, scene, kind):
 def balanced_choice(rng, options):
     """Pick from (answer, params) options: an answer value uniformly first, then params with it.
 
-    Drawing answers first flattens their distribution: a scene whose color-shape pairs have
-    counts {0: 8 pairs, 1: 3, 2: 1} asks for a count of 2 a third of the time, not 1 in 12.
+    Drawing answers first flattens their distribution: a scene with no squares, no circles and
+    two triangles asks for a count of 2 half the time, not 1 in 3.
     """
     values = sorted({answer for answer, _ in options}, key=str)
     value = rng.choice(values)
@@ -253,7 +261,6 @@ def question_text(query):
 def answer(scene, query):
     """The ground-truth answer string, computed from the scene."""
     kind = query["kind"]
-    objects = scene["objects"]
     counts = color_counts(scene)
     if kind == "count":
         return str(shape_counts(scene)[query["shape"]])
@@ -263,10 +270,9 @@ def answer(scene, query):
         first, second = query["colors"]
         return str(counts[first] - counts[second])
     if kind == "most_frequent":
-        return "ABCD"[query["choices"].index(max(counts, key=counts.get))]
+        return "ABCD"[query["choices"].index(unique_top(counts))]
     if kind == "most_shape":
-        shapes = shape_counts(scene)
-        return max(shapes, key=shapes.get)
+        return unique_top(shape_counts(scene))
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -385,7 +391,8 @@ def train_tokenizer(texts, vocab_size):
 
 def world_texts(records):
     """Every text the world contains, in a fixed order (the BPE trainer's input)."""
-    texts = [REASONING_TEXT, PERCEPTION_QUESTION] * 2  # twice, so even its rarest words reach the trainer's min_frequency
+    # twice, so even their rarest words reach the trainer's min_frequency
+    texts = [REASONING_TEXT, PERCEPTION_QUESTION] * 2
     for split in records.values():
         for r in split:
             texts += [r["question"], r["meta"]["description"], r["answer"], tally(r["meta"]["scene"])]

@@ -149,5 +149,5 @@ def test_sft_teaches_the_cot_format_on_held_out_problems(tmp_path):
         eval_losses = [row["eval_loss"] for row in map(json.loads, f) if "eval_loss" in row]
     assert eval_losses[-1] < 0.1 * eval_losses[0]
     (summary,) = evaluate.main(["--model", str(out / "final"), "--bench", "synthetic", "--out", str(tmp_path / "eval"),
-                             "--data", os.path.join(world, "data", "test.jsonl"), "--greedy", "--max-new-tokens", "160"])
+                                "--data", os.path.join(world, "data", "test.jsonl"), "--greedy", "--max-new-tokens", "160"])
     assert summary["format_rate"] >= 0.9, summary
