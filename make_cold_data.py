@@ -121,6 +121,9 @@ class Reply:
 ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
 RECOUNT_RATE = 0.3  # CoTs that stop at one count, say "Wait" and count it again
 CHECK_RATE = 0.5  # CoTs that re-check before concluding
+# multiple-choice CoTs that conclude with the option's text ("red") instead of its letter, both
+# of which graders accept (rewards.is_equivalent, MathVista's scorer)
+TEXT_ANSWER_RATE = 0.3
 OPENINGS = ("Let me look at the description.", "Let me read the description row by row.")
 CHECKS = ("Let me check again. Yes, that is correct.", "Hmm, let me re-check each row. Yes.",
           "Double-check: yes, that is right.")
@@ -200,12 +203,14 @@ def perturb(scene, query, rng):
     return rng.choice(wrong) if wrong else None
 
 
-def write_steps(scene, query, rng, recount=False):
+def write_steps(scene, query, rng, recount=False, by_text=False):
     """The reasoning steps and the answer they reach: first every count read off the image in a
-    fixed order (synthetic.tally), then the question's arithmetic over the counts it needs.
+    fixed order (synthetic.tally), then the question's arithmetic over the counts it needs, each
+    restated under its read-out's label.
 
     With `recount`, one needed count is checked again after a "Wait", R1's self-check (the count
-    stays: a wrong first count would teach the model to misread the image).
+    stays: a wrong first count would teach the model to misread the image). With `by_text`, a
+    multiple-choice answer is the option's text, not its letter.
     """
     kind, answer = query["kind"], solve(scene, query)
     colors, shapes = synthetic.color_counts(scene), synthetic.shape_counts(scene)
@@ -216,13 +221,15 @@ def write_steps(scene, query, rng, recount=False):
     elif kind in ("sum", "difference"):
         first, second = query["colors"]
         needed = [(first.capitalize(), colors[first]), (second.capitalize(), colors[second])]
-        steps.append(f"I need the {first} and {second} shapes.")
+        steps.append(f"I need the {first} and {second} shapes. {first.capitalize()}: {colors[first]}. "
+                     f"{second.capitalize()}: {colors[second]}.")
         sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
         steps.append(f"{verb}: {colors[first]} {sign} {colors[second]} = {answer}.")
     elif kind == "most_frequent":
         winner = query["choices"]["ABCD".index(answer)]
         needed = [(winner.capitalize(), colors[winner])]
-        steps.append(f"The most frequent color is {winner}. Option {answer} is {winner}.")
+        steps.append(f"The most frequent color is {winner}." + ("" if by_text else f" Option {answer} is {winner}."))
+        answer = winner if by_text else answer
     else:
         needed = [(f"{answer.capitalize()}s", shapes[answer])]
         steps.append(f"The most frequent shape is {answer}.")
@@ -257,9 +264,9 @@ def synthetic_reasoning(description, question, hint, rng, error_rate=0.0):
     if solve(scene, query) is None:
         raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
     error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
-    recount, check = rng.random() < RECOUNT_RATE, rng.random() < CHECK_RATE
+    recount, check, by_text = (rng.random() < rate for rate in (RECOUNT_RATE, CHECK_RATE, TEXT_ANSWER_RATE))
     seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
-    steps, concluded = write_steps(seen, query, rng, recount)
+    steps, concluded = write_steps(seen, query, rng, recount, by_text)
     conclusion = f"So the answer is {concluded}."
     sentences = [rng.choice(OPENINGS), *steps, *([rng.choice(CHECKS)] if check else []), conclusion]
     if error == "language_mixing":

@@ -110,12 +110,11 @@ class Preset:
     num_heads: int = 4
     num_kv_heads: int = 2
     intermediate_size: int = 384
-    # M-RoPE splits the head_dim / 2 = 16 rotary frequencies, fastest first, into (temporal, height,
-    # width) bands. With theta 10,000 and (4, 6, 6) the width band turns < 0.004 rad per column, so a
-    # 4x4 grid's columns would look alike to attention; theta 100 with (2, 4, 10) turns 0.24-0.56 rad
-    # per row and 0.013-0.18 per column, and text positions stay distinct for ~470 tokens.
-    mrope_section: tuple = (2, 4, 10)
-    rope_theta: float = 100.0
+    # M-RoPE splits the head_dim / 2 = 16 rotary frequencies into (temporal, height, width) bands in
+    # Qwen2.5-VL's proportions (16, 24, 24 of 64), with its theta: the slow frequencies let attention
+    # find a word of the question from the far end of the answer, by content, at any distance
+    mrope_section: tuple = (4, 6, 6)
+    rope_theta: float = 1_000_000.0
     vision_depth: int = 4
     vision_hidden_size: int = 64
     vision_heads: int = 4

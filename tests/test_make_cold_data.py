@@ -163,7 +163,8 @@ def test_synthetic_cot_is_short_human_like_and_right(tiny_world):
     for p in data.load_problems(split_file(tiny_world, "rl")) + data.load_problems(train_file(tiny_world)):
         cot, answer, _ = M.reason(teacher, p, p["meta"]["description"])
         lengths.append(len(tokenizer(M.format_response(M.rewrite_description_refs(cot), answer)).input_ids))
-        assert answer == p["answer"] and cot.endswith(f"So the answer is {p['answer']}.")
+        assert rewards.is_equivalent(answer, p["answer"], p["choices"], p["answer_type"])
+        assert cot.endswith(f"So the answer is {answer}.")
         corrections += "Wait" in cot
     assert 30 <= min(lengths) and max(lengths) <= 200 and 50 <= sum(lengths) / len(lengths) <= 130
     assert 0 < corrections < len(lengths)
@@ -179,7 +180,11 @@ def test_synthetic_teacher_reads_the_world_back(tiny_world):
     assert M.write_steps(scene, {"kind": "count", "shape": "square"}, None) == (
         [readout, "I need the squares: 1."], "1")
     assert M.write_steps(scene, {"kind": "difference", "colors": ["red", "blue"]}, None) == (
-        [readout, "I need the red and blue shapes.", "Next I subtract: 2 - 0 = 2."], "2")
+        [readout, "I need the red and blue shapes. Red: 2. Blue: 0.", "Next I subtract: 2 - 0 = 2."], "2")
+    most_frequent = {"kind": "most_frequent", "choices": ["blue", "red", "green", "yellow"]}
+    assert M.write_steps(scene, most_frequent, None) == (
+        [readout, "The most frequent color is red. Option B is red."], "B")
+    assert M.write_steps(scene, most_frequent, None, by_text=True) == ([readout, "The most frequent color is red."], "red")
     circles = {**scene, "objects": scene["objects"] + [{"row": 2, "col": 2, "color": "blue", "shape": "circle"}]}
     assert M.write_steps(circles, {"kind": "most_shape"}, random.Random(0), recount=True) == (
         ["Red: 2. Green: 0. Blue: 1. Yellow: 0. Squares: 1. Circles: 2. Triangles: 0.",
