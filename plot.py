@@ -4,7 +4,9 @@
     python plot.py --runs runs/toy/grpo/vision-r1/stage1 runs/toy/grpo/vision-r1/stage2 \\
         runs/toy/grpo/long/stage1 --out curves.png
 
-Consecutive stages of one schedule are drawn as one curve (stage 2's steps continue stage 1's).
+Consecutive stages of one schedule are drawn as one curve (stage 2's steps continue stage 1's, a
+dotted line marks where a stage begins); each metric is drawn faintly per step and as its trailing
+mean over --smooth steps.
 """
 
 import argparse
@@ -35,16 +37,33 @@ def curves(run_dirs):
     return by_schedule
 
 
+def trailing_mean(values, window):
+    """Mean of each value and the (window - 1) before it (fewer at the start).
+
+    >>> trailing_mean([1, 3, 5, 7], 2)
+    [1.0, 2.0, 4.0, 6.0]
+    """
+    return [sum(values[max(i + 1 - window, 0):i + 1]) / (i + 1 - max(i + 1 - window, 0)) for i in range(len(values))]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="GRPO stage folders holding metrics.jsonl")
     parser.add_argument("--out", default="curves.png")
+    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window in steps (1: raw only)")
     args = parser.parse_args()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
     for name, rows in curves(args.runs).items():
         steps = [row["global_step"] for row in rows]
+        stage_starts = [row["global_step"] - 1 for prev, row in zip(rows, rows[1:])
+                        if row.get("stage") != prev.get("stage")]
         for ax, (key, _) in zip(axes, PANELS):
-            ax.plot(steps, [row[key] for row in rows], label=name)
+            values = [row[key] for row in rows]
+            (line,) = ax.plot(steps, trailing_mean(values, args.smooth), label=name)
+            if args.smooth > 1:
+                ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
+            for start in stage_starts:
+                ax.axvline(start + 0.5, color=line.get_color(), linestyle=":", linewidth=1)
     for ax, (_, title) in zip(axes, PANELS):
         ax.set_xlabel("GRPO step")
         ax.set_title(title)

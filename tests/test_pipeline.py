@@ -25,3 +25,16 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
         assert (tmp_path / "grpo" / stage / "final" / "model.safetensors").exists()
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
+
+
+def test_plot_smooths_with_a_trailing_mean_and_chains_stages(tmp_path):
+    import plot
+
+    assert plot.trailing_mean([1, 3, 5, 7], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert plot.trailing_mean([2.0], 10) == [2.0]
+    for stage, rewards in (("stage1", [0.1, 0.2]), ("stage2", [0.3])):
+        (tmp_path / "run" / stage).mkdir(parents=True)
+        (tmp_path / "run" / stage / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": i + 1, "stage": stage, "reward": r}) + "\n" for i, r in enumerate(rewards)))
+    rows = plot.curves([str(tmp_path / "run" / "stage2"), str(tmp_path / "run" / "stage1")])["run"]
+    assert [(row["global_step"], row["reward"]) for row in rows] == [(1, 0.1), (2, 0.2), (3, 0.3)]
