@@ -1,4 +1,5 @@
-"""train_grpo.py end to end on the tiny world: 2 ranks = 1 rank at step 1, kill-and-resume exact."""
+"""train_grpo.py end to end: on the tiny world 2 ranks = 1 rank at step 1 and kill-and-resume is exact; on the
+toy world a short run raises held-out reward over its SFT checkpoint."""
 
 import json
 import os
@@ -82,3 +83,38 @@ def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, re
     for row in metrics(tmp_path / "x"):
         assert row["response_length"] == done[row["step"]]["response_length"]
         assert abs(row["loss"] - done[row["step"]]["loss"]) <= 1e-5
+
+
+def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tmp_path, monkeypatch):
+    """The pipeline's CI -> Vision-R1 gain, small (seed 0, ~6 minutes on 2 cores): base SFT -> cold-start SFT
+    (3 epochs) -> 40 GRPO steps on the RL split's multiple-choice problems. On the 60 held-out multiple-choice
+    problems (4 samples each at temperature 0.6) the mean reward rises by at least 25 points: the policy moves to
+    answering with the option's text, which this model gets right, from letters, which it picks at chance
+    (measured: 31.2 -> 85.4; with 20 steps 30.8 -> 39.6). The reward curve is metrics.jsonl."""
+    import evaluate
+    import make_cold_data
+    import synthetic
+    import train_sft
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    world = synthetic.build(str(tmp_path / "world"), synthetic.Preset(n_train=6000, n_rl=400, n_test=300), seed=0)
+    split = os.path.join(world, "data")
+    for name in ("rl", "test"):
+        with open(os.path.join(split, f"{name}.jsonl")) as f, open(os.path.join(split, f"{name}_mc.jsonl"), "w") as g:
+            g.writelines(line for line in f if json.loads(line)["meta"]["kind"] == "most_frequent")
+    train_sft.main(["--preset", "toy", "--model", os.path.join(world, "model"), "--epochs", "1", "--eval-holdout", "0",
+                    "--data", os.path.join(split, "base_sft.jsonl"), "--out", str(tmp_path / "base")])
+    cold = str(tmp_path / "cold" / "cold.jsonl")
+    make_cold_data.main(["build", "--input", os.path.join(split, "train.jsonl"), "--out", cold, "--error-rate", "0"])
+    ci = str(tmp_path / "ci" / "final")
+    train_sft.main(["--preset", "toy", "--model", str(tmp_path / "base" / "final"), "--data", cold, "--epochs", "3",
+                    "--eval-holdout", "0", "--out", str(tmp_path / "ci")])
+    train_grpo.main(["--preset", "toy", "--init", ci, "--ref", ci, "--data", os.path.join(split, "rl_mc.jsonl"),
+                     "--out-root", str(tmp_path / "grpo"), "--stages", "128x16x40", "--length-scale", "1",
+                     "--prompts-per-rollout", "8", "--prompts-per-update", "8", "--save-every", "0", "--table-every", "0"])
+    assert [row["step"] for row in metrics(tmp_path / "grpo")] == list(range(1, 41))
+    before, after = evaluate.main(["--model", ci, "--model", str(tmp_path / "grpo" / "vision-r1" / "stage1" / "final"),
+                                   "--bench", "synthetic", "--data", os.path.join(split, "test_mc.jsonl"),
+                                   "--out", str(tmp_path / "eval"), "--n", "4", "--max-new-tokens", "160"])
+    assert before["prompts"] == after["prompts"] == 60
+    assert after["accuracy"] >= before["accuracy"] + 0.25, (before["accuracy"], after["accuracy"])
