@@ -12,6 +12,7 @@ mean over --smooth steps.
 import argparse
 import json
 import os
+import statistics
 from collections import defaultdict
 
 import matplotlib
@@ -43,7 +44,7 @@ def trailing_mean(values, window):
     >>> trailing_mean([1, 3, 5, 7], 2)
     [1.0, 2.0, 4.0, 6.0]
     """
-    return [sum(values[max(i + 1 - window, 0):i + 1]) / (i + 1 - max(i + 1 - window, 0)) for i in range(len(values))]
+    return [statistics.fmean(values[max(i + 1 - window, 0):i + 1]) for i in range(len(values))]
 
 
 def main():
