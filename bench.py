@@ -206,7 +206,8 @@ def save_grpo_checkpoint(path, problems, vocab, hidden, layers, seed=0):
 def ours_grpo_steps(args, path, problems, out):
     """train_grpo.main, the real loop, for warm-up + measured steps; each step's time split from its
     metrics.jsonl: [{generate, score, train, response_length}]. generate covers prompt encoding and
-    sampling; train the reference log-probs and the packed update with its optimizer step."""
+    sampling; train the reference log-probs and the packed update with its optimizer step (each
+    group's prompt packed once for its responses, where TRL runs prompt + completion per sample)."""
     import train_grpo
 
     os.makedirs(out, exist_ok=True)

@@ -551,23 +551,87 @@ class ChatProcessor:
 
 # ----------------------------------------------------------------------------- packing
 
-def pack(encoded, max_tokens):
-    """Greedy first-fit packing of encoded samples, in order, into batches of at most max_tokens.
+def first_fit(sizes, max_tokens):
+    """Greedy first-fit, in order: each item goes into the first bin with room for it, else opens a
+    new one (an item larger than max_tokens gets a bin of its own). Returns each bin's item indices.
+    Sizes 5, 4, 3, 2 with max_tokens 8 -> [[0, 2], [1, 3]]."""
+    bins = []
+    for i, n in enumerate(sizes):
+        target = next((b for b in bins if b["tokens"] + n <= max_tokens), None)
+        if target is None:
+            target = {"tokens": 0, "items": []}
+            bins.append(target)
+        target["tokens"] += n
+        target["items"].append(i)
+    return [b["items"] for b in bins]
 
-    Each sample goes into the first batch with room for it, else opens a new one (a sample longer
-    than max_tokens gets a batch of its own). Lengths 5, 4, 3, 2 with max_tokens 8 ->
-    [0, 2] (8 tokens), [1, 3] (6 tokens); cu_seqlens of the first: [0, 5, 8].
+
+def pack(encoded, max_tokens):
+    """Encoded samples packed (`first_fit`) into batches of at most max_tokens. Lengths 5, 4, 3, 2
+    with max_tokens 8 -> [0, 2] (8 tokens), [1, 3] (6 tokens); cu_seqlens of the first: [0, 5, 8].
     """
-    batches = []
-    for i, sample in enumerate(encoded):
-        n = len(sample["input_ids"])
-        batch = next((b for b in batches if b["tokens"] + n <= max_tokens), None)
-        if batch is None:
-            batch = {"tokens": 0, "index": []}
-            batches.append(batch)
-        batch["tokens"] += n
-        batch["index"].append(i)
-    return [collate([encoded[i] for i in b["index"]], b["index"]) for b in batches]
+    return [collate([encoded[i] for i in index], index)
+            for index in first_fit([len(s["input_ids"]) for s in encoded], max_tokens)]
+
+
+def pack_shared_prompts(groups, max_tokens):
+    """Pack prompts with their continuations (a GRPO group: one prompt, G responses) so that each
+    prompt is packed, and its image encoded, once for the continuations beside it, into batches of
+    at most max_tokens (first-fit, in order; a group too long for one batch is split over several,
+    each with its own copy of the prompt). For model.packed_logprobs(..., positions, prefix_of).
+
+    groups: [{input_ids, pixel_values, image_grid_thw, continuations: [[token ids]], rows: [int]}]
+    (rows: where each continuation's log-probs go). Each batch has input_ids [T], cu_seqlens over
+    its sequences (a prompt, then each non-empty continuation), prefix_of (-1 for a prompt, its
+    prompt's sequence for a continuation), pixel_values / image_grid_thw, rows and lengths (one per
+    continuation), and positions / targets (one per continuation token: the packed position whose
+    next-token distribution scores it, and the token). Example: prompt [p0 p1] with continuations
+    [a0 a1], [b0] -> input_ids [p0 p1 a0 a1 b0], cu_seqlens [0 2 4 5], prefix_of [-1 0 0],
+    positions [1 2 1], targets [a0 a1 b0].
+    """
+    units = []  # (group, its continuations' indices) that fit a batch
+    for group in groups:
+        chosen, tokens = [], len(group["input_ids"])
+        for c, continuation in enumerate(group["continuations"]):
+            if chosen and tokens + len(continuation) > max_tokens:
+                units.append((group, chosen))
+                chosen, tokens = [], len(group["input_ids"])
+            chosen.append(c)
+            tokens += len(continuation)
+        units.append((group, chosen))
+    sizes = [len(group["input_ids"]) + sum(len(group["continuations"][c]) for c in chosen) for group, chosen in units]
+    return [_collate_shared_prompts([units[i] for i in index]) for index in first_fit(sizes, max_tokens)]
+
+
+def _collate_shared_prompts(units):
+    ids, lengths, prefix_of, rows, response_lengths, positions, targets = [], [], [], [], [], [], []
+    for group, chosen in units:
+        prompt_sequence, prompt_end = len(lengths), len(ids) + len(group["input_ids"])
+        ids += list(group["input_ids"])
+        lengths.append(len(group["input_ids"]))
+        prefix_of.append(-1)
+        for c in chosen:
+            continuation = list(group["continuations"][c])
+            rows.append(group["rows"][c])
+            response_lengths.append(len(continuation))
+            if not continuation:
+                continue
+            # token t is predicted by the token before it: the prompt's last for t = 0
+            positions += [prompt_end - 1] + list(range(len(ids), len(ids) + len(continuation) - 1))
+            targets += continuation
+            ids += continuation
+            lengths.append(len(continuation))
+            prefix_of.append(prompt_sequence)
+    images = [group for group, _ in units if group.get("pixel_values") is not None]
+    return {
+        "input_ids": torch.tensor(ids, dtype=torch.long),
+        "cu_seqlens": torch.cat([torch.zeros(1), torch.tensor(lengths).cumsum(0)]).to(torch.int32),
+        "prefix_of": prefix_of,
+        "pixel_values": torch.cat([g["pixel_values"] for g in images]) if images else None,
+        "image_grid_thw": torch.cat([g["image_grid_thw"] for g in images]) if images else None,
+        "rows": rows, "lengths": torch.tensor(response_lengths, dtype=torch.long),
+        "positions": torch.tensor(positions, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
+    }
 
 
 def collate(samples, index):

@@ -107,36 +107,74 @@ class ModelConfig:
 PADDED_ATTENTION_MAX_SCORES = 2**26  # B * Hq * Lmax^2 beyond which SDPA runs sequence by sequence
 
 
-def varlen_attention(q, k, v, cu_seqlens, causal):
+def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     """Attention over sequences packed along dim 0 that never crosses a `cu_seqlens` boundary.
 
-    q: [T, Hq, D], k/v: [T, Hkv, D] (grouped-query when Hkv < Hq); returns [T, Hq, D].
+    q: [T, Hq, D], k/v: [Tk, Hkv, D] (grouped-query when Hkv < Hq); returns [T, Hq, D]. Keys and
+    values share the queries' boundaries, or have their own `cu_seqlens_k` (a response's queries
+    after the keys of its shared prompt and its own): a sequence's queries are then its last keys,
+    and the causal mask aligns at the bottom right, as flash-attn's does.
     CUDA with flash-attn uses its varlen kernel. Otherwise SDPA over the sequences padded into one
     [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward above all), or
     one call per sequence when that padded score matrix would be too large.
     """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    max_len = int(lengths.max())
+    cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
+    q_lengths, k_lengths = ((cu[1:] - cu[:-1]).long() for cu in (cu_seqlens, cu_k))
+    max_q, max_k = int(q_lengths.max()), int(k_lengths.max())
     if flash_attn_varlen_func is not None and q.is_cuda:
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, causal=causal)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=causal)
     gqa = k.shape[1] != q.shape[1]
-    B = len(lengths)
-    if B * q.shape[1] * max_len**2 <= PADDED_ATTENTION_MAX_SCORES:
-        seq = torch.repeat_interleave(torch.arange(B, device=q.device), lengths)
-        pos = torch.arange(q.shape[0], device=q.device) - cu_seqlens[:-1].long()[seq]
-        padded = [x.new_zeros(B, max_len, *x.shape[1:]).index_put_((seq, pos), x).transpose(1, 2) for x in (q, k, v)]
-        keys = torch.arange(max_len, device=q.device)
-        mask = (keys < lengths[:, None])[:, None, None, :]  # [B, 1, 1, Lmax]: real keys only
-        if causal:
-            mask = mask & (keys[None, :] <= keys[:, None])
+    B = len(q_lengths)
+    if B * q.shape[1] * max_q * max_k <= PADDED_ATTENTION_MAX_SCORES:
+        q_seq, q_pos = _padded_slots(cu_seqlens, q_lengths)
+        k_seq, k_pos = _padded_slots(cu_k, k_lengths)
+        padded = [x.new_zeros(B, length, *x.shape[1:]).index_put_(slots, x).transpose(1, 2)
+                  for x, length, slots in ((q, max_q, (q_seq, q_pos)), (k, max_k, (k_seq, k_pos)),
+                                           (v, max_k, (k_seq, k_pos)))]
+        keys = torch.arange(max_k, device=q.device)
+        mask = (keys < k_lengths[:, None])[:, None, None, :]  # [B, 1, 1, Lk]: real keys only
+        if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
+            last_key = torch.arange(max_q, device=q.device) + (k_lengths - q_lengths)[:, None]
+            mask = mask & (keys <= last_key[:, :, None])[:, None]
         out = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(1, 2)[seq, pos]
-    bounds = cu_seqlens.tolist()
+        return out.transpose(1, 2)[q_seq, q_pos]
     out = torch.empty_like(q)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        qs, ks, vs = (x[start:end].transpose(0, 1) for x in (q, k, v))
-        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=gqa).transpose(0, 1)
+    for (qs, qe), (ks, ke) in zip(_spans(cu_seqlens), _spans(cu_k)):
+        offset = (ke - ks) - (qe - qs)
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) if causal and offset else None
+        out[qs:qe] = F.scaled_dot_product_attention(
+            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
+            attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
     return out
+
+
+def _padded_slots(cu_seqlens, lengths):
+    """(sequence, position) of every packed token in the padded [B, Lmax] layout."""
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+    return seq, torch.arange(len(seq), device=lengths.device) - cu_seqlens[:-1].long()[seq]
+
+
+def _spans(cu_seqlens):
+    bounds = cu_seqlens.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def shared_prefix_keys(cu_seqlens, prefix_of):
+    """Key layout of a packed batch in which some sequences continue another: sequence i with
+    prefix_of[i] = j >= 0 (a response after its prompt j, packed once for all its responses) sees
+    sequence j's tokens, then its own. Returns key_index [Tk] (the packed token behind each key) and
+    cu_seqlens_k [B+1], for `varlen_attention(q, k[key_index], v[key_index], cu_seqlens, causal,
+    cu_seqlens_k)`. Example: cu_seqlens [0, 3, 5, 6], prefix_of [-1, 0, 0] ->
+    key_index [0 1 2 | 0 1 2 3 4 | 0 1 2 5], cu_seqlens_k [0, 3, 8, 12].
+    """
+    spans = _spans(cu_seqlens)
+    pieces = []
+    for i, j in enumerate(prefix_of):
+        if j >= 0 and not (j < i and prefix_of[j] < 0):
+            raise ValueError(f"sequence {i} continues sequence {j}, which is not an earlier sequence without a prefix")
+        pieces.append(torch.cat([torch.arange(*spans[j])] * (j >= 0) + [torch.arange(*spans[i])]))
+    lengths = torch.tensor([len(p) for p in pieces])
+    return torch.cat(pieces).to(cu_seqlens.device), F.pad(lengths.cumsum(0), (1, 0)).to(cu_seqlens)
 
 
 def rotate_half(x):
@@ -412,13 +450,17 @@ class Qwen25VL(nn.Module):
 
     # --- pieces shared by training and generation ---------------------------------------
 
-    def positions(self, input_ids, cu_seqlens, image_grid_thw=None):
-        """[3, T] RoPE positions of a packed batch, restarting at 0 for every sequence."""
+    def positions(self, input_ids, cu_seqlens, image_grid_thw=None, prefix_of=None):
+        """[3, T] RoPE positions of a packed batch, restarting at 0 for every sequence; a sequence
+        that continues another (`prefix_of`, see `shared_prefix_keys`) goes on from its last position."""
         merge = self.cfg.vision.spatial_merge_size if self.cfg.vision else 1
         grids = image_tokens_per_sequence(input_ids, cu_seqlens, self.cfg.image_token_id, image_grid_thw, merge)
-        spans = zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())
-        return torch.cat([mrope_positions(input_ids[s:e].cpu(), g, self.cfg.image_token_id, merge)
-                          for (s, e), g in zip(spans, grids)], dim=1).to(input_ids.device)
+        per_sequence = [mrope_positions(input_ids[s:e].cpu(), g, self.cfg.image_token_id, merge)
+                        for (s, e), g in zip(_spans(cu_seqlens), grids)]
+        for i, j in enumerate(prefix_of or []):
+            if j >= 0:
+                per_sequence[i] = per_sequence[i] + per_sequence[j].max() + 1
+        return torch.cat(per_sequence, dim=1).to(input_ids.device)
 
     def rope_cos_sin(self, positions, dtype):
         """cos/sin [T, head_dim] for positions [3, T]. With `mrope_section` (t, h, w) the rotary
@@ -460,27 +502,35 @@ class Qwen25VL(nn.Module):
                 x = layer(x, cos, sin, attend)
         return self.model.norm(x)
 
-    def _trunk(self, input_ids, cu_seqlens, pixel_values, image_grid_thw):
+    def _trunk(self, input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of):
         x = self.embed(input_ids, pixel_values, image_grid_thw)
-        cos, sin = self.rope_cos_sin(self.positions(input_ids, cu_seqlens, image_grid_thw), x.dtype)
+        cos, sin = self.rope_cos_sin(self.positions(input_ids, cu_seqlens, image_grid_thw, prefix_of), x.dtype)
         cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
-        return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(q, k, v, cu, causal=True))
+        if prefix_of is None:
+            return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(q, k, v, cu, causal=True))
+        key_index, cu_k = shared_prefix_keys(cu, prefix_of)
+        return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(
+            q, k[key_index], v[key_index], cu, causal=True, cu_seqlens_k=cu_k))
 
     # --- training: padding-free ----------------------------------------------------------
 
-    def forward_packed(self, input_ids, cu_seqlens, pixel_values=None, image_grid_thw=None):
+    def forward_packed(self, input_ids, cu_seqlens, pixel_values=None, image_grid_thw=None, prefix_of=None):
         """Hidden states [T, H] of sequences concatenated into `input_ids` [T], split by `cu_seqlens`
-        [B+1]; positions restart and attention stops at every boundary."""
-        return self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
+        [B+1]; positions restart and attention stops at every boundary, except that a sequence
+        i with prefix_of[i] = j >= 0 continues sequence j (`shared_prefix_keys`): it attends to j's
+        tokens and its positions go on from j's, as if it were packed after j's tokens alone."""
+        return self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of)
 
     def packed_logprobs(self, input_ids, cu_seqlens, targets, pixel_values=None, image_grid_thw=None,
-                        temperature=1.0, with_entropy=False, positions=None):
-        """Per-token log p(targets[t] | tokens <= t) for a packed batch, via the chunked head
-        (`token_logprobs`), at every position or only at `positions` (GRPO scores the responses:
-        the head never runs on prompt tokens). A method of the model so FSDP2 gathers the head inside it."""
-        hidden = self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw)
+                        temperature=1.0, with_entropy=False, positions=None, prefix_of=None):
+        """Log-probs of `targets` under the next-token distributions of a packed batch (as
+        `forward_packed`), via the chunked head (`token_logprobs`): at every position (targets [T],
+        the next tokens), or only at `positions` (targets one per position). GRPO scores responses
+        only, so the head never runs on prompt tokens, and a shared prompt's last position scores
+        the first token of each of its responses. A method of the model so FSDP2 gathers the head."""
+        hidden = self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of)
         if positions is not None:
-            hidden, targets = hidden[positions], targets[positions]
+            hidden = hidden[positions]
         return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
 
     # --- the transformers-style call ----------------------------------------------------
@@ -496,7 +546,7 @@ class Qwen25VL(nn.Module):
         if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
             raise ValueError("forward expects a right-padded batch")
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw)
+        hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw, None)
         logits = hidden.new_zeros(B, T, self.cfg.vocab_size)
         logits[keep] = hidden @ self.head_weight.t()
         return logits

@@ -8,6 +8,9 @@ Read top to bottom: the math as small pure functions (Eq. 1: group advantages, t
 policy loss with the k3 KL term and its aggregation; Eq. 2 only changes the group size and the
 length cap per stage), the config, then the loop: sample prompts -> generate G responses each
 -> hard format-result rewards -> advantages -> old/ref log-probs -> PPO updates -> log.
+The log-prob passes pack each prompt (and encode its image) once for its group's responses
+(`data.pack_shared_prompts`): the values and gradients of G separate prompt + response
+sequences, without running G - 1 copies of the prompt.
 
 The math follows the semantics of verl's `verl/trainer/ppo/core_algos.py`
 (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `kl_penalty` with
@@ -279,45 +282,41 @@ def score(completions, problems, schedule):
     return {k: torch.tensor(v) for k, v in out.items()}
 
 
-def training_sequences(prompts, completions):
-    """Prompt + response token sequences for the packed forward, with where each response sits."""
-    return [{"input_ids": list(prompts[c.prompt_index]["input_ids"]) + list(c.token_ids),
-             "pixel_values": prompts[c.prompt_index]["pixel_values"],
-             "image_grid_thw": prompts[c.prompt_index]["image_grid_thw"],
-             "prompt_len": len(prompts[c.prompt_index]["input_ids"]), "response_len": len(c.token_ids)}
-            for c in completions]
+def prompt_groups(prompts, completions):
+    """The rollout as `data.pack_shared_prompts` groups: each prompt once, with its responses; a
+    response's row is its index in `completions`."""
+    groups = {}
+    for row, c in enumerate(completions):
+        prompt = prompts[c.prompt_index]
+        group = groups.setdefault(c.prompt_index, {**prompt, "continuations": [], "rows": []})
+        group["continuations"].append(list(c.token_ids))
+        group["rows"].append(row)
+    return list(groups.values())
 
 
-def response_logprobs(model, sequences, batches, max_len, temperature, device, with_entropy=False):
-    """Per-token log-probs [rows, max_len] of the responses in each packed batch of `sequences`
-    (`data.pack` output) under `model`, and their entropy; yields (indices, logp, entropy, mask) per
-    batch so callers can backward each one before the next forward."""
+def response_logprobs(model, batches, max_len, temperature, device, with_entropy=False):
+    """Per-token log-probs [rows, max_len] of the responses in each `data.pack_shared_prompts`
+    batch under `model`, and their entropy; yields (rows, logp, entropy, mask) per batch so callers
+    can backward each one before the next forward. The head runs on response positions only."""
     for batch in batches:
         ids, cu, pixels, grid = packed_inputs(batch, device)
-        # token t of a response is predicted at position prompt_len - 1 + t of its sequence
-        rows = [sequences[i] for i in batch["index"]]
-        starts = [int(cu[j]) + r["prompt_len"] - 1 for j, r in enumerate(rows)]
-        gather = torch.zeros(len(rows), max_len, dtype=torch.long, device=device)
-        mask = torch.zeros(len(rows), max_len, dtype=torch.bool, device=device)
-        for j, (start, r) in enumerate(zip(starts, rows)):
-            gather[j, :r["response_len"]] = torch.arange(start, start + r["response_len"], device=device)
-            mask[j, :r["response_len"]] = True
-        # the head runs on the response positions only (a prompt's logits are never used)
-        out = model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid, temperature,
-                                    with_entropy=with_entropy, positions=gather[mask])
+        out = model.packed_logprobs(ids, cu, batch["targets"].to(device), pixels, grid, temperature,
+                                    with_entropy=with_entropy, positions=batch["positions"].to(device),
+                                    prefix_of=batch["prefix_of"])
         logp, entropy = out if with_entropy else (out, None)
+        mask = torch.arange(max_len, device=device) < batch["lengths"].to(device)[:, None]
         padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
-        yield (batch["index"], padded.masked_scatter(mask, logp),
+        yield (batch["rows"], padded.masked_scatter(mask, logp),
                padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
 
 
 @torch.no_grad()
-def frozen_logprobs(model, sequences, max_len, cfg, device):
+def frozen_logprobs(model, groups, max_len, cfg, device):
     """[N, max_len] log-probs under a model without gradients (old policy or reference)."""
-    out = torch.zeros(len(sequences), max_len, device=device)
-    batches = data.pack(sequences, cfg.micro_batch_tokens)
-    for index, logp, _, _ in response_logprobs(model, sequences, batches, max_len, cfg.temperature, device):
-        out[index] = logp
+    out = torch.zeros(sum(len(g["rows"]) for g in groups), max_len, device=device)
+    batches = data.pack_shared_prompts(groups, cfg.micro_batch_tokens)
+    for rows, logp, _, _ in response_logprobs(model, batches, max_len, cfg.temperature, device):
+        out[rows] = logp
     return out
 
 
@@ -393,37 +392,37 @@ def main(argv=None):
         t_score = time.perf_counter() - t0 - t_generate
 
         # ------------------------------------------------------------ old and reference log-probs
-        sequences = training_sequences(prompts, completions)
+        groups = prompt_groups(prompts, completions)
         on_policy = cfg.ppo_epochs == 1 and cfg.prompts_per_update == cfg.prompts_per_rollout
-        old_logp = None if on_policy else frozen_logprobs(policy, sequences, L, cfg, device)
-        ref_logp = frozen_logprobs(reference, sequences, L, cfg, device) if reference is not None else None
+        old_logp = None if on_policy else frozen_logprobs(policy, groups, L, cfg, device)
+        ref_logp = frozen_logprobs(reference, groups, L, cfg, device) if reference is not None else None
 
         # ------------------------------------------------------------ PPO updates
         policy.train()
-        per_update = cfg.prompts_per_update // world * G  # this rank's sequences per optimizer update
+        per_update = cfg.prompts_per_update // world  # this rank's prompts per optimizer update
         stats = {"loss": 0.0, "entropy": 0.0, "kl_ref": 0.0, "clip_frac_high": 0.0, "clip_frac_low": 0.0,
                  "ppo_kl": 0.0, "grad_norm": 0.0}
         updates = 0
         for _ in range(cfg.ppo_epochs):
-            for first in range(0, len(sequences), per_update):
-                chosen = list(range(first, min(first + per_update, len(sequences))))
-                subset = [sequences[i] for i in chosen]
-                global_tokens = float(all_reduce(sum(s["response_len"] for s in subset)))
-                global_seqs = float(all_reduce(sum(s["response_len"] > 0 for s in subset)))
-                batches = data.pack(subset, cfg.micro_batch_tokens)
+            for first in range(0, len(groups), per_update):
+                update_groups = groups[first:first + per_update]
+                responses = [r for g in update_groups for r in g["continuations"]]
+                global_tokens = float(all_reduce(sum(len(r) for r in responses)))
+                global_seqs = float(all_reduce(sum(len(r) > 0 for r in responses)))
+                batches = data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)
                 n_micro = ranks_max(len(batches))
                 loss_total = 0.0
-                stream = response_logprobs(policy, subset, batches, L, cfg.temperature, device, with_entropy=True)
+                stream = response_logprobs(policy, batches, L, cfg.temperature, device, with_entropy=True)
                 for _ in range(n_micro):
                     item = next(stream, None)
                     if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
-                        item = next(response_logprobs(policy, subset, batches[:1], L, cfg.temperature, device,
+                        item = next(response_logprobs(policy, batches[:1], L, cfg.temperature, device,
                                                       with_entropy=True))
                         weight = 0.0
                     else:
                         weight = 1.0
                     index, logp, entropy, mask = item
-                    rows = torch.tensor([chosen[i] for i in index], device=device)
+                    rows = torch.tensor(index, device=device)
                     old = logp.detach() if old_logp is None else old_logp[rows]
                     loss, metrics = policy_loss(
                         logp, old, advantages[rows], mask, cfg.clip_low, cfg.clip_high,

@@ -372,6 +372,25 @@ def test_pack_first_fit_in_order():
     assert "labels" not in unlabeled[0]
 
 
+def test_pack_shared_prompts_packs_each_prompt_once_per_batch():
+    image = {"pixel_values": torch.ones(4, 3), "image_grid_thw": torch.tensor([[1, 2, 2]])}
+    groups = [{"input_ids": [10, 11], "pixel_values": None, "image_grid_thw": None,
+               "continuations": [[20, 21], [30]], "rows": [0, 1]},  # the docstring's example
+              {"input_ids": [40, 41, 42], **image, "continuations": [[50, 51, 52], [], [60, 61]], "rows": [2, 3, 4]}]
+    first, second, third = data.pack_shared_prompts(groups, max_tokens=7)
+    assert first["input_ids"].tolist() == [10, 11, 20, 21, 30]
+    assert first["cu_seqlens"].dtype == torch.int32 and first["cu_seqlens"].tolist() == [0, 2, 4, 5]
+    assert first["prefix_of"] == [-1, 0, 0] and first["pixel_values"] is None
+    assert first["positions"].tolist() == [1, 2, 1] and first["targets"].tolist() == [20, 21, 30]
+    assert first["rows"] == [0, 1] and first["lengths"].tolist() == [2, 1]
+    # the second group's 3 + 3 + 0 + 2 tokens exceed 7: its last response goes with a copy of the prompt
+    assert second["input_ids"].tolist() == [40, 41, 42, 50, 51, 52]
+    assert second["prefix_of"] == [-1, 0] and second["rows"] == [2, 3] and second["lengths"].tolist() == [3, 0]
+    assert second["positions"].tolist() == [2, 3, 4] and second["pixel_values"].shape == (4, 3)
+    assert third["input_ids"].tolist() == [40, 41, 42, 60, 61] and third["positions"].tolist() == [2, 3]
+    assert third["rows"] == [4] and third["image_grid_thw"].tolist() == [[1, 2, 2]]
+
+
 def test_one_line_json_array_without_ids_numbers_records_by_position(tmp_path):
     """Released sharegpt files are often one compact JSON array: ids must not repeat per line."""
     save_png(tmp_path / "a.png")

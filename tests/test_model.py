@@ -235,3 +235,59 @@ def test_token_logprobs_gradient_when_entropy_is_only_logged():
     naive = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).sum()
     for a, b in zip(grads, torch.autograd.grad(naive, (hidden, weight))):
         assert (a - b).abs().max() <= 1e-10
+
+
+@pytest.mark.parametrize("padded_attention", [True, False])
+def test_shared_prompt_packing_equals_each_response_after_its_own_prompt(ours, monkeypatch, padded_attention):
+    """Two prompts (text only; two images) packed once each with their responses (one empty;
+    max_tokens splits the second group over two batches) give every response the log-probs and
+    the gradients it gets packed after its own copy of the prompt, in both SDPA paths."""
+    import data
+
+    if not padded_attention:
+        monkeypatch.setattr(M, "PADDED_ATTENTION_MAX_SCORES", 0)
+    g = torch.Generator().manual_seed(5)
+    groups = []
+    for (ids, pixels, grid), lengths in zip([samples()[0], samples()[2]], [(7, 0, 3), (5, 9, 4)]):
+        groups.append({"input_ids": ids.tolist(), "pixel_values": pixels, "image_grid_thw": grid,
+                       "continuations": [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths],
+                       "rows": [len(groups) * 3 + i for i in range(3)]})
+    batches = data.pack_shared_prompts(groups, max_tokens=len(groups[1]["input_ids"]) + 14)
+    assert [b["rows"] for b in batches] == [[0, 1, 2], [3, 4], [5]]  # group 2 split: its prompt packed twice
+    weight = ours.model.layers[0].self_attn.k_proj.weight
+    ours.zero_grad(set_to_none=True)
+
+    shared = torch.zeros(6, 9)
+    for b in batches:
+        logp = ours.packed_logprobs(b["input_ids"], b["cu_seqlens"], b["targets"], b["pixel_values"],
+                                    b["image_grid_thw"], temperature=0.7, positions=b["positions"],
+                                    prefix_of=b["prefix_of"])
+        (logp * torch.arange(len(logp))).sum().backward()  # position-dependent weights: a misplaced token shows
+        mask = torch.arange(9) < b["lengths"][:, None]
+        shared[b["rows"]] = torch.zeros(mask.shape).masked_scatter(mask, logp.detach())
+    shared_grad, weight.grad = weight.grad, None
+
+    separate = torch.zeros(6, 9)
+    for group in groups:
+        for row, response in zip(group["rows"], group["continuations"]):
+            if not response:
+                continue
+            prompt_len = len(group["input_ids"])
+            ids = torch.tensor(group["input_ids"] + response)
+            cu = torch.tensor([0, len(ids)], dtype=torch.int32)
+            logp = ours.packed_logprobs(ids, cu, torch.roll(ids, -1), group["pixel_values"], group["image_grid_thw"],
+                                        temperature=0.7)[prompt_len - 1:-1]
+            separate[row, :len(response)] = logp.detach()
+            separate_rows = [b for b in batches if row in b["rows"]][0]
+            first = sum(int(n) for r, n in zip(separate_rows["rows"], separate_rows["lengths"]) if r < row)
+            (logp * (first + torch.arange(len(logp)))).sum().backward()
+    assert (shared - separate).abs().max() <= 1e-5
+    assert (shared_grad - weight.grad).abs().max() <= 1e-4 * weight.grad.abs().max()
+    ours.zero_grad(set_to_none=True)
+
+
+def test_shared_prefix_keys_docstring_example():
+    key_index, cu_k = M.shared_prefix_keys(torch.tensor([0, 3, 5, 6], dtype=torch.int32), [-1, 0, 0])
+    assert key_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5] and cu_k.tolist() == [0, 3, 8, 12]
+    with pytest.raises(ValueError, match="continues sequence 1"):
+        M.shared_prefix_keys(torch.tensor([0, 3, 5, 6], dtype=torch.int32), [-1, 0, 1])
