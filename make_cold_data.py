@@ -48,7 +48,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -894,12 +894,14 @@ def build(args):
         with open(args.out, "a", encoding="utf-8") as kept_file, \
                 open(rejected_path, "a", encoding="utf-8") as rejected_file, \
                 tqdm(total=len(problems), initial=len(problems) - len(todo), desc="cold data", unit="rec") as bar:
-            futures = {pool.submit(process, p, describer, reasoner, limits, out_dir): p["id"] for p in todo}
-            for future in as_completed(futures):
+            futures = [(p["id"], pool.submit(process, p, describer, reasoner, limits, out_dir)) for p in todo]
+            # written in input order, a finished record waiting for those before it: the files (and so
+            # the SFT data order) are the same whichever request returns first
+            for problem_id, future in futures:
                 try:
                     status, record = future.result()
                 except BackendError as e:
-                    failures.append({"id": futures[future], "error": str(e)})
+                    failures.append({"id": problem_id, "error": str(e)})
                     counts["failed"] += 1
                 else:
                     data.append_record(kept_file if status == "kept" else rejected_file, record)

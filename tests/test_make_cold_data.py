@@ -124,12 +124,31 @@ def test_synthetic_run_keeps_only_correct_trainable_records(tiny_world, tmp_path
     M.main(["build", "--input", train_file(tiny_world), "--out", str(out), "--error-rate", "0.2", "--seed", "0"])
     assert out.read_bytes() == before and outputs(out)[2]["resumed"] == 20
 
-    # deterministic by seed whatever the completion order; another seed makes other CoTs
+    # the same file at another concurrency; another seed makes other CoTs
     again, other = tmp_path / "b" / "cold.jsonl", tmp_path / "c" / "cold.jsonl"
     M.main(["build", "--input", train_file(tiny_world), "--out", str(again), "--error-rate", "0.2",
             "--concurrency", "3"])
     M.main(["build", "--input", train_file(tiny_world), "--out", str(other), "--error-rate", "0.2", "--seed", "1"])
-    assert records_by_id(again) == records_by_id(out) and records_by_id(other) != records_by_id(out)
+    assert again.read_bytes() == out.read_bytes() and records_by_id(other) != records_by_id(out)
+
+
+def test_records_are_written_in_input_order_whatever_returns_first(tiny_world, tmp_path, monkeypatch):
+    """The SFT data order, and so the cold-start model, must not depend on which request finishes first."""
+    ids = [p["id"] for p in data.load_problems(train_file(tiny_world))]
+    process = M.process
+
+    def first_two_are_slow(problem, *args):
+        if problem["id"] in ids[:2]:
+            time.sleep(0.3)
+        return process(problem, *args)
+
+    monkeypatch.setattr(M, "process", first_two_are_slow)
+    out = tmp_path / "cold.jsonl"
+    M.main(["build", "--input", train_file(tiny_world), "--out", str(out), "--error-rate", "0.2", "--concurrency", "4"])
+    kept, rejected, _ = outputs(out)
+    for written in (kept, rejected):
+        assert [r["id"] for r in written] == [i for i in ids if i in {r["id"] for r in written}]
+    assert {r["id"] for r in kept + rejected} == set(ids)
 
 
 def test_default_paths_are_the_toy_world():
