@@ -1,7 +1,7 @@
 """The whole Vision-R1 pipeline on the embedded synthetic world, on CPU, ending with the paper's
 Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
 
-    python pipeline.py                 # 13 minutes on 2 idle cores (measured)
+    python pipeline.py                 # 12-14 minutes on 2 idle cores (measured)
     python pipeline.py --size mini     # the same steps, smaller: the CI test
 
 Every step is a plain call of the real scripts with visible arguments, in the order the paper

@@ -86,13 +86,11 @@ def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, re
 
 
 def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tmp_path, monkeypatch):
-    """The pipeline's CI -> Vision-R1 gain, small (seed 0, ~8 minutes on 2 cores): base SFT -> cold-start
+    """The pipeline's CI -> Vision-R1 gain, small (seed 0, ~11 minutes on 2 cores): base SFT -> cold-start
     SFT (6 epochs, as the pipeline) -> 40 GRPO steps on the RL split's multiple-choice problems. On the 60
     held-out multiple-choice problems (4 samples each at temperature 0.6) the mean reward rises by at least
-    25 points: the policy moves to answering with the option's text, which this model gets right, from
-    letters, which it picks at chance (after 3 SFT epochs, where the model is still learning to name the
-    winning color, one run measured 31.2 -> 85.4 and another 25.0 -> 35.0). The reward curve is
-    metrics.jsonl."""
+    25 points (measured 27.5 -> 100.0): the policy moves to answering with the option's text, which this
+    model gets right, from letters, which it picks at chance. The reward curve is metrics.jsonl."""
     import evaluate
     import make_cold_data
     import synthetic
