@@ -17,18 +17,29 @@ def free_port():
         return s.getsockname()[1]
 
 
-def torchrun(script, *args, nproc=2, timeout=300):
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False):
+    """stdout of `script` run on `nproc` CPU ranks. With `rerun_on_teardown_abort`, a run in which a
+    rank aborts with TEARDOWN_ABORT is run once more: torch 2.13's gloo does that now and then (a few
+    runs in a hundred here) after the workers' results are out and the process group destroyed. Only
+    for scripts that write nothing a second run would find."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *map(str, args)],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for _ in range(2 if rerun_on_teardown_abort else 1):
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                              *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        if out.returncode == 0 or TEARDOWN_ABORT not in out.stderr:
+            break
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
 
 def test_fsdp2_step_equals_single_process(tmp_path):
     tiny.save_vl(tmp_path)
-    result = json.loads(torchrun("tests/fsdp_worker.py", tmp_path).strip().splitlines()[-1])
+    output = torchrun("tests/fsdp_worker.py", tmp_path, rerun_on_teardown_abort=True)
+    result = json.loads(output.strip().splitlines()[-1])
     assert abs(result["loss"] - result["ref_loss"]) <= 1e-5, result
     assert result["max_update"] > 5e-4  # the step moved the weights ...
     assert result["max_weight_diff"] <= 1e-5, result  # ... identically in both runs

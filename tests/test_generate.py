@@ -224,7 +224,8 @@ def test_sample_next_docstring_example():
 
 def test_fsdp2_generation_equals_unsharded(tmp_path):
     tiny.save_vl(tmp_path)
-    results = json.loads(torchrun("tests/generate_fsdp_worker.py", tmp_path).strip().splitlines()[-1])
+    results = json.loads(torchrun("tests/generate_fsdp_worker.py", tmp_path,
+                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
     for rank in results:
         assert rank["got"] == rank["expected"], rank
         assert rank["all_gathers"] == rank["fsdp_modules"]  # every module gathered once for the whole generation
