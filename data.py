@@ -589,18 +589,33 @@ def pack_shared_prompts(groups, max_tokens):
     [a0 a1], [b0] -> input_ids [p0 p1 a0 a1 b0], cu_seqlens [0 2 4 5], prefix_of [-1 0 0],
     positions [1 2 1], targets [a0 a1 b0].
     """
-    units = []  # (group, its continuations' indices) that fit a batch
+    units, sizes = [], []  # (group, its continuations' indices) that fit a batch, and their tokens
     for group in groups:
         chosen, tokens = [], len(group["input_ids"])
         for c, continuation in enumerate(group["continuations"]):
             if chosen and tokens + len(continuation) > max_tokens:
                 units.append((group, chosen))
+                sizes.append(tokens)
                 chosen, tokens = [], len(group["input_ids"])
             chosen.append(c)
             tokens += len(continuation)
         units.append((group, chosen))
-    sizes = [len(group["input_ids"]) + sum(len(group["continuations"][c]) for c in chosen) for group, chosen in units]
+        sizes.append(tokens)
     return [_collate_shared_prompts([units[i] for i in index]) for index in first_fit(sizes, max_tokens)]
+
+
+def cu_seqlens_of(lengths):
+    """Sequence boundaries [B+1] (int32, from 0) of sequences of `lengths` packed end to end."""
+    return torch.cat([torch.zeros(1), torch.tensor(lengths).cumsum(0)]).to(torch.int32)
+
+
+def concat_images(samples):
+    """pixel_values and image_grid_thw of the samples that have an image, concatenated in their
+    order: the layout model.embed expects of a packed batch. (None, None) when none has one."""
+    images = [s for s in samples if s.get("pixel_values") is not None]
+    if not images:
+        return None, None
+    return torch.cat([s["pixel_values"] for s in images]), torch.cat([s["image_grid_thw"] for s in images])
 
 
 def _collate_shared_prompts(units):
@@ -622,13 +637,10 @@ def _collate_shared_prompts(units):
             ids += continuation
             lengths.append(len(continuation))
             prefix_of.append(prompt_sequence)
-    images = [group for group, _ in units if group.get("pixel_values") is not None]
+    pixel_values, image_grid_thw = concat_images([group for group, _ in units])
     return {
-        "input_ids": torch.tensor(ids, dtype=torch.long),
-        "cu_seqlens": torch.cat([torch.zeros(1), torch.tensor(lengths).cumsum(0)]).to(torch.int32),
-        "prefix_of": prefix_of,
-        "pixel_values": torch.cat([g["pixel_values"] for g in images]) if images else None,
-        "image_grid_thw": torch.cat([g["image_grid_thw"] for g in images]) if images else None,
+        "input_ids": torch.tensor(ids, dtype=torch.long), "cu_seqlens": cu_seqlens_of(lengths),
+        "prefix_of": prefix_of, "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
         "rows": rows, "lengths": torch.tensor(response_lengths, dtype=torch.long),
         "positions": torch.tensor(positions, dtype=torch.long), "targets": torch.tensor(targets, dtype=torch.long),
     }
@@ -641,13 +653,11 @@ def collate(samples, index):
     cu_seqlens IntTensor [B+1] from 0, pixel_values [P, D] and image_grid_thw [I, 3] in sequence
     order (or None), and `index` (the samples' positions in the original list).
     """
-    lengths = torch.tensor([len(s["input_ids"]) for s in samples])
-    images = [s for s in samples if s.get("pixel_values") is not None]
+    pixel_values, image_grid_thw = concat_images(samples)
     batch = {
         "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long),
-        "cu_seqlens": torch.cat([torch.zeros(1), lengths.cumsum(0)]).to(torch.int32),
-        "pixel_values": torch.cat([s["pixel_values"] for s in images]) if images else None,
-        "image_grid_thw": torch.cat([s["image_grid_thw"] for s in images]) if images else None,
+        "cu_seqlens": cu_seqlens_of([len(s["input_ids"]) for s in samples]),
+        "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
         "index": list(index),
     }
     if all("labels" in s for s in samples):

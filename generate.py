@@ -155,10 +155,8 @@ def prefill(model, prompts, n, max_new_tokens):
     prompt_lens = torch.tensor([len(i) for i in ids])
     cu = F.pad(prompt_lens.cumsum(0), (1, 0))
     input_ids = torch.cat(ids).to(device)
-    pixels = [p["pixel_values"] for p in prompts if p.get("pixel_values") is not None]
-    grids = [p["image_grid_thw"] for p in prompts if p.get("image_grid_thw") is not None]
-    grid_thw = torch.cat(grids) if grids else None
-    x = model.embed(input_ids, torch.cat(pixels).to(device) if pixels else None, grid_thw)
+    pixels, grid_thw = data.concat_images(prompts)
+    x = model.embed(input_ids, None if pixels is None else pixels.to(device), grid_thw)
     positions = model.positions(input_ids, cu, grid_thw)
     cos, sin = model.rope_cos_sin(positions, x.dtype)
 

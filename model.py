@@ -502,7 +502,7 @@ class Qwen25VL(nn.Module):
                 x = layer(x, cos, sin, attend)
         return self.model.norm(x)
 
-    def _trunk(self, input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of):
+    def _trunk(self, input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of=None):
         x = self.embed(input_ids, pixel_values, image_grid_thw)
         cos, sin = self.rope_cos_sin(self.positions(input_ids, cu_seqlens, image_grid_thw, prefix_of), x.dtype)
         cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
@@ -546,7 +546,7 @@ class Qwen25VL(nn.Module):
         if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
             raise ValueError("forward expects a right-padded batch")
         cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw, None)
+        hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw)
         logits = hidden.new_zeros(B, T, self.cfg.vocab_size)
         logits[keep] = hidden @ self.head_weight.t()
         return logits
