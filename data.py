@@ -125,8 +125,9 @@ def qwen2vl_image_processor_class():
 
 def pixel_bounds(image_processor):
     """(min_pixels, max_pixels) of a Qwen2-VL image processor. Both major versions keep them in
-    `size` {"shortest_edge", "longest_edge"} (4.x also as attributes, 5.x only there), whether the
-    preprocessor config wrote them as `min_pixels`/`max_pixels` (released) or as `size`."""
+    `size` {"shortest_edge", "longest_edge"} (4.x also as attributes, 5.x only there), from a
+    preprocessor config with `min_pixels`/`max_pixels` (released checkpoints) or with `size` (as
+    5.x writes it; 4.x reads such a config as its default bounds, and so do we there)."""
     return image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
 
 

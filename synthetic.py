@@ -402,8 +402,8 @@ def image_processor(preset):
     """Qwen2-VL image processor whose pixel bounds keep this world's images at their size."""
     import data
 
-    bounds = {"shortest_edge": CELL * CELL, "longest_edge": preset.image_size ** 2}
-    return data.qwen2vl_image_processor_class()(size=bounds, patch_size=14, temporal_patch_size=2, merge_size=2)
+    return data.qwen2vl_image_processor_class()(min_pixels=CELL * CELL, max_pixels=preset.image_size ** 2,
+                                                patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
 def build_model(tokenizer, preset, seed):
