@@ -23,24 +23,35 @@ def vl_config(tie=False, layers=2, hidden=64, vision_depth=3):
         vision_end_token_id=VISION_END, tie_word_embeddings=tie)
 
 
-def save_vl(path, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(vl_config(**kw)).eval()
-    # random init leaves norms at 1 and biases at 0; perturb them so parity covers every weight
+def draw_weights(model, seed):
+    """Every weight drawn here, in the order of the sorted parameter names, so a seed gives the same
+    network under any transformers version (5.x initialises in another order than 4.x): matrices
+    normal(0, 0.02) as transformers initialises them; biases around 0 and norm weights around 1,
+    perturbed by normal(0, 0.1) so parity covers every weight."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name or "ln_q" in name:
-                p.add_(0.1 * torch.randn_like(p))
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "norm" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.02 * noise)
+    return model
+
+
+def save_vl(path, seed=0, **kw):
+    model = draw_weights(Qwen2_5_VLForConditionalGeneration(vl_config(**kw)).eval(), seed)
     model.save_pretrained(path)
     return model
 
 
 def save_qwen2_text(path, seed=0, tie=True):
-    torch.manual_seed(seed)
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=VOCAB, tie_word_embeddings=tie,
                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = draw_weights(Qwen2ForCausalLM(cfg).eval(), seed)
     model.save_pretrained(path)
     return model
 
