@@ -263,7 +263,7 @@ def trl_grpo_steps(args, path, problems, out):
         return [float(len(ids)) for ids in completion_ids]
 
     config = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        output_dir=out, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=0, max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.prompts * args.group_size, gradient_accumulation_steps=1,
         num_generations=args.group_size, num_iterations=1, max_completion_length=args.max_tokens,
