@@ -81,8 +81,8 @@ def bench_vl_config(vocab, image_token_id):
                vision_start_token_id=image_token_id + 2, vision_end_token_id=image_token_id + 3)
     return Qwen2_5_VLConfig(
         text_config=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
-                         num_key_value_heads=2, vocab_size=vocab, rope_theta=1e6,
-                         rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]}),
+                         num_key_value_heads=2, vocab_size=vocab,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]}),
         vision_config=dict(depth=4, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=512,
                            fullatt_block_indexes=[1, 3], window_size=112, patch_size=14, temporal_patch_size=2,
                            spatial_merge_size=2),
@@ -195,7 +195,8 @@ def save_grpo_checkpoint(path, problems, vocab, hidden, layers, seed=0):
     synthetic.image_processor(synthetic.PRESETS["tiny"]).save_pretrained(path)
     heads = max(hidden // 64, 1)
     config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1), rope_theta=1e6,
+                         num_attention_heads=heads, num_key_value_heads=max(heads // 4, 1),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
@@ -262,7 +263,7 @@ def trl_grpo_steps(args, path, problems, out):
         return [float(len(ids)) for ids in completion_ids]
 
     config = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
+        output_dir=out, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=0, max_steps=args.warmup + args.steps,
         per_device_train_batch_size=args.prompts * args.group_size, gradient_accumulation_steps=1,
         num_generations=args.group_size, num_iterations=1, max_completion_length=args.max_tokens,

@@ -101,11 +101,34 @@ def load_image(source, min_pixels=None, max_pixels=None, factor=28):
     image = image.convert("RGB")
     if min_pixels is None and max_pixels is None:
         return image
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    height, width = smart_resize(image.height, image.width, factor,
+    height, width = qwen2vl_image_processing().smart_resize(image.height, image.width, factor,
                                  min_pixels=min_pixels or factor * factor, max_pixels=max_pixels or float("inf"))
     return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def qwen2vl_image_processing():
+    """transformers' PIL-backed Qwen2-VL image processing module: `Qwen2VLImageProcessorPil` and
+    `smart_resize` in transformers 5 (whose `image_processing_qwen2_vl` needs torchvision),
+    `Qwen2VLImageProcessor` and `smart_resize` in 4.x."""
+    try:
+        from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as module
+    except ImportError:
+        from transformers.models.qwen2_vl import image_processing_qwen2_vl as module
+    return module
+
+
+def qwen2vl_image_processor_class():
+    """The PIL-backed Qwen2-VL image processor class of the installed transformers (see above)."""
+    module = qwen2vl_image_processing()
+    return getattr(module, "Qwen2VLImageProcessorPil", None) or module.Qwen2VLImageProcessor
+
+
+def pixel_bounds(image_processor):
+    """(min_pixels, max_pixels) of a Qwen2-VL image processor. Both major versions keep them in
+    `size` {"shortest_edge", "longest_edge"} (4.x also as attributes, 5.x only there), from a
+    preprocessor config with `min_pixels`/`max_pixels` (released checkpoints) or with `size` (as
+    5.x writes it; 4.x reads such a config as its default bounds, and so do we there)."""
+    return image_processor.size["shortest_edge"], image_processor.size["longest_edge"]
 
 
 def image_sources(obj, base_dir):
@@ -473,12 +496,13 @@ class ChatProcessor:
     """
 
     def __init__(self, model_dir, min_pixels=None, max_pixels=None):
-        from transformers import AutoTokenizer, Qwen2VLImageProcessor
+        from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = Qwen2VLImageProcessor.from_pretrained(model_dir)
-        self.min_pixels = min_pixels or self.image_processor.min_pixels
-        self.max_pixels = max_pixels or self.image_processor.max_pixels
+        self.image_processor = qwen2vl_image_processor_class().from_pretrained(model_dir)
+        default_min, default_max = pixel_bounds(self.image_processor)
+        self.min_pixels = min_pixels or default_min
+        self.max_pixels = max_pixels or default_max
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         pad = self.tokenizer.pad_token_id
@@ -490,8 +514,9 @@ class ChatProcessor:
             return None, None
         factor = self.image_processor.patch_size * self.image_processor.merge_size
         loaded = [load_image(im, self.min_pixels, self.max_pixels, factor) for im in images]
-        out = self.image_processor(images=loaded, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                                   return_tensors="pt")
+        # the bounds as `size`, which both major versions take per call (5.x deprecates min/max_pixels)
+        bounds = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        out = self.image_processor(images=loaded, size=bounds, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
     def render(self, messages, add_generation_prompt=False):

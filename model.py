@@ -37,6 +37,14 @@ except ImportError:
 # -----------------------------------------------------------------------------
 # 1. config
 
+MODEL_TYPES = ("qwen2_5_vl", "qwen2")  # qwen2_vl's vision tower differs (LayerNorm, no window attention)
+ROPE_TYPES = ("default", "mrope")  # released Qwen2.5-VL configs say "mrope", transformers >= 4.50 "default"
+ROPE_KEYS = ("rope_type", "type", "rope_theta", "mrope_section")  # any other key rescales the frequencies
+VISION_ROPE_THETA = 10000.0  # VisionTower.rope_cos_sin's base
+TEXT_VALUES = {"hidden_act": "silu", "attention_dropout": 0.0}  # the only values the decoder implements
+VISION_VALUES = {"hidden_act": "silu"}
+
+
 @dataclass
 class VisionConfig:
     depth: int = 32
@@ -75,30 +83,149 @@ class ModelConfig:
 
     @staticmethod
     def from_hf(raw: dict) -> "ModelConfig":
-        """Parse a Hugging Face config.json. Released Qwen2.5-VL configs keep the text fields at the
-        top level; transformers >= 4.52 nests them under `text_config`. Plain Qwen2 has no vision."""
+        """Parse a Hugging Face config.json in any layout transformers reads for Qwen2.5-VL or Qwen2:
+
+          released Qwen2.5-VL      text fields at the top, `rope_scaling` {"type": "mrope",
+                                   "mrope_section"} and `rope_theta`
+          transformers 4.52-4.57   text fields under `text_config`, the same RoPE keys
+          transformers 5           `text_config.rope_parameters` {"rope_type", "rope_theta", "mrope_section"}
+
+        What this model does not implement is refused with one line naming the key, never read
+        as a default, e.g. `config.json: text_config.rope_parameters.rope_type 'yarn' is not
+        implemented (supported: default, mrope)`.
+        """
+        model_type = _model_type(raw)
         text = {**raw, **raw.get("text_config", {})}
-        rope_scaling = text.get("rope_scaling") or {}
-        vision = None
-        if "vision_config" in raw:
-            v = raw["vision_config"]
-            vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
-            vision.patch_size = v.get("patch_size", v.get("spatial_patch_size", vision.patch_size))
+        text_key = _text_paths(raw)
+        _refuse_sliding_window(text, text_key)
+        _refuse_other_values(text, text_key, TEXT_VALUES)
+        hidden_size, heads = _required(text, text_key, "hidden_size"), _required(text, text_key, "num_attention_heads")
+        _refuse_other_values(text, text_key, {"head_dim": hidden_size // heads})
+        rope_theta, mrope_section = _text_rope(text, text_key, model_type, hidden_size // heads)
         return ModelConfig(
-            vocab_size=text["vocab_size"],
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["num_attention_heads"],
-            num_key_value_heads=text.get("num_key_value_heads", text["num_attention_heads"]),
-            rms_norm_eps=text.get("rms_norm_eps", 1e-6),
-            rope_theta=text.get("rope_theta", 1e6),
-            mrope_section=rope_scaling.get("mrope_section"),
-            tie_word_embeddings=text.get("tie_word_embeddings", False),
-            vision=vision,
+            vocab_size=_required(text, text_key, "vocab_size"),
+            hidden_size=hidden_size,
+            intermediate_size=_required(text, text_key, "intermediate_size"),
+            num_hidden_layers=_required(text, text_key, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=text.get("num_key_value_heads") or heads,
+            rms_norm_eps=_required(text, text_key, "rms_norm_eps"),
+            rope_theta=rope_theta,
+            mrope_section=mrope_section,
+            tie_word_embeddings=_tied_embeddings(raw),
+            vision=_vision_config(raw),
             image_token_id=raw.get("image_token_id"),
             vision_start_token_id=raw.get("vision_start_token_id"),
         )
+
+
+def _not_implemented(key, value, supported):
+    return ValueError(f"config.json: {key} {value!r} is not implemented (supported: {', '.join(map(str, supported))})")
+
+
+def _text_paths(raw):
+    """path_of(key): a text field's path in config.json, for messages. Under `text_config`
+    (transformers >= 4.52) unless only the top level has it (released configs)."""
+    def path_of(key):
+        nested = "text_config" in raw and (key in raw["text_config"] or key not in raw)
+        return f"text_config.{key}" if nested else key
+    return path_of
+
+
+def _required(fields, path_of, key):
+    if fields.get(key) is None:
+        raise ValueError(f"config.json: {path_of(key)} is missing")
+    return fields[key]
+
+
+def _model_type(raw):
+    if raw.get("model_type") not in MODEL_TYPES:
+        raise _not_implemented("model_type", raw.get("model_type"), MODEL_TYPES)
+    return raw["model_type"]
+
+
+def _refuse_other_values(fields, path_of, implemented):
+    """A field present with another value than the one implemented (absent ones take it)."""
+    for key, value in implemented.items():
+        if fields.get(key, value) != value:
+            raise _not_implemented(path_of(key), fields[key], [value])
+
+
+def _refuse_sliding_window(text, path_of):
+    """Qwen2's sliding-window attention (`use_sliding_window`, or a sliding entry in transformers'
+    `layer_types`) would hide keys our causal attention attends to. `sliding_window` alone is
+    only the unused window size (32768 in the released configs)."""
+    if text.get("use_sliding_window"):
+        raise _not_implemented(path_of("use_sliding_window"), text["use_sliding_window"], [False])
+    for kind in text.get("layer_types") or []:
+        if kind != "full_attention":
+            raise _not_implemented(path_of("layer_types"), kind, ["full_attention"])
+
+
+def _rope_dict(text, path_of):
+    """(path, dict) of the decoder's RoPE settings: transformers 5's `rope_parameters` or the
+    older `rope_scaling`; an empty dict when neither is set (plain Qwen2, default RoPE)."""
+    present = [key for key in ("rope_parameters", "rope_scaling") if text.get(key)]
+    if len(present) == 2:
+        raise ValueError(f"config.json: both {path_of('rope_parameters')} and {path_of('rope_scaling')} are set")
+    key = present[0] if present else "rope_parameters"
+    return path_of(key), text.get(key) or {}
+
+
+def _refuse_other_rope(path, rope, types, keys):
+    """A RoPE dict of another type, or with another key (a scaling `factor`,
+    `original_max_position_embeddings`, `mrope_interleaved`, ...), rotates by other frequencies."""
+    for name in ("rope_type", "type"):
+        if name in rope and rope[name] not in types:
+            raise _not_implemented(f"{path}.{name}", rope[name], types)
+    for name in rope:
+        if name not in keys:
+            raise ValueError(f"config.json: {path}.{name} is not implemented (RoPE keys read: {', '.join(keys)})")
+
+
+def _text_rope(text, path_of, model_type, head_dim):
+    """(rope_theta, mrope_section) of the decoder. Theta comes from the RoPE dict, else the older
+    top-level `rope_theta` (transformers 5's order). Qwen2.5-VL needs an mrope_section whose
+    (t, h, w) bands split head_dim / 2, e.g. [16, 24, 24] for head_dim 128; plain Qwen2 has none
+    (and ignores one: its positions are text positions, equal in the three channels)."""
+    path, rope = _rope_dict(text, path_of)
+    _refuse_other_rope(path, rope, ROPE_TYPES, ROPE_KEYS)
+    theta = rope.get("rope_theta", text.get("rope_theta"))
+    if theta is None:
+        raise ValueError(f"config.json: {path}.rope_theta is missing, and so is {path_of('rope_theta')}")
+    if model_type == "qwen2":
+        return float(theta), None
+    section = rope.get("mrope_section")
+    if section is None or len(section) != 3 or sum(section) != head_dim // 2:
+        raise ValueError(f"config.json: {path}.mrope_section {section!r} does not split head_dim / 2 = "
+                         f"{head_dim // 2} into (t, h, w) bands")
+    return float(theta), list(section)
+
+
+def _tied_embeddings(raw):
+    """`tie_word_embeddings` sits at the top (released, transformers 5) or under `text_config`
+    (4.52-4.57); transformers 5 ties when either says so, 4.x reads text_config: refused when
+    both are present and disagree."""
+    top, nested = raw.get("tie_word_embeddings"), raw.get("text_config", {}).get("tie_word_embeddings")
+    if top is not None and nested is not None and top != nested:
+        raise ValueError(f"config.json: tie_word_embeddings {top!r} and text_config.tie_word_embeddings "
+                         f"{nested!r} disagree")
+    return bool(top if top is not None else nested)
+
+
+def _vision_config(raw):
+    """VisionConfig from `vision_config` (None for plain Qwen2). Its 2-D RoPE is the axial one at
+    theta 10000; transformers 5 writes that as `vision_config.rope_parameters`."""
+    if "vision_config" not in raw:
+        return None
+    v = raw["vision_config"]
+    _refuse_other_values(v, "vision_config.{}".format, VISION_VALUES)
+    rope = v.get("rope_parameters") or {}
+    _refuse_other_rope("vision_config.rope_parameters", rope, ("axial", "default"), ("rope_type", "type", "rope_theta"))
+    _refuse_other_values(rope, "vision_config.rope_parameters.{}".format, {"rope_theta": VISION_ROPE_THETA})
+    vision = VisionConfig(**{k: v[k] for k in VisionConfig.__dataclass_fields__ if k in v})
+    vision.patch_size = v.get("patch_size", v.get("spatial_patch_size", vision.patch_size))
+    return vision
 
 
 # -----------------------------------------------------------------------------

@@ -400,10 +400,10 @@ def world_texts(records):
 
 def image_processor(preset):
     """Qwen2-VL image processor whose pixel bounds keep this world's images at their size."""
-    from transformers import Qwen2VLImageProcessor
+    import data
 
-    return Qwen2VLImageProcessor(min_pixels=CELL * CELL, max_pixels=preset.image_size ** 2,
-                                 patch_size=14, temporal_patch_size=2, merge_size=2)
+    return data.qwen2vl_image_processor_class()(min_pixels=CELL * CELL, max_pixels=preset.image_size ** 2,
+                                                patch_size=14, temporal_patch_size=2, merge_size=2)
 
 
 def build_model(tokenizer, preset, seed):
@@ -419,9 +419,10 @@ def build_model(tokenizer, preset, seed):
         text_config=dict(vocab_size=vocab_size, hidden_size=preset.hidden_size,
                          intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
                          num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
-                         max_position_embeddings=4096, rope_theta=preset.rope_theta, rms_norm_eps=1e-6, tie_word_embeddings=True,
-                         rope_scaling={"type": "mrope", "mrope_section": list(preset.mrope_section)},
-                         torch_dtype="float32"),
+                         max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta,
+                                          "mrope_section": list(preset.mrope_section)},
+                         dtype="float32"),
         vision_config=dict(depth=preset.vision_depth, hidden_size=preset.vision_hidden_size,
                            num_heads=preset.vision_heads, intermediate_size=preset.vision_intermediate_size,
                            out_hidden_size=preset.hidden_size, fullatt_block_indexes=list(preset.vision_fullatt_blocks),
@@ -430,7 +431,7 @@ def build_model(tokenizer, preset, seed):
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
         vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
         bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
-        tie_word_embeddings=True, torch_dtype="float32")
+        tie_word_embeddings=True, dtype="float32")
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(eos_token_id=[ids("<|im_end|>"), ids("<|endoftext|>")],

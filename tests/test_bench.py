@@ -30,7 +30,8 @@ def test_checkpoint_has_no_stop_token_and_both_sides_see_the_same_prompt(checkpo
     assert M.load_model(path).cfg.vocab_size == 1024
     question = problems[0]["question"]
     ours = data.ChatProcessor(path).encode_prompt(question, [])["input_ids"]
-    trl = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    trl = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                        return_dict=True)["input_ids"]  # a dict by default from transformers 5
     assert ours == trl and len(ours) > 20
 
 

@@ -4,6 +4,7 @@ transformers' own Qwen2.5-VL processor (token ids, pixel values, grids), labels 
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -239,11 +240,12 @@ def test_load_image_rules(tmp_path):
 def transformers_processor(model_dir):
     """transformers' own Qwen2.5-VL processor, the oracle. Its constructor insists on a video
     processor, which needs torchvision; the image path of its __call__ reads only these attributes."""
-    from transformers import AutoTokenizer, Qwen2_5_VLProcessor, Qwen2VLImageProcessor
+    from transformers import AutoTokenizer, Qwen2_5_VLProcessor
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     processor = Qwen2_5_VLProcessor.__new__(Qwen2_5_VLProcessor)
-    processor.tokenizer, processor.image_processor = tokenizer, Qwen2VLImageProcessor.from_pretrained(model_dir)
+    image_processor = data.qwen2vl_image_processor_class().from_pretrained(model_dir)
+    processor.tokenizer, processor.image_processor = tokenizer, image_processor
     processor.video_processor, processor.chat_template = None, tokenizer.chat_template
     processor.image_token, processor.video_token = "<|image_pad|>", "<|video_pad|>"
     processor.image_token_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
@@ -332,6 +334,32 @@ def test_multi_turn_labels_and_image_order(tiny_world, processors, tmp_path):
     assert labeled_runs(encoded, ours.tokenizer) == [messages[2]["content"] + "<|im_end|>", "None.<|im_end|>"]
     pads = [i for i, t in enumerate(encoded["input_ids"]) if t == ours.image_token_id]
     assert len(pads) == 4 + 12 and pads[4] - pads[3] > 1  # 56x56 -> 4 tokens first, 112x84 -> 12 tokens second
+
+
+@pytest.mark.parametrize("layout", ["min_max_pixels", "size"])
+def test_pixel_bounds_from_either_preprocessor_layout_and_overridden(tiny_world, tmp_path, layout):
+    """Bounds written as released Qwen2.5-VL checkpoints write them (min_pixels, max_pixels) or as
+    transformers 5 does (size) are read alike; bounds given to ChatProcessor override them. Either
+    way pixels and grid equal transformers' processor's on the original image with those bounds.
+    A 200x150 image: max 112*112 -> 112x84 (grid 1x6x8); max 56*56 -> 56x28 (grid 1x2x4)."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(os.path.join(tiny_world, "model"), model_dir)
+    path = model_dir / "preprocessor_config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("size", "min_pixels", "max_pixels")}
+    bounds = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    config.update(bounds if layout == "min_max_pixels" else {"size": {"shortest_edge": 56 * 56, "longest_edge": 112 * 112}})
+    path.write_text(json.dumps(config))
+    image = Image.fromarray(torch.randint(0, 256, (150, 200, 3), generator=torch.Generator().manual_seed(0),
+                                          dtype=torch.uint8).numpy())
+    theirs = data.qwen2vl_image_processor_class().from_pretrained(model_dir)
+    for override, grid in [({}, [[1, 6, 8]]), ({"min_pixels": 28 * 28, "max_pixels": 56 * 56}, [[1, 2, 4]])]:
+        ours = data.ChatProcessor(model_dir, **override)
+        assert (ours.min_pixels, ours.max_pixels) == tuple({**bounds, **override}.values())
+        pixels, grid_thw = ours.vision_inputs([image])
+        size = {"shortest_edge": ours.min_pixels, "longest_edge": ours.max_pixels}
+        expected = theirs(images=[image], size=size, return_tensors="pt")
+        assert grid_thw.tolist() == grid == expected["image_grid_thw"].tolist()
+        assert torch.equal(pixels, expected["pixel_values"])
 
 
 def test_prompt_system_and_special_ids(processors):

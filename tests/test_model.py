@@ -20,7 +20,7 @@ SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)])]
 
 @pytest.fixture(scope="module")
 def oracle(vl_dir):
-    return AutoModelForImageTextToText.from_pretrained(vl_dir, torch_dtype=torch.float32).eval()
+    return AutoModelForImageTextToText.from_pretrained(vl_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def right_padded(batch):
 
 @torch.no_grad()
 def oracle_logits(oracle, ids, pixels, grid):
-    return oracle(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid).logits[0]
+    return oracle(input_ids=ids[None], pixel_values=pixels, image_grid_thw=grid,
+                  mm_token_type_ids=tiny.mm_token_type_ids(ids)[None]).logits[0]
 
 
 @pytest.mark.parametrize("which", range(len(SEQS)))
@@ -62,7 +63,8 @@ def test_single_sequence_logits_match_transformers(oracle, ours, which):
 def test_right_padded_batch_matches_transformers(oracle, ours):
     batch = samples()
     input_ids, mask, pixels, grid = right_padded(batch)
-    expected = oracle(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid).logits
+    expected = oracle(input_ids=input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                      mm_token_type_ids=tiny.mm_token_type_ids(input_ids)).logits
     got = ours(input_ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid)
     keep = mask.bool()
     assert (got[keep] - expected[keep]).abs().max() <= TOL
@@ -87,7 +89,7 @@ def test_packed_forward_matches_per_sequence_oracle(oracle, ours):
 def test_mrope_positions_equal_get_rope_index(oracle):
     batch = samples()
     input_ids, mask, _, grid = right_padded(batch)
-    expected, _ = oracle.model.get_rope_index(input_ids, grid, None, attention_mask=mask)
+    expected, _ = oracle.model.get_rope_index(input_ids, tiny.mm_token_type_ids(input_ids), grid, attention_mask=mask)
     grids = [g for _, _, g in batch]
     for i, (ids, _, _) in enumerate(batch):
         got = M.mrope_positions(ids, grids[i], tiny.IMAGE, tiny.MERGE)
@@ -126,22 +128,6 @@ def test_both_key_layouts_load(vl_dir, ours, tmp_path):
         assert torch.equal(a, b), name
 
 
-@torch.no_grad()
-def test_released_flat_config_loads(vl_dir, oracle, tmp_path):
-    """Released Qwen2.5-VL configs keep text fields at the top level with rope type 'mrope'."""
-    with open(os.path.join(vl_dir, "config.json")) as f:
-        config = json.load(f)
-    text = config.pop("text_config")
-    text["rope_scaling"] = {"type": "mrope", "mrope_section": text["rope_scaling"]["mrope_section"]}
-    flat = {**config, **text, "model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"]}
-    _relayout(vl_dir, tmp_path, lambda k: k)
-    with open(tmp_path / "config.json", "w") as f:
-        json.dump(flat, f)
-    ids, pixels, grid = samples()[2]
-    got = M.load_model(tmp_path)(ids[None], pixel_values=pixels, image_grid_thw=grid)[0]
-    assert (got - oracle_logits(oracle, ids, pixels, grid)).abs().max() <= TOL
-
-
 @pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 200_000])
 @torch.no_grad()
 def test_save_model_round_trips_through_transformers(ours, oracle, tmp_path, max_shard_bytes):
@@ -152,7 +138,7 @@ def test_save_model_round_trips_through_transformers(ours, oracle, tmp_path, max
     sharded = os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
     assert sharded == (max_shard_bytes < 5 * 2**30)
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
-    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", torch_dtype=torch.float32).eval()
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     for ids, pixels, grid in samples():
         a = oracle_logits(reloaded, ids, pixels, grid)
         assert torch.equal(a, oracle_logits(oracle, ids, pixels, grid))
@@ -164,7 +150,7 @@ def test_save_model_round_trips_through_transformers(ours, oracle, tmp_path, max
 @torch.no_grad()
 def test_tied_embeddings_vl(tmp_path):
     tiny.save_vl(tmp_path, seed=3, tie=True)
-    oracle = AutoModelForImageTextToText.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    oracle = AutoModelForImageTextToText.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = M.load_model(tmp_path)
     assert ours.lm_head is None
     ids, pixels, grid = samples()[1]
@@ -175,7 +161,7 @@ def test_tied_embeddings_vl(tmp_path):
 @torch.no_grad()
 def test_plain_qwen2_text_checkpoint(tmp_path):
     tiny.save_qwen2_text(tmp_path)
-    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+    oracle = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     ours = M.load_model(tmp_path)
     assert ours.visual is None and ours.cfg.mrope_section is None
     ids = torch.randint(0, 300, (2, 17), generator=torch.Generator().manual_seed(0))

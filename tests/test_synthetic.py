@@ -15,6 +15,7 @@ from PIL import Image
 
 import data
 import synthetic
+from tests import tiny
 
 SPLITS = ("train", "rl", "test")
 RGB = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
@@ -192,11 +193,11 @@ def test_chat_template_is_qwen2_vl_style(tiny_world):
 
 
 def test_transformers_loads_the_model_dir(tiny_world):
-    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer, Qwen2VLImageProcessor
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     model_dir = os.path.join(tiny_world, "model")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    assert isinstance(AutoImageProcessor.from_pretrained(model_dir), Qwen2VLImageProcessor)
+    assert isinstance(AutoImageProcessor.from_pretrained(model_dir), data.qwen2vl_image_processor_class())
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
     ids = tokenizer.convert_tokens_to_ids
@@ -238,7 +239,8 @@ def test_our_load_model_matches_transformers_on_packed_data(tiny_world):
                                      batch["image_grid_thw"])
         logits = hidden @ ours.head_weight.t()
         for i, sample in enumerate(samples):
-            expected = theirs(input_ids=torch.tensor([sample["input_ids"]]), pixel_values=sample["pixel_values"],
-                              image_grid_thw=sample["image_grid_thw"]).logits[0]
+            ids = torch.tensor([sample["input_ids"]])
+            expected = theirs(input_ids=ids, pixel_values=sample["pixel_values"], image_grid_thw=sample["image_grid_thw"],
+                              mm_token_type_ids=tiny.mm_token_type_ids(ids, processor.image_token_id)).logits[0]
             start, end = batch["cu_seqlens"][i:i + 2].tolist()
             torch.testing.assert_close(logits[start:end], expected, atol=1e-4, rtol=1e-4)
