@@ -30,8 +30,9 @@ import generate as gen
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, all_reduce, full_value, init_distributed, load_training_state,
-                         packed_inputs, parse_config, peak_memory_gib, ranks_max, save_training_state, seed_everything)
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, full_value,
+                         init_distributed, load_training_state, packed_inputs, parse_config, peak_memory_gib,
+                         save_training_state, seed_everything)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -294,29 +295,30 @@ def prompt_groups(prompts, completions):
     return list(groups.values())
 
 
-def response_logprobs(model, batches, max_len, temperature, device, with_entropy=False):
-    """Per-token log-probs [rows, max_len] of the responses in each `data.pack_shared_prompts`
-    batch under `model`, and their entropy; yields (rows, logp, entropy, mask) per batch so callers
-    can backward each one before the next forward. The head runs on response positions only."""
-    for batch in batches:
-        ids, cu, pixels, grid = packed_inputs(batch, device)
-        out = model.packed_logprobs(ids, cu, batch["targets"].to(device), pixels, grid, temperature,
-                                    with_entropy=with_entropy, positions=batch["positions"].to(device),
-                                    prefix_of=batch["prefix_of"])
-        logp, entropy = out if with_entropy else (out, None)
-        mask = torch.arange(max_len, device=device) < batch["lengths"].to(device)[:, None]
-        padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
-        yield (batch["rows"], padded.masked_scatter(mask, logp),
-               padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
+def response_logprobs(model, batch, max_len, temperature, device, with_entropy=False):
+    """(rows, logp, entropy, mask): per-token log-probs [rows, max_len] of the responses in one
+    `data.pack_shared_prompts` batch under `model`, their entropy (or None) and the mask of real
+    tokens. The head runs on response positions only."""
+    ids, cu, pixels, grid = packed_inputs(batch, device)
+    out = model.packed_logprobs(ids, cu, batch["targets"].to(device), pixels, grid, temperature,
+                                with_entropy=with_entropy, positions=batch["positions"].to(device),
+                                prefix_of=batch["prefix_of"])
+    logp, entropy = out if with_entropy else (out, None)
+    mask = torch.arange(max_len, device=device) < batch["lengths"].to(device)[:, None]
+    padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
+    return (batch["rows"], padded.masked_scatter(mask, logp),
+            padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
 
 
 @torch.no_grad()
 def frozen_logprobs(model, groups, max_len, cfg, device):
-    """[N, max_len] log-probs under a model without gradients (old policy or reference)."""
+    """[N, max_len] log-probs under a model without gradients (old policy or reference). Every rank
+    runs as many micro-batches as the rank with the most (`aligned_passes`): FSDP's all-gathers."""
     out = torch.zeros(sum(len(g["rows"]) for g in groups), max_len, device=device)
-    batches = data.pack_shared_prompts(groups, cfg.micro_batch_tokens)
-    for rows, logp, _, _ in response_logprobs(model, batches, max_len, cfg.temperature, device):
-        out[rows] = logp
+    for batch, weight in aligned_passes(data.pack_shared_prompts(groups, cfg.micro_batch_tokens)):
+        rows, logp, _, _ = response_logprobs(model, batch, max_len, cfg.temperature, device)
+        if weight:
+            out[rows] = logp
     return out
 
 
@@ -409,19 +411,10 @@ def main(argv=None):
                 responses = [r for g in update_groups for r in g["continuations"]]
                 global_tokens = float(all_reduce(sum(len(r) for r in responses)))
                 global_seqs = float(all_reduce(sum(len(r) > 0 for r in responses)))
-                batches = data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)
-                n_micro = ranks_max(len(batches))
                 loss_total = 0.0
-                stream = response_logprobs(policy, batches, L, cfg.temperature, device, with_entropy=True)
-                for _ in range(n_micro):
-                    item = next(stream, None)
-                    if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
-                        item = next(response_logprobs(policy, batches[:1], L, cfg.temperature, device,
-                                                      with_entropy=True))
-                        weight = 0.0
-                    else:
-                        weight = 1.0
-                    index, logp, entropy, mask = item
+                for batch, weight in aligned_passes(data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)):
+                    index, logp, entropy, mask = response_logprobs(policy, batch, L, cfg.temperature, device,
+                                                                   with_entropy=True)
                     rows = torch.tensor(index, device=device)
                     old = logp.detach() if old_logp is None else old_logp[rows]
                     loss, metrics = policy_loss(

@@ -19,9 +19,9 @@ import torch
 
 import data
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, all_reduce, full_value, init_distributed, load_training_state,
-                         lr_at, packed_inputs, parse_config, peak_memory_gib, ranks_max, save_training_state,
-                         seed_everything)
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, full_value,
+                         init_distributed, load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib,
+                         save_training_state, seed_everything)
 
 
 @dataclass
@@ -67,6 +67,11 @@ PRESETS = {
 }
 
 
+# a one-token, unlabelled batch: the pass of a rank that has no micro-batch of its own (all its
+# records too long, or fewer held-out records than ranks) costs nothing and adds nothing
+IDLE_BATCH = data.collate([{"input_ids": [0], "labels": [-100]}], [])
+
+
 def shifted_targets(batch):
     """Next-token targets of a packed batch: targets[t] = labels[t + 1] inside each sequence;
     the last token of every sequence and unlabelled positions get -100."""
@@ -108,11 +113,9 @@ def eval_loss(model, records, processor, cfg, device):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     batches, _ = microbatches(records, range(rank, len(records), world), processor, cfg.max_tokens)
-    n_batches = ranks_max(len(batches))
     total = tokens = 0.0
-    for k in range(n_batches):  # ranks with fewer batches repeat one with weight 0 (FSDP collectives)
-        loss_sum, n = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
-        weight = 1.0 if k < len(batches) else 0.0
+    for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
+        loss_sum, n = microbatch_loss(model, batch, device)
         total, tokens = total + weight * loss_sum.item(), tokens + weight * n.item()
     return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
 
@@ -171,15 +174,13 @@ def main(argv=None):
         batches, too_long = microbatches(records, batch_indices[rank::world], processor, cfg.max_tokens)
         skipped_too_long += int(all_reduce(too_long))
         global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
-        n_micro = ranks_max(len(batches))
 
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for k in range(n_micro):
-            weight = 1.0 if k < len(batches) else 0.0  # a rank short of micro-batches still joins FSDP's collectives
-            micro_loss, _ = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
+        for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
+            micro_loss, _ = microbatch_loss(model, batch, device)
             # FSDP averages gradients over ranks, so scale by world to get the global token mean
             (micro_loss * (weight * world / float(global_tokens))).backward()
             loss_sum += weight * micro_loss.item()

@@ -63,9 +63,25 @@ def all_reduce(value, op=dist.ReduceOp.SUM):
 
 
 def ranks_max(count):
-    """The largest count over ranks: FSDP ranks must run the same number of forward/backward
-    passes, so a rank with fewer micro-batches pads with zero-weight ones."""
+    """The largest count over ranks."""
     return int(all_reduce(count, dist.ReduceOp.MAX))
+
+
+def aligned_passes(items, filler=None):
+    """Yield (item, weight) the same number of times on every rank: this rank's items with weight
+    1.0, then `filler` (by default its first item again) with weight 0.0 until it has made as many
+    passes as the rank with the most items. The caller multiplies what a pass contributes (loss,
+    gradient, counts) by its weight and discards a zero-weight pass's outputs.
+
+    Why: under FSDP every forward all-gathers each layer's weights together with the other ranks
+    (and every backward reduce-scatters its gradients), so ranks must run the same passes in the
+    same order; a rank with fewer micro-batches would otherwise leave the others waiting, or pair
+    their all-gathers with the wrong layer's. A rank that may hold no items passes a `filler`.
+    Example: rank 0 holds [a], rank 1 holds [x, y, z] -> rank 0 yields (a, 1.), (a, 0.), (a, 0.);
+    rank 1 yields (x, 1.), (y, 1.), (z, 1.).
+    """
+    for k in range(ranks_max(len(items))):
+        yield (items[k], 1.0) if k < len(items) else (items[0] if items else filler, 0.0)
 
 
 def packed_inputs(batch, device):

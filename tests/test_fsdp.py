@@ -43,3 +43,15 @@ def test_fsdp2_step_equals_single_process(tmp_path):
     assert abs(result["loss"] - result["ref_loss"]) <= 1e-5, result
     assert result["max_update"] > 5e-4  # the step moved the weights ...
     assert result["max_weight_diff"] <= 1e-5, result  # ... identically in both runs
+
+
+def test_ranks_with_1_and_4_micro_batches_equal_one_rank(tmp_path):
+    """Frozen log-probs (old policy, reference) and an accumulated gradient when one rank has 1
+    packed micro-batch and the other 4: every rank runs 4 passes (train_utils.aligned_passes)."""
+    tiny.save_vl(tmp_path)
+    results = json.loads(torchrun("tests/uneven_worker.py", tmp_path, timeout=240,
+                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+    assert [r["micro_batches"] for r in results] == [1, 4]
+    for r in results:
+        assert r["frozen_abs"] > 1.0 and r["frozen_diff"] <= 1e-5, r
+        assert r["same_params"] and r["grad_scale"] > 1e-3 and r["grad_diff"] <= 1e-6, r
