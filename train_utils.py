@@ -43,20 +43,31 @@ def parse_config(config_cls, presets, argv=None, description=None):
 # processes
 
 def init_distributed():
-    """(rank, world_size, device) under torchrun (nccl on CUDA, gloo on CPU) or a plain process."""
+    """(rank, world_size, device) under torchrun, or (0, 1, device) in a plain process.
+
+    The group is `process_group_backend(device)`: gloo on CPU; on CUDA, NCCL for CUDA tensors (FSDP's
+    collectives) and gloo for CPU ones (`all_reduce`'s numbers, barriers, the checkpoint's metadata),
+    because NCCL serves CUDA tensors only."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def process_group_backend(device):
+    """The backend of each device type's collectives: "gloo" on CPU; "cpu:gloo,cuda:nccl" on CUDA,
+    so that a collective on a CPU tensor (which NCCL refuses) runs on gloo instead of failing."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def all_reduce(value, op=dist.ReduceOp.SUM):
-    """Sum (or max) of a number or tensor over ranks; identity on one process."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).clone()
+    """Sum (or max) of a number or tensor over ranks, as a CPU float64 tensor (reduced by gloo, see
+    `init_distributed`); identity on one process."""
+    tensor = torch.as_tensor(value, dtype=torch.float64, device="cpu").clone()
     if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor

@@ -1,4 +1,5 @@
-"""FSDP2 on CPU with gloo: two processes equal one (loss and updated weights)."""
+"""FSDP2 on CPU with gloo: two processes equal one (loss and updated weights); ranks with uneven work;
+the process group a GPU run asks for."""
 
 import json
 import os
@@ -6,6 +7,11 @@ import socket
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.distributed as dist
+
+import train_utils
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,3 +61,46 @@ def test_ranks_with_1_and_4_micro_batches_equal_one_rank(tmp_path):
     for r in results:
         assert r["frozen_abs"] > 1.0 and r["frozen_diff"] <= 1e-5, r
         assert r["same_params"] and r["grad_scale"] > 1e-3 and r["grad_diff"] <= 1e-6, r
+
+
+def served_device_types(backend):
+    """Device types whose tensors a process group made with `backend` can reduce: NCCL serves CUDA
+    tensors only, gloo both; "cpu:gloo,cuda:nccl" names a backend per device type."""
+    if ":" in backend:
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}[backend]
+
+
+@pytest.fixture
+def simulated_gpu_rank(monkeypatch):
+    """Rank 0 of 2 on a machine with GPUs, as far as train_utils can tell: torch.cuda reports a
+    device, init_process_group records what it is asked for and opens a 1-process gloo group in its
+    place, and every all_reduce checks that the group asked for serves its tensor's device."""
+    asked = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    init, all_reduce = dist.init_process_group, dist.all_reduce
+
+    def recorded_init(backend, **kwargs):
+        asked.update(backend=backend, **kwargs)
+        init("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def checked_all_reduce(tensor, *args, **kwargs):
+        assert tensor.device.type in served_device_types(asked["backend"]), \
+            f"a {asked['backend']} group cannot reduce a {tensor.device.type} tensor"
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", recorded_init)
+    monkeypatch.setattr(dist, "all_reduce", checked_all_reduce)
+    yield asked
+    dist.destroy_process_group()
+
+
+def test_collectives_on_gpus_use_a_backend_that_serves_their_tensors(simulated_gpu_rank):
+    rank, world, device = train_utils.init_distributed()
+    assert (rank, world, device.type) == (0, 2, "cuda")
+    assert float(train_utils.all_reduce(3)) == 3.0  # token counts and losses: CPU numbers
+    assert train_utils.ranks_max(4) == 4
+    assert list(train_utils.aligned_passes(["a"])) == [("a", 1.0)]
