@@ -216,7 +216,7 @@ def ours_grpo_steps(args, path, problems, out):
         f.writelines(json.dumps(p) + "\n" for p in problems)
     os.environ["WANDB_MODE"] = "disabled"  # a benchmark logs nothing anywhere
     train_grpo.main([
-        "--init", path, "--ref", path, "--data", data_path, "--out-root", out, "--length-scale", "1",
+        "--preset", "toy", "--init", path, "--ref", path, "--data", data_path, "--out-root", out, "--length-scale", "1",
         "--stages", f"{args.max_tokens}x{args.group_size}x{args.warmup + args.steps}",
         "--prompts-per-rollout", str(args.prompts), "--prompts-per-update", str(args.prompts), "--ppo-epochs", "1",
         "--kl-coef", str(args.beta), "--lr", str(args.lr), "--weight-decay", "0", "--grad-clip", "1.0",

@@ -1,8 +1,8 @@
 """GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (PAPER.md §3).
 
-    python train_grpo.py --stage 1 && python train_grpo.py --stage 2     # the synthetic world, CPU
-    torchrun --nproc_per_node 8 train_grpo.py --preset paper --stage 1   # Vision-R1, stage 1: 4K x 16
-    python train_grpo.py --schedule long        # ablations run through the same code (long, zero, ...)
+    torchrun --nproc_per_node 8 train_grpo.py --stage 1    # Vision-R1, stage 1: 4K x 16 (the defaults: the paper's run)
+    python train_grpo.py --preset toy --stage 1 && python train_grpo.py --preset toy --stage 2   # the synthetic world, CPU
+    python train_grpo.py --preset toy --schedule long      # ablations run through the same code (long, zero, ...)
 
 Read top to bottom: the math as small pure functions (Eq. 1: group advantages, the clipped
 policy loss with the k3 KL term and its aggregation; Eq. 2 only changes the group size and the
@@ -30,7 +30,7 @@ import generate as gen
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, full_value,
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, exit_if_missing, full_value,
                          init_distributed, load_training_state, packed_inputs, parse_config, peak_memory_gib,
                          save_training_state, seed_everything)
 
@@ -208,10 +208,10 @@ class GRPOConfig:
     length_scale: str = "1"                      # e.g. 1/64: the paper's lengths scaled to a small world
     init: str = ""                               # start checkpoint; default: ptst.init_checkpoint
     ref: str = ""                                # frozen KL reference; default: the schedule's stage-1 start
-    cold_start: str = "runs/toy/ci/final"        # Vision-R1-CI (train_sft.py on the cold data)
-    base: str = "runs/toy/base/final"            # the base model (Vision-R1-Zero starts here)
-    out_root: str = "runs/toy/grpo"
-    data: str = "runs/toy/data/rl.jsonl"         # problem records (JSONL or geometry3k parquet)
+    cold_start: str = "runs/vision-r1-ci/final"  # Vision-R1-CI (train_sft.py on the cold data)
+    base: str = "checkpoints/Qwen2.5-VL-7B-Instruct"  # the base model (Vision-R1-Zero starts here)
+    out_root: str = "runs/vision-r1"
+    data: str = "vision_r1_rl.parquet"           # problem records (Vision-R1-rl parquet, JSONL, geometry3k)
     skip_bad: bool = False
     min_pixels: int = 512 * 512                  # * images 512^2 - 2048^2 pixels
     max_pixels: int = 2048 * 2048
@@ -247,12 +247,13 @@ class GRPOConfig:
     out: str = ""                                # filled in: the stage's folder
 
 
+# The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).
 PRESETS = {
-    "toy": dict(length_scale="1/32", min_pixels=28 * 28, max_pixels=112 * 112, prompts_per_rollout=16,
-                prompts_per_update=16, lr=2e-5, micro_batch_tokens=4096, activation_checkpointing=False,
-                save_every=10, table_every=5),
-    "paper": dict(cold_start="runs/vision-r1-ci/final", base="Qwen/Qwen2.5-VL-7B-Instruct",
-                  out_root="runs/vision-r1", data="vision_r1_rl.parquet"),
+    "paper": dict(),
+    "toy": dict(cold_start="runs/toy/ci/final", base="runs/toy/base/final", out_root="runs/toy/grpo",
+                data="runs/toy/data/rl.jsonl", length_scale="1/32", min_pixels=28 * 28, max_pixels=112 * 112,
+                prompts_per_rollout=16, prompts_per_update=16, lr=2e-5, micro_batch_tokens=4096,
+                activation_checkpointing=False, save_every=10, table_every=5),
 }
 
 
@@ -262,6 +263,14 @@ def resolve_schedule(cfg):
     if cfg.stages:
         schedule = ptst.parse_schedule(cfg.stages, like=schedule, name=cfg.schedule)
     return ptst.scale_schedule(schedule, cfg.length_scale)
+
+
+def start_flag(schedule, k):
+    """The flag that decides where stage k starts when --init / --ref are not given (named in the
+    message about a missing checkpoint)."""
+    if k > 1:
+        return f"--out-root (stage {k - 1}'s final checkpoint)"
+    return "--cold-start" if schedule.start == "cold" else "--base"
 
 
 # -----------------------------------------------------------------------------
@@ -327,13 +336,19 @@ def frozen_logprobs(model, groups, max_len, cfg, device):
 
 def main(argv=None):
     cfg = parse_config(GRPOConfig, PRESETS, argv, description=__doc__)
-    rank, world, device = init_distributed()
     schedule = resolve_schedule(cfg)
     stage = ptst.get_stage(schedule, cfg.stage)
     cfg.out = ptst.stage_dir(cfg.out_root, schedule.name, cfg.stage)
+    init_flag = "--init" if cfg.init else start_flag(schedule, cfg.stage)
+    ref_flag = "--ref" if cfg.ref else start_flag(schedule, 1)
     cfg.init = cfg.init or ptst.init_checkpoint(cfg.out_root, schedule, cfg.stage, cfg.cold_start, cfg.base)
     cfg.ref = cfg.ref or ptst.init_checkpoint(cfg.out_root, schedule, 1, cfg.cold_start, cfg.base)
+    exit_if_missing(cfg.init, init_flag, "checkpoint")
+    if cfg.kl_coef:
+        exit_if_missing(cfg.ref, ref_flag, "checkpoint")
+    exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
+    rank, world, device = init_distributed()
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):

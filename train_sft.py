@@ -1,9 +1,9 @@
 """Cold-start supervised fine-tuning: the base model learns the long, self-checking CoT format
 from the modality-bridged data and becomes Vision-R1-CI (PAPER.md section 2).
 
-    python train_sft.py                                  # the synthetic world's tiny model, on CPU
-    torchrun --nproc_per_node 8 train_sft.py --preset paper --model Qwen2.5-VL-7B-Instruct \\
-        --data vision_r1_cold.json --out runs/vision-r1-ci
+    torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-VL-7B-Instruct \\
+        --data vision_r1_cold.json --out runs/vision-r1-ci   # the defaults: the paper's run
+    python train_sft.py --preset toy                     # the synthetic world's tiny model, on CPU
 
 Loss on assistant tokens only, sequences packed without cross-attention, per-token loss
 normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 under
@@ -19,7 +19,7 @@ import torch
 
 import data
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, full_value,
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
                          init_distributed, load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib,
                          save_training_state, seed_everything)
 
@@ -27,9 +27,9 @@ from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_redu
 @dataclass
 class SFTConfig:
     # data and model
-    model: str = "runs/toy/base/final"          # HF checkpoint directory to start from
-    data: str = "runs/toy/cold/cold.jsonl"      # conversations: sharegpt `conversations` or `messages`
-    out: str = "runs/toy/ci"
+    model: str = "checkpoints/Qwen2.5-VL-7B-Instruct"  # HF checkpoint directory to start from
+    data: str = "vision_r1_cold.json"           # conversations: sharegpt `conversations` or `messages`
+    out: str = "runs/vision-r1-ci"
     skip_bad: bool = False                      # skip and count bad records instead of failing
     eval_holdout: int = 0                       # last N records held out for the eval loss
     min_pixels: int = 0                         # 0: the checkpoint's preprocessor config
@@ -60,10 +60,12 @@ class SFTConfig:
     run_name: str = "sft"
 
 
+# The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).
 PRESETS = {
-    "toy": dict(lr=1e-3, epochs=3.0, global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
+    "paper": dict(),
+    "toy": dict(model="runs/toy/base/final", data="runs/toy/cold/cold.jsonl", out="runs/toy/ci", lr=1e-3, epochs=3.0,
+                global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
                 activation_checkpointing=False),  # the random vision tower already separates every cell
-    "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", data="vision_r1_cold.json", out="runs/vision-r1-ci"),
 }
 
 
@@ -122,6 +124,8 @@ def eval_loss(model, records, processor, cfg, device):
 
 def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
+    exit_if_missing(cfg.model, "--model", "checkpoint")
+    exit_if_missing(cfg.data, "--data", "file")
     rank, world, device = init_distributed()
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)

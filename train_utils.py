@@ -7,6 +7,7 @@ import os
 import random
 import resource
 import shutil
+import sys
 import time
 from dataclasses import asdict, fields
 
@@ -37,6 +38,17 @@ def parse_config(config_cls, presets, argv=None, description=None):
     args = vars(parser.parse_args(argv))
     values = {**presets[args.pop("preset")], **{k: v for k, v in args.items() if v is not None}}
     return config_cls(**values)
+
+
+def exit_if_missing(path, flag, kind):
+    """Stop before any work when an input is not there, with one line naming the flag and the
+    path; under torchrun only rank 0 prints it (8 ranks, one line). `kind` is "checkpoint" (a
+    Hugging Face folder with config.json) or "file". Example: exit_if_missing("vision_r1_rl.parquet",
+    "--data", "file") -> "--data vision_r1_rl.parquet: no such file"."""
+    found = os.path.isfile(os.path.join(path, "config.json")) if kind == "checkpoint" else os.path.exists(path)
+    if not found:
+        what = "no checkpoint (config.json) in that folder" if kind == "checkpoint" else "no such file"
+        sys.exit(f"{flag} {path}: {what}" if int(os.environ.get("RANK", "0")) == 0 else 1)
 
 
 # -----------------------------------------------------------------------------

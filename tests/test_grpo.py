@@ -30,7 +30,7 @@ def reference(tiny_world, tmp_path_factory):
 
 
 def grpo_args(tiny_world, reference, out, *extra):
-    return ["--init", os.path.join(tiny_world, "model"), "--ref", reference, "--data",
+    return ["--preset", "toy", "--init", os.path.join(tiny_world, "model"), "--ref", reference, "--data",
             os.path.join(tiny_world, "data", "rl.jsonl"), "--out-root", str(out), "--stages", "12x4x3",
             "--length-scale", "1", "--prompts-per-rollout", "4", "--prompts-per-update", "2", "--kl-coef", "1.0",
             "--lr", "1e-3", "--save-every", "1", "--table-every", "0", *extra]

@@ -39,7 +39,7 @@ def cold_file(tiny_world, tmp_path_factory):
 
 
 def sft_args(tiny_world, cold_file, out, *extra):
-    return ["--model", os.path.join(tiny_world, "model"), "--data", cold_file, "--out", str(out), "--lr", "1e-3",
+    return ["--preset", "toy", "--model", os.path.join(tiny_world, "model"), "--data", cold_file, "--out", str(out), "--lr", "1e-3",
             "--global-batch", "8", "--epochs", "1", "--max-tokens", "1024", "--warmup-ratio", "0.2",
             "--eval-holdout", "0", *extra]
 

@@ -1,0 +1,53 @@
+"""The scripts' defaults are the paper's run (as nanoGPT's are GPT-2's); the synthetic world is
+`--preset toy`. Without its checkpoint or data the paper's command stops before any work with one
+line naming the flag and the path, printed once however many ranks torchrun starts."""
+
+import os
+import subprocess
+import sys
+
+import train_grpo
+import train_sft
+from tests.test_fsdp import ROOT
+from train_utils import parse_config
+
+
+def test_no_preset_is_the_papers_run():
+    grpo = parse_config(train_grpo.GRPOConfig, train_grpo.PRESETS, ["--stage", "1"])
+    # PAPER.md §3: images 512^2 - 2048^2 pixels, stage 1 caps responses at 4K (no length scale), lr 1e-6
+    assert (grpo.min_pixels, grpo.max_pixels, grpo.length_scale, grpo.lr) == (512**2, 2048**2, "1", 1e-6)
+    assert grpo.prompts_per_rollout == 512 and grpo.activation_checkpointing
+    assert train_grpo.resolve_schedule(grpo).stages[0].max_tokens == 4096
+    sft = parse_config(train_sft.SFTConfig, train_sft.PRESETS, [])
+    # PAPER.md §2: lr 5e-6, batch 32, 16K context, 2 epochs
+    assert (sft.lr, sft.global_batch, sft.max_tokens, sft.epochs) == (5e-6, 32, 16384, 2.0)
+    toy = parse_config(train_grpo.GRPOConfig, train_grpo.PRESETS, ["--preset", "toy"])
+    assert toy.length_scale == "1/32" and toy.data == "runs/toy/data/rl.jsonl"
+
+
+def run(script, args, cwd, rank="0"):
+    env = {**os.environ, "RANK": rank, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_paper_run_without_its_checkpoint_or_data_exits_with_one_line(tmp_path):
+    out = run("train_grpo.py", ["--stage", "1"], tmp_path)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == "--cold-start runs/vision-r1-ci/final: no checkpoint (config.json) in that folder\n"
+    out = run("train_grpo.py", ["--stage", "2"], tmp_path)
+    assert out.stderr == ("--out-root (stage 1's final checkpoint) runs/vision-r1/vision-r1/stage1/final: "
+                          "no checkpoint (config.json) in that folder\n")
+    out = run("train_sft.py", [], tmp_path)
+    assert out.returncode == 1 and out.stderr == ("--model checkpoints/Qwen2.5-VL-7B-Instruct: "
+                                                  "no checkpoint (config.json) in that folder\n")
+    other_rank = run("train_sft.py", [], tmp_path, rank="3")
+    assert other_rank.returncode == 1 and other_rank.stderr == ""  # 8 ranks print the line once
+
+
+def test_missing_data_is_named_after_the_checkpoint_is_found(tiny_world, tmp_path):
+    model = os.path.join(tiny_world, "model")
+    out = run("train_grpo.py", ["--init", model, "--ref", model], tmp_path)
+    assert out.returncode == 1 and out.stderr == "--data vision_r1_rl.parquet: no such file\n"
+    out = run("train_sft.py", ["--model", model], tmp_path)
+    assert out.returncode == 1 and out.stderr == "--data vision_r1_cold.json: no such file\n"
