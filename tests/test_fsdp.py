@@ -3,6 +3,7 @@ the process group a GPU run asks for."""
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,19 +28,28 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False):
-    """stdout of `script` run on `nproc` CPU ranks. With `rerun_on_teardown_abort`, a run in which a
-    rank aborts with TEARDOWN_ABORT is run once more: torch 2.13's gloo does that now and then (a few
-    runs in a hundred here) after the workers' results are out and the process group destroyed. Only
-    for scripts that write nothing a second run would find."""
+    """stdout of `script` run on `nproc` CPU ranks. A run past `timeout` seconds (ranks waiting on
+    each other's collectives) is killed with all its workers and fails the test. With
+    `rerun_on_teardown_abort`, a run in which a rank aborts with TEARDOWN_ABORT is run once more:
+    torch 2.13's gloo does that now and then (a few runs in a hundred here) after the workers'
+    results are out and the process group destroyed. Only for scripts that write nothing a second
+    run would find."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     for _ in range(2 if rerun_on_teardown_abort else 1):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
-                              *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode == 0 or TEARDOWN_ABORT not in out.stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                                 *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only torchrun
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{script} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}") from None
+        if proc.returncode == 0 or TEARDOWN_ABORT not in stderr:
             break
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def test_fsdp2_step_equals_single_process(tmp_path):

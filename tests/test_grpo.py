@@ -52,6 +52,35 @@ def test_two_ranks_first_step_loss_equals_one_rank(tiny_world, reference, tmp_pa
     assert abs(one["loss"]) > 1e-3 and abs(one["loss"] - two["loss"]) <= 1e-4, (one["loss"], two["loss"])
 
 
+def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
+    """Rank 1's prompts are 5 times longer than rank 0's: with 250-token micro-batches it packs each
+    group's prompt with one response, 4 micro-batches per group (8 for the old and reference
+    log-probs), against rank 0's 1. The step's loss, KL and entropy equal the 1-rank run's."""
+    import data
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with open(os.path.join(tiny_world, "data", "rl.jsonl")) as f:
+        problems = [{**p, "images": [os.path.join(tiny_world, "data", im) for im in p["images"]]}
+                    for p in map(json.loads, f)]
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(0)).tolist()  # step 0's prompts
+    for i in order[1:4:2]:  # rank 1's share of the 4
+        problems[i]["question"] = "Look closely at every shape in the picture. " * 8 + problems[i]["question"]
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"), 28 * 28, 112 * 112)
+    prompt_tokens = [[len(processor.encode_problem(data.load_problems(str(path))[i])["input_ids"]) for i in order[r:4:2]]
+                     for r in (0, 1)]
+    assert all(2 * (n + 4 * 12) <= 250 for n in prompt_tokens[0]) and all(n + 12 <= 250 < n + 24 for n in prompt_tokens[1])
+
+    args = ("--stages", "12x4x1", "--data", str(path), "--micro-batch-tokens", "250")
+    train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
+    torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=300)
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert one["response_length"] == two["response_length"] and one["kl_ref"] > 0.01
+    for name in ("loss", "kl_ref", "entropy", "ppo_kl"):
+        assert abs(one[name] - two[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], two[name])
+
+
 def run(args):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "train_grpo.py", *args], cwd=ROOT, env=env,

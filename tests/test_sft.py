@@ -23,18 +23,21 @@ def no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
+def cold_record(problem, looks=1):
+    """A record in the exact layout of the released Vision-R1-cold JSON: `image` as one path string,
+    human/gpt turns, the response in the Vision-R1 format, its thinking `looks` sentences long."""
+    return {"image": problem["images"][0],
+            "conversations": [{"from": "human", "value": "<image>" + problem["question"]},
+                              {"from": "gpt", "value": "<think> " + "Let me look at the image. " * looks +
+                               f"The answer is {problem['answer']}. </think><answer> Final Answer:{problem['answer']} </answer>"}]}
+
+
 @pytest.fixture(scope="module")
 def cold_file(tiny_world, tmp_path_factory):
-    """40 records in the exact layout of the released Vision-R1-cold JSON: a JSON array, `image`
-    as one path string, human/gpt turns, the response in the Vision-R1 format."""
+    """The tiny world's training problems as a Vision-R1-cold JSON array (`cold_record`)."""
     problems = data.load_problems(os.path.join(tiny_world, "data", "train.jsonl"))[:40]
-    records = [{"image": p["images"][0],
-                "conversations": [{"from": "human", "value": "<image>" + p["question"]},
-                                  {"from": "gpt", "value": f"<think> Let me look at the image. The answer is "
-                                                          f"{p['answer']}. </think><answer> Final Answer:{p['answer']} </answer>"}]}
-               for p in problems]
     path = tmp_path_factory.mktemp("cold") / "vision_r1_cold.json"
-    path.write_text(json.dumps(records, indent=2))
+    path.write_text(json.dumps([cold_record(p) for p in problems], indent=2))
     return str(path)
 
 
@@ -48,9 +51,10 @@ def final_state(out):
     return M.load_model(os.path.join(out, "final")).state_dict()
 
 
-def losses(out):
+def metric(out, name):
+    """Every logged value of `name` in <out>/metrics.jsonl, in order."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+        return [row[name] for row in map(json.loads, f) if name in row]
 
 
 def test_packed_loss_is_token_weighted_mean_of_sequence_losses(tiny_world, cold_file):
@@ -126,9 +130,30 @@ def test_two_ranks_give_the_one_rank_loss_curve(tiny_world, cold_file, tmp_path)
     args = ("--epochs", "2")
     train_sft.main(sft_args(tiny_world, cold_file, tmp_path / "one", *args))
     torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "two", *args), timeout=600)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = metric(tmp_path / "one", "loss"), metric(tmp_path / "two", "loss")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+
+
+def test_uneven_ranks_give_the_one_rank_losses(tiny_world, tmp_path):
+    """Rank 1's records are 6 times longer than rank 0's: at each of the 2 steps it packs 4
+    micro-batches to rank 0's 1, and the one held-out record leaves it none for the eval loss (it
+    runs train_sft.IDLE_BATCH). Training and eval losses equal the 1-rank run's."""
+    problems = data.load_problems(os.path.join(tiny_world, "data", "train.jsonl"))[:17]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()  # train_sft's epoch 0, seed 0
+    long = set(order[1::2]) | {16}  # rank 1's share of both global batches of 8, and the held-out record
+    path = tmp_path / "cold.json"
+    path.write_text(json.dumps([cold_record(p, looks=45 if i in long else 1) for i, p in enumerate(problems)]))
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"))
+    records = data.load_conversations(str(path))
+    assert [len(train_sft.microbatches(records, order[rank:8:2], processor, 512)[0]) for rank in (0, 1)] == [1, 4]
+
+    args = ("--max-tokens", "512", "--eval-holdout", "1", "--warmup-ratio", "0")
+    train_sft.main(sft_args(tiny_world, str(path), tmp_path / "one", *args))
+    torchrun("train_sft.py", *sft_args(tiny_world, str(path), tmp_path / "two", *args), timeout=300)
+    for name in ("loss", "eval_loss"):
+        one, two = metric(tmp_path / "one", name), metric(tmp_path / "two", name)
+        assert len(one) == len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (name, one, two)
 
 
 def test_sft_teaches_the_cot_format_on_held_out_problems(tmp_path):
