@@ -739,21 +739,27 @@ def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=Fals
 @contextlib.contextmanager
 def gathered_params(model):
     """Inside: every FSDP2 module holds its full parameters, so many forward calls (a whole
-    generation) pay for one all-gather. No-op for an unsharded model."""
+    generation) pay for one all-gather. After: each module is resharded and gets back its own
+    reshard-after-forward setting; FSDP2 keeps the root's parameters gathered from forward to
+    backward (one all-gather per step for them), and a root left resharding after forward would
+    all-gather them again in every backward. No-op for an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if fsdp_modules:
         # FSDP2 makes the first module to run forward the root; generation calls the layers
         # directly, so make the model the root before they run (a no-op once initialised)
         model._get_fsdp_state()._lazy_init()
+    # FSDP2 has no getter: a module reshards after forward when its groups have a post-forward mesh
+    reshards = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+                for m in fsdp_modules]
     for m in fsdp_modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
-        for m in fsdp_modules:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m, reshard_after_forward in zip(fsdp_modules, reshards):
+            m.set_reshard_after_forward(reshard_after_forward, recurse=False)
             m.reshard()
 
 

@@ -114,3 +114,16 @@ def test_collectives_on_gpus_use_a_backend_that_serves_their_tensors(simulated_g
     assert float(train_utils.all_reduce(3)) == 3.0  # token counts and losses: CPU numbers
     assert train_utils.ranks_max(4) == 4
     assert list(train_utils.aligned_passes(["a"])) == [("a", 1.0)]
+
+
+def test_a_rollout_leaves_training_with_as_many_all_gathers(tmp_path):
+    """After model.gathered_params (a rollout), a training forward + backward all-gathers as often as
+    before it: every FSDP module gets back its reshard-after-forward setting (the root: keep its
+    parameters from forward to backward)."""
+    tiny.save_vl(tmp_path)
+    results = json.loads(torchrun("tests/regather_worker.py", tmp_path, timeout=240,
+                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+    for r in results:
+        assert r["settings"][0] is False and all(r["settings"][1:]), r  # the root (first) keeps its parameters
+        assert r["settings_after_rollout"] == r["settings"], r
+        assert r["plain"] > 0 and r["after_rollout"] == r["plain"], r
