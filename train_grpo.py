@@ -239,6 +239,8 @@ class GRPOConfig:
     log_every: int = 1
     table_every: int = 10                        # wandb table of sample completions
     save_every: int = 50
+    dist_timeout_minutes: int = 120              # a collective's wait for a late rank before abort: rollouts have no
+                                                 # collectives, so ranks finish them minutes apart; NCCL's default: 10
     max_nonfinite: int = 3
     resume: bool = False
     wandb_project: str = "vision-r1"
@@ -348,7 +350,7 @@ def main(argv=None):
         exit_if_missing(cfg.ref, ref_flag, "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):

@@ -52,6 +52,8 @@ class SFTConfig:
     log_every: int = 1
     eval_every: int = 0                         # 0: only at start and end
     save_every: int = 0                         # HF checkpoint + training state every K steps (0: end only)
+    dist_timeout_minutes: int = 120             # a collective's wait for a late rank before abort: rank 0 writes
+                                                # the weights alone while the others wait; NCCL's default: 10
     max_nonfinite: int = 3
     resume: bool = False
     peak_tflops: float = 989.0                  # per-device peak for MFU (H100 bf16 dense)
@@ -126,7 +128,7 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
 

@@ -1,6 +1,7 @@
 """What train_sft.py and train_grpo.py share: process group, logging, learning rate, checkpoints
 of the training state (exact resume), and the guard against non-finite steps."""
 
+import datetime
 import json
 import math
 import os
@@ -54,19 +55,22 @@ def exit_if_missing(path, flag, kind):
 # -----------------------------------------------------------------------------
 # processes
 
-def init_distributed():
+def init_distributed(timeout_minutes=120):
     """(rank, world_size, device) under torchrun, or (0, 1, device) in a plain process.
 
     The group is `process_group_backend(device)`: gloo on CPU; on CUDA, NCCL for CUDA tensors (FSDP's
     collectives) and gloo for CPU ones (`all_reduce`'s numbers, barriers, the checkpoint's metadata),
-    because NCCL serves CUDA tensors only."""
+    because NCCL serves CUDA tensors only. `timeout_minutes`: how long a collective waits for a late
+    rank before the job aborts. Generation has no collectives, so ranks finish their rollouts (and
+    evaluation shards) minutes apart and meet at the next one; NCCL's default of 10 minutes would
+    abort a long one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(process_group_backend(device))
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 

@@ -1,6 +1,7 @@
 """FSDP2 on CPU with gloo: two processes equal one (loss and updated weights); ranks with uneven work;
 the process group a GPU run asks for."""
 
+import datetime
 import json
 import os
 import signal
@@ -73,6 +74,27 @@ def test_ranks_with_1_and_4_micro_batches_equal_one_rank(tmp_path):
         assert r["same_params"] and r["grad_scale"] > 1e-3 and r["grad_diff"] <= 1e-6, r
 
 
+class ProcessGroupAsked(Exception):
+    """Raised by `asked_process_group` in place of init_process_group."""
+
+
+@pytest.fixture
+def asked_process_group(monkeypatch):
+    """What a training script asks of init_process_group as rank 0 of 2: the call is recorded in the
+    returned dict and raises ProcessGroupAsked, so the script stops there."""
+    asked = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def recorded_init(backend, **kwargs):
+        asked.update(backend=backend, **kwargs)
+        raise ProcessGroupAsked
+
+    monkeypatch.setattr(dist, "init_process_group", recorded_init)
+    return asked
+
+
 def served_device_types(backend):
     """Device types whose tensors a process group made with `backend` can reduce: NCCL serves CUDA
     tensors only, gloo both; "cpu:gloo,cuda:nccl" names a backend per device type."""
@@ -111,6 +133,7 @@ def simulated_gpu_rank(monkeypatch):
 def test_collectives_on_gpus_use_a_backend_that_serves_their_tensors(simulated_gpu_rank):
     rank, world, device = train_utils.init_distributed()
     assert (rank, world, device.type) == (0, 2, "cuda")
+    assert simulated_gpu_rank["timeout"] > datetime.timedelta(minutes=10)  # NCCL's default aborts a long rollout
     assert float(train_utils.all_reduce(3)) == 3.0  # token counts and losses: CPU numbers
     assert train_utils.ranks_max(4) == 4
     assert list(train_utils.aligned_passes(["a"])) == [("a", 1.0)]

@@ -1,6 +1,7 @@
 """train_grpo.py end to end: on the tiny world 2 ranks = 1 rank at step 1 and kill-and-resume is exact; on the
 toy world a short run raises held-out reward over its SFT checkpoint."""
 
+import datetime
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 
 import model as M
 import train_grpo
-from tests.test_fsdp import ROOT, torchrun
+from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +69,9 @@ def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, mo
     path = tmp_path / "rl.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in problems))
     processor = data.ChatProcessor(os.path.join(tiny_world, "model"), 28 * 28, 112 * 112)
-    prompt_tokens = [[len(processor.encode_problem(data.load_problems(str(path))[i])["input_ids"]) for i in order[r:4:2]]
-                     for r in (0, 1)]
-    assert all(2 * (n + 4 * 12) <= 250 for n in prompt_tokens[0]) and all(n + 12 <= 250 < n + 24 for n in prompt_tokens[1])
+    records = data.load_problems(str(path))
+    short, long = [[len(processor.encode_problem(records[i])["input_ids"]) for i in order[r:4:2]] for r in (0, 1)]
+    assert all(2 * (n + 4 * 12) <= 250 for n in short) and all(n + 12 <= 250 < n + 24 for n in long)
 
     args = ("--stages", "12x4x1", "--data", str(path), "--micro-batch-tokens", "250")
     train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
@@ -79,6 +80,15 @@ def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, mo
     assert one["response_length"] == two["response_length"] and one["kl_ref"] > 0.01
     for name in ("loss", "kl_ref", "entropy", "ppo_kl"):
         assert abs(one[name] - two[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], two[name])
+
+
+def test_collectives_wait_for_a_late_rank_as_long_as_configured(tiny_world, reference, tmp_path, asked_process_group):
+    """Rollouts have no collectives, so ranks reach the next one minutes apart: the process group
+    waits 2 hours by default (NCCL's own default, 10 minutes, aborts a long rollout), or as asked."""
+    for extra, minutes in (((), 120), (("--dist-timeout-minutes", "45"), 45)):
+        with pytest.raises(ProcessGroupAsked):
+            train_grpo.main(grpo_args(tiny_world, reference, tmp_path, *extra))
+        assert asked_process_group["timeout"] == datetime.timedelta(minutes=minutes)
 
 
 def run(args):

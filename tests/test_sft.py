@@ -1,5 +1,6 @@
 """train_sft.py: packing, the released Vision-R1-cold layout, kill-and-resume, 2 ranks = 1 rank."""
 
+import datetime
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 import data
 import model as M
 import train_sft
-from tests.test_fsdp import ROOT, torchrun
+from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -29,7 +30,8 @@ def cold_record(problem, looks=1):
     return {"image": problem["images"][0],
             "conversations": [{"from": "human", "value": "<image>" + problem["question"]},
                               {"from": "gpt", "value": "<think> " + "Let me look at the image. " * looks +
-                               f"The answer is {problem['answer']}. </think><answer> Final Answer:{problem['answer']} </answer>"}]}
+                               f"The answer is {problem['answer']}. </think>"
+                               f"<answer> Final Answer:{problem['answer']} </answer>"}]}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +57,15 @@ def metric(out, name):
     """Every logged value of `name` in <out>/metrics.jsonl, in order."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [row[name] for row in map(json.loads, f) if name in row]
+
+
+def test_collectives_wait_for_a_late_rank_as_long_as_configured(tiny_world, cold_file, tmp_path, asked_process_group):
+    """Rank 0 writes the weights alone while the others wait at the next collective: the process
+    group waits 2 hours by default (NCCL's own default, 10 minutes, aborts a 7B save), or as asked."""
+    for extra, minutes in (((), 120), (("--dist-timeout-minutes", "45"), 45)):
+        with pytest.raises(ProcessGroupAsked):
+            train_sft.main(sft_args(tiny_world, cold_file, tmp_path, *extra))
+        assert asked_process_group["timeout"] == datetime.timedelta(minutes=minutes)
 
 
 def test_packed_loss_is_token_weighted_mean_of_sequence_losses(tiny_world, cold_file):
