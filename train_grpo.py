@@ -32,7 +32,7 @@ import ptst
 import rewards
 from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, exit_if_missing, full_value,
                          init_distributed, load_training_state, packed_inputs, parse_config, peak_memory_gib,
-                         save_training_state, seed_everything)
+                         prune_checkpoints, save_training_state, seed_everything)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -239,6 +239,7 @@ class GRPOConfig:
     log_every: int = 1
     table_every: int = 10                        # wandb table of sample completions
     save_every: int = 50
+    keep_last: int = 2                           # step checkpoints kept (weights and state; final always); 0: all
     dist_timeout_minutes: int = 120              # a collective's wait for a late rank before abort: rollouts have no
                                                  # collectives, so ranks finish them minutes apart; NCCL's default: 10
     max_nonfinite: int = 3
@@ -484,9 +485,11 @@ def main(argv=None):
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
             M.save_model(policy, os.path.join(cfg.out, f"step_{done}"))
             save_training_state(cfg.out, done, policy, optimizer, {"stage": cfg.stage})
+            prune_checkpoints(cfg.out, cfg.keep_last)
 
     M.save_model(policy, os.path.join(cfg.out, "final"))
     save_training_state(cfg.out, stage.steps, policy, optimizer, {"stage": cfg.stage})
+    prune_checkpoints(cfg.out, cfg.keep_last)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

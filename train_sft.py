@@ -21,7 +21,7 @@ import data
 import model as M
 from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
                          init_distributed, load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib,
-                         save_training_state, seed_everything)
+                         prune_checkpoints, save_training_state, seed_everything)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class SFTConfig:
     log_every: int = 1
     eval_every: int = 0                         # 0: only at start and end
     save_every: int = 0                         # HF checkpoint + training state every K steps (0: end only)
+    keep_last: int = 2                          # step checkpoints kept (weights and state; final always); 0: all
     dist_timeout_minutes: int = 120             # a collective's wait for a late rank before abort: rank 0 writes
                                                 # the weights alone while the others wait; NCCL's default: 10
     max_nonfinite: int = 3
@@ -211,12 +212,14 @@ def main(argv=None):
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             M.save_model(model, os.path.join(cfg.out, f"step_{done}"))
             save_training_state(cfg.out, done, model, optimizer, {"epoch": epoch})
+            prune_checkpoints(cfg.out, cfg.keep_last)
 
     # ---------------------------------------------------------------- end
     if eval_records:
         logger.log(total_steps, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
     M.save_model(model, os.path.join(cfg.out, "final"))
     save_training_state(cfg.out, total_steps, model, optimizer, {"epoch": cfg.epochs})
+    prune_checkpoints(cfg.out, cfg.keep_last)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -233,6 +234,24 @@ def save_training_state(out, step, model, optimizer, progress):
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
     if dist.is_initialized():
         dist.barrier()
+
+
+def prune_checkpoints(out, keep_last):
+    """Delete all but the newest `keep_last` step checkpoints, both the weights (<out>/step_N) and
+    the training states (<out>/state/step_N); 0 keeps them all. `final` and the state that
+    <out>/state/latest points to always stay. Rank 0 deletes; call it after a save has finished.
+    Example: step_1..step_3 and state/step_1..state/step_4 (latest), keep_last 2 -> step_2, step_3,
+    state/step_3, state/step_4. (A 7B step checkpoint with its training state is ~125 GB.)"""
+    if keep_last < 1 or (dist.get_rank() if dist.is_initialized() else 0) != 0:
+        return
+    state = os.path.join(out, "state")
+    latest = open(os.path.join(state, "latest")).read().strip() if os.path.exists(os.path.join(state, "latest")) else None
+    for folder, kept in ((out, None), (state, latest)):
+        steps = sorted(int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if (m := re.fullmatch(r"step_(\d+)", name)))
+        for name in [f"step_{step}" for step in steps[:-keep_last]]:
+            if name != kept:
+                shutil.rmtree(os.path.join(folder, name))
 
 
 def load_training_state(out, model, optimizer):

@@ -14,6 +14,7 @@ import torch
 import data
 import model as M
 import train_sft
+import train_utils
 from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 torch.set_num_threads(2)
@@ -135,6 +136,28 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_p
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "x")
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-6, name
+
+
+def test_only_the_last_checkpoints_stay(tiny_world, cold_file, tmp_path):
+    """3 steps saved every step, keep_last 1: of the weights, step 2's and `final` stay (step 3's are
+    `final`); of the training states, step 3's, which `latest` points to."""
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path, "--epochs", "1.5", "--save-every", "1", "--keep-last", "1"))
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("step_", "final"))) == ["final", "step_2"]
+    assert sorted(os.listdir(tmp_path / "state")) == ["latest", "step_3"]
+    assert (tmp_path / "state" / "latest").read_text() == "step_3"
+
+
+def test_pruning_keeps_the_state_latest_points_to(tmp_path):
+    """keep_last 1 with `latest` at an older state (a run resumed from it before writing a newer
+    one): that state stays besides the newest; keep_last 0 deletes nothing."""
+    for name in ("step_1", "step_2", "step_3", "final", "state/step_1", "state/step_2", "state/step_3"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "state" / "latest").write_text("step_2")
+    train_utils.prune_checkpoints(str(tmp_path), 0)
+    assert len(os.listdir(tmp_path)) == 5 and len(os.listdir(tmp_path / "state")) == 4
+    train_utils.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["final", "state", "step_3"]
+    assert sorted(os.listdir(tmp_path / "state")) == ["latest", "step_2", "step_3"]
 
 
 def test_two_ranks_give_the_one_rank_loss_curve(tiny_world, cold_file, tmp_path):
