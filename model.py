@@ -715,12 +715,14 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
 # 8. FSDP2
 
 def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False):
-    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`.
+    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`, over
+    `mesh`: None for every rank, or HSDP's 2-D mesh (`train_utils.data_parallel_mesh`).
     CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout. `cpu_offload`
     keeps the shards in host memory between uses (the frozen reference model in GRPO).
     Build the optimizer from `model.parameters()` after this call and outside any forward.
-    FSDP averages gradients over ranks: a loss normalised by the global token count is scaled by
-    the world size before backward so that the averaged gradient is the global batch's."""
+    FSDP averages gradients over ranks (all of a 2-D mesh's): a loss normalised by the global
+    token count is scaled by the world size before backward so that the averaged gradient is the
+    global batch's."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
     on_cuda = next(model.parameters()).is_cuda

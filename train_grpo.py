@@ -30,9 +30,10 @@ import generate as gen
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, exit_if_missing, full_value,
-                         init_distributed, load_training_state, packed_inputs, parse_config, peak_memory_gib,
-                         prune_checkpoints, save_training_state, seed_everything)
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
+                         full_value, init_distributed, load_training_state, packed_inputs, parse_config,
+                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
+                         sharding_of)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -234,6 +235,7 @@ class GRPOConfig:
     micro_batch_tokens: int = 32768              # packed tokens per forward/backward
     activation_checkpointing: bool = True
     ref_cpu_offload: bool = False
+    replicate_degree: int = 1                    # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     seed: int = 0
     # operations
     log_every: int = 1
@@ -352,6 +354,7 @@ def main(argv=None):
     exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
     rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
@@ -367,9 +370,9 @@ def main(argv=None):
         policy.visual.requires_grad_(False)  # as in SFT: the LLM learns, the vision tower stays
     reference = M.load_model(cfg.ref, device=device).eval().requires_grad_(False) if cfg.kl_coef else None
     if world > 1:
-        M.apply_fsdp(policy, activation_checkpointing=cfg.activation_checkpointing)
+        M.apply_fsdp(policy, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
         if reference is not None:
-            M.apply_fsdp(reference, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
+            M.apply_fsdp(reference, mesh=mesh, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
     else:
         policy.activation_checkpointing = cfg.activation_checkpointing
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -384,7 +387,7 @@ def main(argv=None):
     if rank == 0:
         print(ptst.format_schedule(schedule), flush=True)
         print(f"stage {cfg.stage}: {L} tokens x {G} samples, {stage.steps} steps, from {cfg.init}, "
-              f"ref {cfg.ref}, start at step {start_step}", flush=True)
+              f"ref {cfg.ref}, start at step {start_step}, world {world} ({sharding_of(policy)})", flush=True)
 
     for step in range(start_step, stage.steps):
         t0 = time.perf_counter()

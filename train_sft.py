@@ -19,9 +19,10 @@ import torch
 
 import data
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
-                         init_distributed, load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib,
-                         prune_checkpoints, save_training_state, seed_everything)
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
+                         full_value, init_distributed, load_training_state, lr_at, packed_inputs, parse_config,
+                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
+                         sharding_of)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class SFTConfig:
     grad_clip: float = 1.0
     train_vision: bool = False                  # paper: vision tower and projector frozen
     activation_checkpointing: bool = True
+    replicate_degree: int = 1                   # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     seed: int = 0
     # operations
     log_every: int = 1
@@ -130,6 +132,7 @@ def main(argv=None):
     exit_if_missing(cfg.model, "--model", "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
     rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -151,7 +154,7 @@ def main(argv=None):
     if model.visual is not None and not cfg.train_vision:
         model.visual.requires_grad_(False)
     if world > 1:
-        M.apply_fsdp(model, activation_checkpointing=cfg.activation_checkpointing)
+        M.apply_fsdp(model, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
     else:
         model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
@@ -164,8 +167,8 @@ def main(argv=None):
         start_step = progress["step"] if progress else 0
     logger = Logger(cfg, rank, job_type="sft")
     if rank == 0:
-        print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world}, "
-              f"start at step {start_step}", flush=True)
+        print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world} "
+              f"({sharding_of(model)}), start at step {start_step}", flush=True)
     guard = NonFiniteGuard(cfg.max_nonfinite)
     skipped_too_long = 0
     flops_per_token = M.flops_per_token(model.cfg, cfg.max_tokens / 2)

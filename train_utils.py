@@ -81,6 +81,36 @@ def process_group_backend(device):
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
+def data_parallel_mesh(world, replicate_degree, device):
+    """The mesh FSDP shards over: None (every rank, FSDP's default) for `replicate_degree` 1; else
+    HSDP's 2-D mesh ("replicate", "shard") of shape (replicate_degree, world // replicate_degree),
+    as torchtitan builds it: each model is sharded within a group of world // replicate_degree ranks,
+    so the per-layer all-gathers and reduce-scatters stay inside it, and replicated across the
+    groups, which all-reduce the gradients once per backward. torchrun numbers ranks node by node,
+    so with replicate_degree = nodes each shard group is one node. Example: 2 nodes x 8 GPUs,
+    replicate_degree 2 -> shard groups {0..7} and {8..15}; rank 3's replica is rank 11.
+    Gradients are still averaged over all world ranks (the loss scaling of `apply_fsdp` holds)."""
+    if replicate_degree < 1 or world % replicate_degree:
+        raise ValueError(f"replicate_degree {replicate_degree} does not divide the world size {world}")
+    if replicate_degree == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (replicate_degree, world // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def sharding_of(model):
+    """How FSDP laid out the model's parameters, read from the parameters themselves: "unsharded",
+    "FSDP over 8 ranks" or "HSDP: 2 replicas x 8 shards"."""
+    param = next(model.parameters())
+    if not isinstance(param, DTensor):
+        return "unsharded"
+    mesh = param.device_mesh
+    if mesh.ndim == 1:
+        return f"FSDP over {mesh.size()} ranks"
+    return f"HSDP: {mesh.size(0)} replicas x {mesh.size(1)} shards"
+
+
 def all_reduce(value, op=dist.ReduceOp.SUM):
     """Sum (or max) of a number or tensor over ranks, as a CPU float64 tensor (reduced by gloo, see
     `init_distributed`); identity on one process."""
@@ -245,7 +275,10 @@ def prune_checkpoints(out, keep_last):
     if keep_last < 1 or (dist.get_rank() if dist.is_initialized() else 0) != 0:
         return
     state = os.path.join(out, "state")
-    latest = open(os.path.join(state, "latest")).read().strip() if os.path.exists(os.path.join(state, "latest")) else None
+    latest = None
+    if os.path.exists(os.path.join(state, "latest")):
+        with open(os.path.join(state, "latest")) as f:
+            latest = f.read().strip()
     for folder, kept in ((out, None), (state, latest)):
         steps = sorted(int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
                        if (m := re.fullmatch(r"step_(\d+)", name)))

@@ -91,6 +91,21 @@ def test_collectives_wait_for_a_late_rank_as_long_as_configured(tiny_world, refe
         assert asked_process_group["timeout"] == datetime.timedelta(minutes=minutes)
 
 
+def test_hsdp_on_2x2_ranks_gives_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
+    """Two nodes of 2 ranks on one machine: 4 gloo ranks on a 2 x 2 HSDP mesh (policy and
+    reference) take the 1-rank run's first step: same samples, loss and KL."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ("--stages", "12x4x1", "--prompts-per-update", "4")
+    train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
+    log = torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "four", *args,
+                                               "--replicate-degree", "2"), nproc=4, timeout=300)
+    assert "world 4 (HSDP: 2 replicas x 2 shards)" in log
+    one, four = metrics(tmp_path / "one")[0], metrics(tmp_path / "four")[0]
+    assert one["response_length"] == four["response_length"] and one["kl_ref"] > 0.01
+    for name in ("loss", "kl_ref", "entropy", "grad_norm"):
+        assert abs(one[name] - four[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], four[name])
+
+
 def run(args):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "train_grpo.py", *args], cwd=ROOT, env=env,

@@ -3,6 +3,7 @@
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -141,7 +142,8 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_p
 def test_only_the_last_checkpoints_stay(tiny_world, cold_file, tmp_path):
     """3 steps saved every step, keep_last 1: of the weights, step 2's and `final` stay (step 3's are
     `final`); of the training states, step 3's, which `latest` points to."""
-    train_sft.main(sft_args(tiny_world, cold_file, tmp_path, "--epochs", "1.5", "--save-every", "1", "--keep-last", "1"))
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path, "--epochs", "1.5", "--save-every", "1",
+                            "--keep-last", "1"))
     assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("step_", "final"))) == ["final", "step_2"]
     assert sorted(os.listdir(tmp_path / "state")) == ["latest", "step_3"]
     assert (tmp_path / "state" / "latest").read_text() == "step_3"
@@ -188,6 +190,27 @@ def test_uneven_ranks_give_the_one_rank_losses(tiny_world, tmp_path):
     for name in ("loss", "eval_loss"):
         one, two = metric(tmp_path / "one", name), metric(tmp_path / "two", name)
         assert len(one) == len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (name, one, two)
+
+
+def test_hsdp_on_2x2_ranks_gives_the_one_rank_run_and_resumes_on_2(tiny_world, cold_file, tmp_path):
+    """Two nodes of 2 ranks on one machine: 4 gloo ranks on a 2 x 2 HSDP mesh (--replicate-degree 2)
+    train 2 steps with the 1-rank losses; the training state they save after step 1 resumes on 2
+    ranks (plain FSDP) and step 2 ends with the 1-rank loss and weights."""
+    args = ("--epochs", "0.8", "--save-every", "1")  # 2 steps of 8 of the 20 records
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path / "one", *args))
+    log = torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "four", *args,
+                                             "--replicate-degree", "2"), nproc=4, timeout=300)
+    assert "world 4 (HSDP: 2 replicas x 2 shards)" in log
+    one, four = metric(tmp_path / "one", "loss"), metric(tmp_path / "four", "loss")
+    assert len(one) == len(four) == 2 and max(abs(a - b) for a, b in zip(one, four)) <= 1e-4, (one, four)
+
+    shutil.copytree(tmp_path / "four" / "state", tmp_path / "two" / "state")
+    (tmp_path / "two" / "state" / "latest").write_text("step_1")
+    log = torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "two", *args, "--resume"), timeout=300)
+    assert "world 2 (FSDP over 2 ranks), start at step 1" in log
+    assert abs(metric(tmp_path / "two", "loss")[-1] - one[1]) <= 1e-4
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert max((a[name] - b[name]).abs().max().item() for name in a) <= 1e-4
 
 
 def test_sft_teaches_the_cot_format_on_held_out_problems(tmp_path):
