@@ -150,3 +150,17 @@ def test_a_rollout_leaves_training_with_as_many_all_gathers(tmp_path):
         assert r["settings"][0] is False and all(r["settings"][1:]), r  # the root (first) keeps its parameters
         assert r["settings_after_rollout"] == r["settings"], r
         assert r["plain"] > 0 and r["after_rollout"] == r["plain"], r
+
+
+def test_aligned_passes_pads_to_the_busiest_rank(monkeypatch):
+    """As rank 0 of a run whose busiest rank has 3 micro-batches (train_utils.ranks_max stands in)."""
+    monkeypatch.setattr(train_utils, "ranks_max", lambda count: 3)
+    assert list(train_utils.aligned_passes(["a", "b"])) == [("a", 1.0), ("b", 1.0), ("a", 0.0)]
+    assert list(train_utils.aligned_passes([], filler="idle")) == [("idle", 0.0)] * 3
+
+
+def test_replicate_degree_must_divide_the_world():
+    assert train_utils.data_parallel_mesh(8, 1, torch.device("cpu")) is None  # plain FSDP: no mesh to build
+    for world, degree in ((8, 3), (1, 2), (8, 0)):
+        with pytest.raises(ValueError, match=f"replicate_degree {degree} does not divide the world size {world}"):
+            train_utils.data_parallel_mesh(world, degree, torch.device("cpu"))
