@@ -842,12 +842,14 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
 # 8. FSDP2
 
 def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False):
-    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`.
+    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`, over
+    `mesh`: None for every rank, or HSDP's 2-D mesh (`train_utils.data_parallel_mesh`).
     CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout. `cpu_offload`
     keeps the shards in host memory between uses (the frozen reference model in GRPO).
     Build the optimizer from `model.parameters()` after this call and outside any forward.
-    FSDP averages gradients over ranks: a loss normalised by the global token count is scaled by
-    the world size before backward so that the averaged gradient is the global batch's."""
+    FSDP averages gradients over ranks (all of a 2-D mesh's): a loss normalised by the global
+    token count is scaled by the world size before backward so that the averaged gradient is the
+    global batch's."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
     on_cuda = next(model.parameters()).is_cuda
@@ -866,21 +868,27 @@ def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=Fals
 @contextlib.contextmanager
 def gathered_params(model):
     """Inside: every FSDP2 module holds its full parameters, so many forward calls (a whole
-    generation) pay for one all-gather. No-op for an unsharded model."""
+    generation) pay for one all-gather. After: each module is resharded and gets back its own
+    reshard-after-forward setting; FSDP2 keeps the root's parameters gathered from forward to
+    backward (one all-gather per step for them), and a root left resharding after forward would
+    all-gather them again in every backward. No-op for an unsharded model."""
     from torch.distributed.fsdp import FSDPModule
     fsdp_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
     if fsdp_modules:
         # FSDP2 makes the first module to run forward the root; generation calls the layers
         # directly, so make the model the root before they run (a no-op once initialised)
         model._get_fsdp_state()._lazy_init()
+    # FSDP2 has no getter: a module reshards after forward when its groups have a post-forward mesh
+    reshards = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
+                for m in fsdp_modules]
     for m in fsdp_modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
-        for m in fsdp_modules:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m, reshard_after_forward in zip(fsdp_modules, reshards):
+            m.set_reshard_after_forward(reshard_after_forward, recurse=False)
             m.reshard()
 
 

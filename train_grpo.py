@@ -30,9 +30,10 @@ import generate as gen
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, all_reduce, exit_if_missing, full_value, init_distributed,
-                         load_training_state, packed_inputs, parse_config, peak_memory_gib, ranks_max,
-                         save_training_state, seed_everything)
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
+                         full_value, init_distributed, load_training_state, packed_inputs, parse_config,
+                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
+                         sharding_of)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -234,11 +235,15 @@ class GRPOConfig:
     micro_batch_tokens: int = 32768              # packed tokens per forward/backward
     activation_checkpointing: bool = True
     ref_cpu_offload: bool = False
+    replicate_degree: int = 1                    # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     seed: int = 0
     # operations
     log_every: int = 1
     table_every: int = 10                        # wandb table of sample completions
     save_every: int = 50
+    keep_last: int = 2                           # step checkpoints kept (weights and state; final always); 0: all
+    dist_timeout_minutes: int = 120              # a collective's wait for a late rank before abort: rollouts have no
+                                                 # collectives, so ranks finish them minutes apart; NCCL's default: 10
     max_nonfinite: int = 3
     resume: bool = False
     wandb_project: str = "vision-r1"
@@ -304,29 +309,30 @@ def prompt_groups(prompts, completions):
     return list(groups.values())
 
 
-def response_logprobs(model, batches, max_len, temperature, device, with_entropy=False):
-    """Per-token log-probs [rows, max_len] of the responses in each `data.pack_shared_prompts`
-    batch under `model`, and their entropy; yields (rows, logp, entropy, mask) per batch so callers
-    can backward each one before the next forward. The head runs on response positions only."""
-    for batch in batches:
-        ids, cu, pixels, grid = packed_inputs(batch, device)
-        out = model.packed_logprobs(ids, cu, batch["targets"].to(device), pixels, grid, temperature,
-                                    with_entropy=with_entropy, positions=batch["positions"].to(device),
-                                    prefix_of=batch["prefix_of"])
-        logp, entropy = out if with_entropy else (out, None)
-        mask = torch.arange(max_len, device=device) < batch["lengths"].to(device)[:, None]
-        padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
-        yield (batch["rows"], padded.masked_scatter(mask, logp),
-               padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
+def response_logprobs(model, batch, max_len, temperature, device, with_entropy=False):
+    """(rows, logp, entropy, mask): per-token log-probs [rows, max_len] of the responses in one
+    `data.pack_shared_prompts` batch under `model`, their entropy (or None) and the mask of real
+    tokens. The head runs on response positions only."""
+    ids, cu, pixels, grid = packed_inputs(batch, device)
+    out = model.packed_logprobs(ids, cu, batch["targets"].to(device), pixels, grid, temperature,
+                                with_entropy=with_entropy, positions=batch["positions"].to(device),
+                                prefix_of=batch["prefix_of"])
+    logp, entropy = out if with_entropy else (out, None)
+    mask = torch.arange(max_len, device=device) < batch["lengths"].to(device)[:, None]
+    padded = torch.zeros(mask.shape, dtype=logp.dtype, device=device)
+    return (batch["rows"], padded.masked_scatter(mask, logp),
+            padded.masked_scatter(mask, entropy) if with_entropy else None, mask)
 
 
 @torch.no_grad()
 def frozen_logprobs(model, groups, max_len, cfg, device):
-    """[N, max_len] log-probs under a model without gradients (old policy or reference)."""
+    """[N, max_len] log-probs under a model without gradients (old policy or reference). Every rank
+    runs as many micro-batches as the rank with the most (`aligned_passes`): FSDP's all-gathers."""
     out = torch.zeros(sum(len(g["rows"]) for g in groups), max_len, device=device)
-    batches = data.pack_shared_prompts(groups, cfg.micro_batch_tokens)
-    for rows, logp, _, _ in response_logprobs(model, batches, max_len, cfg.temperature, device):
-        out[rows] = logp
+    for batch, weight in aligned_passes(data.pack_shared_prompts(groups, cfg.micro_batch_tokens)):
+        rows, logp, _, _ = response_logprobs(model, batch, max_len, cfg.temperature, device)
+        if weight:
+            out[rows] = logp
     return out
 
 
@@ -347,7 +353,8 @@ def main(argv=None):
         exit_if_missing(cfg.ref, ref_flag, "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
@@ -363,9 +370,9 @@ def main(argv=None):
         policy.visual.requires_grad_(False)  # as in SFT: the LLM learns, the vision tower stays
     reference = M.load_model(cfg.ref, device=device).eval().requires_grad_(False) if cfg.kl_coef else None
     if world > 1:
-        M.apply_fsdp(policy, activation_checkpointing=cfg.activation_checkpointing)
+        M.apply_fsdp(policy, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
         if reference is not None:
-            M.apply_fsdp(reference, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
+            M.apply_fsdp(reference, mesh=mesh, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
     else:
         policy.activation_checkpointing = cfg.activation_checkpointing
     params = [p for p in policy.parameters() if p.requires_grad]
@@ -380,7 +387,7 @@ def main(argv=None):
     if rank == 0:
         print(ptst.format_schedule(schedule), flush=True)
         print(f"stage {cfg.stage}: {L} tokens x {G} samples, {stage.steps} steps, from {cfg.init}, "
-              f"ref {cfg.ref}, start at step {start_step}", flush=True)
+              f"ref {cfg.ref}, start at step {start_step}, world {world} ({sharding_of(policy)})", flush=True)
 
     for step in range(start_step, stage.steps):
         t0 = time.perf_counter()
@@ -425,19 +432,10 @@ def main(argv=None):
                 responses = [r for g in update_groups for r in g["continuations"]]
                 global_tokens = float(all_reduce(sum(len(r) for r in responses)))
                 global_seqs = float(all_reduce(sum(len(r) > 0 for r in responses)))
-                batches = data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)
-                n_micro = ranks_max(len(batches))
                 loss_total = 0.0
-                stream = response_logprobs(policy, batches, L, cfg.temperature, device, with_entropy=True)
-                for _ in range(n_micro):
-                    item = next(stream, None)
-                    if item is None:  # this rank ran out: a zero-weight pass keeps FSDP's collectives aligned
-                        item = next(response_logprobs(policy, batches[:1], L, cfg.temperature, device,
-                                                      with_entropy=True))
-                        weight = 0.0
-                    else:
-                        weight = 1.0
-                    index, logp, entropy, mask = item
+                for batch, weight in aligned_passes(data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)):
+                    index, logp, entropy, mask = response_logprobs(policy, batch, L, cfg.temperature, device,
+                                                                   with_entropy=True)
                     rows = torch.tensor(index, device=device)
                     old = logp.detach() if old_logp is None else old_logp[rows]
                     loss, metrics = policy_loss(
@@ -490,9 +488,11 @@ def main(argv=None):
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
             M.save_model(policy, os.path.join(cfg.out, f"step_{done}"))
             save_training_state(cfg.out, done, policy, optimizer, {"stage": cfg.stage})
+            prune_checkpoints(cfg.out, cfg.keep_last)
 
     M.save_model(policy, os.path.join(cfg.out, "final"))
     save_training_state(cfg.out, stage.steps, policy, optimizer, {"stage": cfg.stage})
+    prune_checkpoints(cfg.out, cfg.keep_last)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -19,9 +19,10 @@ import torch
 
 import data
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, all_reduce, exit_if_missing, full_value, init_distributed,
-                         load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib, ranks_max,
-                         save_training_state, seed_everything)
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
+                         full_value, init_distributed, load_training_state, lr_at, packed_inputs, parse_config,
+                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
+                         sharding_of)
 
 
 @dataclass
@@ -47,11 +48,15 @@ class SFTConfig:
     grad_clip: float = 1.0
     train_vision: bool = False                  # paper: vision tower and projector frozen
     activation_checkpointing: bool = True
+    replicate_degree: int = 1                   # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     seed: int = 0
     # operations
     log_every: int = 1
     eval_every: int = 0                         # 0: only at start and end
     save_every: int = 0                         # HF checkpoint + training state every K steps (0: end only)
+    keep_last: int = 2                          # step checkpoints kept (weights and state; final always); 0: all
+    dist_timeout_minutes: int = 120             # a collective's wait for a late rank before abort: rank 0 writes
+                                                # the weights alone while the others wait; NCCL's default: 10
     max_nonfinite: int = 3
     resume: bool = False
     peak_tflops: float = 989.0                  # per-device peak for MFU (H100 bf16 dense)
@@ -67,6 +72,11 @@ PRESETS = {
                 global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
                 activation_checkpointing=False),  # the random vision tower already separates every cell
 }
+
+
+# a one-token, unlabelled batch: the pass of a rank that has no micro-batch of its own (all its
+# records too long, or fewer held-out records than ranks) costs nothing and adds nothing
+IDLE_BATCH = data.collate([{"input_ids": [0], "labels": [-100]}], [])
 
 
 def shifted_targets(batch):
@@ -110,11 +120,9 @@ def eval_loss(model, records, processor, cfg, device):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
         if torch.distributed.is_initialized() else (0, 1)
     batches, _ = microbatches(records, range(rank, len(records), world), processor, cfg.max_tokens)
-    n_batches = ranks_max(len(batches))
     total = tokens = 0.0
-    for k in range(n_batches):  # ranks with fewer batches repeat one with weight 0 (FSDP collectives)
-        loss_sum, n = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
-        weight = 1.0 if k < len(batches) else 0.0
+    for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
+        loss_sum, n = microbatch_loss(model, batch, device)
         total, tokens = total + weight * loss_sum.item(), tokens + weight * n.item()
     return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
 
@@ -123,7 +131,8 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -145,7 +154,7 @@ def main(argv=None):
     if model.visual is not None and not cfg.train_vision:
         model.visual.requires_grad_(False)
     if world > 1:
-        M.apply_fsdp(model, activation_checkpointing=cfg.activation_checkpointing)
+        M.apply_fsdp(model, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
     else:
         model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
@@ -158,8 +167,8 @@ def main(argv=None):
         start_step = progress["step"] if progress else 0
     logger = Logger(cfg, rank, job_type="sft")
     if rank == 0:
-        print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world}, "
-              f"start at step {start_step}", flush=True)
+        print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world} "
+              f"({sharding_of(model)}), start at step {start_step}", flush=True)
     guard = NonFiniteGuard(cfg.max_nonfinite)
     skipped_too_long = 0
     flops_per_token = M.flops_per_token(model.cfg, cfg.max_tokens / 2)
@@ -175,15 +184,13 @@ def main(argv=None):
         batches, too_long = microbatches(records, batch_indices[rank::world], processor, cfg.max_tokens)
         skipped_too_long += int(all_reduce(too_long))
         global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
-        n_micro = ranks_max(len(batches))
 
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = 0.0
-        for k in range(n_micro):
-            weight = 1.0 if k < len(batches) else 0.0  # a rank short of micro-batches still joins FSDP's collectives
-            micro_loss, _ = microbatch_loss(model, batches[min(k, len(batches) - 1)], device)
+        for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
+            micro_loss, _ = microbatch_loss(model, batch, device)
             # FSDP averages gradients over ranks, so scale by world to get the global token mean
             (micro_loss * (weight * world / float(global_tokens))).backward()
             loss_sum += weight * micro_loss.item()
@@ -208,12 +215,14 @@ def main(argv=None):
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             M.save_model(model, os.path.join(cfg.out, f"step_{done}"))
             save_training_state(cfg.out, done, model, optimizer, {"epoch": epoch})
+            prune_checkpoints(cfg.out, cfg.keep_last)
 
     # ---------------------------------------------------------------- end
     if eval_records:
         logger.log(total_steps, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
     M.save_model(model, os.path.join(cfg.out, "final"))
     save_training_state(cfg.out, total_steps, model, optimizer, {"epoch": cfg.epochs})
+    prune_checkpoints(cfg.out, cfg.keep_last)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

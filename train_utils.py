@@ -1,10 +1,12 @@
 """What train_sft.py and train_grpo.py share: process group, logging, learning rate, checkpoints
 of the training state (exact resume), and the guard against non-finite steps."""
 
+import datetime
 import json
 import math
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -54,30 +56,90 @@ def exit_if_missing(path, flag, kind):
 # -----------------------------------------------------------------------------
 # processes
 
-def init_distributed():
-    """(rank, world_size, device) under torchrun (nccl on CUDA, gloo on CPU) or a plain process."""
+def init_distributed(timeout_minutes=120):
+    """(rank, world_size, device) under torchrun, or (0, 1, device) in a plain process.
+
+    The group is `process_group_backend(device)`: gloo on CPU; on CUDA, NCCL for CUDA tensors (FSDP's
+    collectives) and gloo for CPU ones (`all_reduce`'s numbers, barriers, the checkpoint's metadata),
+    because NCCL serves CUDA tensors only. `timeout_minutes`: how long a collective waits for a late
+    rank before the job aborts. Generation has no collectives, so ranks finish their rollouts (and
+    evaluation shards) minutes apart and meet at the next one; NCCL's default of 10 minutes would
+    abort a long one."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=timeout_minutes))
     return (dist.get_rank() if world > 1 else 0), world, device
 
 
+def process_group_backend(device):
+    """The backend of each device type's collectives: "gloo" on CPU; "cpu:gloo,cuda:nccl" on CUDA,
+    so that a collective on a CPU tensor (which NCCL refuses) runs on gloo instead of failing."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+def data_parallel_mesh(world, replicate_degree, device):
+    """The mesh FSDP shards over: None (every rank, FSDP's default) for `replicate_degree` 1; else
+    HSDP's 2-D mesh ("replicate", "shard") of shape (replicate_degree, world // replicate_degree),
+    as torchtitan builds it: each model is sharded within a group of world // replicate_degree ranks,
+    so the per-layer all-gathers and reduce-scatters stay inside it, and replicated across the
+    groups, which all-reduce the gradients once per backward. torchrun numbers ranks node by node,
+    so with replicate_degree = nodes each shard group is one node. Example: 2 nodes x 8 GPUs,
+    replicate_degree 2 -> shard groups {0..7} and {8..15}; rank 3's replica is rank 11.
+    Gradients are still averaged over all world ranks (the loss scaling of `apply_fsdp` holds)."""
+    if replicate_degree < 1 or world % replicate_degree:
+        raise ValueError(f"replicate_degree {replicate_degree} does not divide the world size {world}")
+    if replicate_degree == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh(device.type, (replicate_degree, world // replicate_degree),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def sharding_of(model):
+    """How FSDP laid out the model's parameters, read from the parameters themselves: "unsharded",
+    "FSDP over 8 ranks" or "HSDP: 2 replicas x 8 shards"."""
+    param = next(model.parameters())
+    if not isinstance(param, DTensor):
+        return "unsharded"
+    mesh = param.device_mesh
+    if mesh.ndim == 1:
+        return f"FSDP over {mesh.size()} ranks"
+    return f"HSDP: {mesh.size(0)} replicas x {mesh.size(1)} shards"
+
+
 def all_reduce(value, op=dist.ReduceOp.SUM):
-    """Sum (or max) of a number or tensor over ranks; identity on one process."""
-    tensor = torch.as_tensor(value, dtype=torch.float64).clone()
+    """Sum (or max) of a number or tensor over ranks, as a CPU float64 tensor (reduced by gloo, see
+    `init_distributed`); identity on one process."""
+    tensor = torch.as_tensor(value, dtype=torch.float64, device="cpu").clone()
     if dist.is_initialized():
         dist.all_reduce(tensor, op=op)
     return tensor
 
 
 def ranks_max(count):
-    """The largest count over ranks: FSDP ranks must run the same number of forward/backward
-    passes, so a rank with fewer micro-batches pads with zero-weight ones."""
+    """The largest count over ranks."""
     return int(all_reduce(count, dist.ReduceOp.MAX))
+
+
+def aligned_passes(items, filler=None):
+    """Yield (item, weight) the same number of times on every rank: this rank's items with weight
+    1.0, then `filler` (by default its first item again) with weight 0.0 until it has made as many
+    passes as the rank with the most items. The caller multiplies what a pass contributes (loss,
+    gradient, counts) by its weight and discards a zero-weight pass's outputs.
+
+    Why: under FSDP every forward all-gathers each layer's weights together with the other ranks
+    (and every backward reduce-scatters its gradients), so ranks must run the same passes in the
+    same order; a rank with fewer micro-batches would otherwise leave the others waiting, or pair
+    their all-gathers with the wrong layer's. A rank that may hold no items passes a `filler`.
+    Example: rank 0 holds [a], rank 1 holds [x, y, z] -> rank 0 yields (a, 1.), (a, 0.), (a, 0.);
+    rank 1 yields (x, 1.), (y, 1.), (z, 1.).
+    """
+    for k in range(ranks_max(len(items))):
+        yield (items[k], 1.0) if k < len(items) else (items[0] if items else filler, 0.0)
 
 
 def packed_inputs(batch, device):
@@ -202,6 +264,27 @@ def save_training_state(out, step, model, optimizer, progress):
         os.replace(os.path.join(root, "latest.tmp"), os.path.join(root, "latest"))
     if dist.is_initialized():
         dist.barrier()
+
+
+def prune_checkpoints(out, keep_last):
+    """Delete all but the newest `keep_last` step checkpoints, both the weights (<out>/step_N) and
+    the training states (<out>/state/step_N); 0 keeps them all. `final` and the state that
+    <out>/state/latest points to always stay. Rank 0 deletes; call it after a save has finished.
+    Example: step_1..step_3 and state/step_1..state/step_4 (latest), keep_last 2 -> step_2, step_3,
+    state/step_3, state/step_4. (A 7B step checkpoint with its training state is ~125 GB.)"""
+    if keep_last < 1 or (dist.get_rank() if dist.is_initialized() else 0) != 0:
+        return
+    state = os.path.join(out, "state")
+    latest = None
+    if os.path.exists(os.path.join(state, "latest")):
+        with open(os.path.join(state, "latest")) as f:
+            latest = f.read().strip()
+    for folder, kept in ((out, None), (state, latest)):
+        steps = sorted(int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+                       if (m := re.fullmatch(r"step_(\d+)", name)))
+        for name in [f"step_{step}" for step in steps[:-keep_last]]:
+            if name != kept:
+                shutil.rmtree(os.path.join(folder, name))
 
 
 def load_training_state(out, model, optimizer):

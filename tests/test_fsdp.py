@@ -1,11 +1,19 @@
-"""FSDP2 on CPU with gloo: two processes equal one (loss and updated weights)."""
+"""FSDP2 on CPU with gloo: two processes equal one (loss and updated weights); ranks with uneven work;
+the process group a GPU run asks for."""
 
+import datetime
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
+import pytest
+import torch
+import torch.distributed as dist
+
+import train_utils
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,19 +29,28 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False):
-    """stdout of `script` run on `nproc` CPU ranks. With `rerun_on_teardown_abort`, a run in which a
-    rank aborts with TEARDOWN_ABORT is run once more: torch 2.13's gloo does that now and then (a few
-    runs in a hundred here) after the workers' results are out and the process group destroyed. Only
-    for scripts that write nothing a second run would find."""
+    """stdout of `script` run on `nproc` CPU ranks. A run past `timeout` seconds (ranks waiting on
+    each other's collectives) is killed with all its workers and fails the test. With
+    `rerun_on_teardown_abort`, a run in which a rank aborts with TEARDOWN_ABORT is run once more:
+    torch 2.13's gloo does that now and then (a few runs in a hundred here) after the workers'
+    results are out and the process group destroyed. Only for scripts that write nothing a second
+    run would find."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     for _ in range(2 if rerun_on_teardown_abort else 1):
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                              "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
-                              *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-        if out.returncode == 0 or TEARDOWN_ABORT not in out.stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
+                                 *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only torchrun
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{script} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}") from None
+        if proc.returncode == 0 or TEARDOWN_ABORT not in stderr:
             break
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return stdout
 
 
 def test_fsdp2_step_equals_single_process(tmp_path):
@@ -43,3 +60,107 @@ def test_fsdp2_step_equals_single_process(tmp_path):
     assert abs(result["loss"] - result["ref_loss"]) <= 1e-5, result
     assert result["max_update"] > 5e-4  # the step moved the weights ...
     assert result["max_weight_diff"] <= 1e-5, result  # ... identically in both runs
+
+
+def test_ranks_with_1_and_4_micro_batches_equal_one_rank(tmp_path):
+    """Frozen log-probs (old policy, reference) and an accumulated gradient when one rank has 1
+    packed micro-batch and the other 4: every rank runs 4 passes (train_utils.aligned_passes)."""
+    tiny.save_vl(tmp_path)
+    results = json.loads(torchrun("tests/uneven_worker.py", tmp_path, timeout=240,
+                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+    assert [r["micro_batches"] for r in results] == [1, 4]
+    for r in results:
+        assert r["frozen_abs"] > 1.0 and r["frozen_diff"] <= 1e-5, r
+        assert r["same_params"] and r["grad_scale"] > 1e-3 and r["grad_diff"] <= 1e-6, r
+
+
+class ProcessGroupAsked(Exception):
+    """Raised by `asked_process_group` in place of init_process_group."""
+
+
+@pytest.fixture
+def asked_process_group(monkeypatch):
+    """What a training script asks of init_process_group as rank 0 of 2: the call is recorded in the
+    returned dict and raises ProcessGroupAsked, so the script stops there."""
+    asked = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+
+    def recorded_init(backend, **kwargs):
+        asked.update(backend=backend, **kwargs)
+        raise ProcessGroupAsked
+
+    monkeypatch.setattr(dist, "init_process_group", recorded_init)
+    return asked
+
+
+def served_device_types(backend):
+    """Device types whose tensors a process group made with `backend` can reduce: NCCL serves CUDA
+    tensors only, gloo both; "cpu:gloo,cuda:nccl" names a backend per device type."""
+    if ":" in backend:
+        return {pair.split(":")[0] for pair in backend.split(",")}
+    return {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}}[backend]
+
+
+@pytest.fixture
+def simulated_gpu_rank(monkeypatch):
+    """Rank 0 of 2 on a machine with GPUs, as far as train_utils can tell: torch.cuda reports a
+    device, init_process_group records what it is asked for and opens a 1-process gloo group in its
+    place, and every all_reduce checks that the group asked for serves its tensor's device."""
+    asked = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    init, all_reduce = dist.init_process_group, dist.all_reduce
+
+    def recorded_init(backend, **kwargs):
+        asked.update(backend=backend, **kwargs)
+        init("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+    def checked_all_reduce(tensor, *args, **kwargs):
+        assert tensor.device.type in served_device_types(asked["backend"]), \
+            f"a {asked['backend']} group cannot reduce a {tensor.device.type} tensor"
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", recorded_init)
+    monkeypatch.setattr(dist, "all_reduce", checked_all_reduce)
+    yield asked
+    dist.destroy_process_group()
+
+
+def test_collectives_on_gpus_use_a_backend_that_serves_their_tensors(simulated_gpu_rank):
+    rank, world, device = train_utils.init_distributed()
+    assert (rank, world, device.type) == (0, 2, "cuda")
+    assert simulated_gpu_rank["timeout"] > datetime.timedelta(minutes=10)  # NCCL's default aborts a long rollout
+    assert float(train_utils.all_reduce(3)) == 3.0  # token counts and losses: CPU numbers
+    assert train_utils.ranks_max(4) == 4
+    assert list(train_utils.aligned_passes(["a"])) == [("a", 1.0)]
+
+
+def test_a_rollout_leaves_training_with_as_many_all_gathers(tmp_path):
+    """After model.gathered_params (a rollout), a training forward + backward all-gathers as often as
+    before it: every FSDP module gets back its reshard-after-forward setting (the root: keep its
+    parameters from forward to backward)."""
+    tiny.save_vl(tmp_path)
+    results = json.loads(torchrun("tests/regather_worker.py", tmp_path, timeout=240,
+                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+    for r in results:
+        assert r["settings"][0] is False and all(r["settings"][1:]), r  # the root (first) keeps its parameters
+        assert r["settings_after_rollout"] == r["settings"], r
+        assert r["plain"] > 0 and r["after_rollout"] == r["plain"], r
+
+
+def test_aligned_passes_pads_to_the_busiest_rank(monkeypatch):
+    """As rank 0 of a run whose busiest rank has 3 micro-batches (train_utils.ranks_max stands in)."""
+    monkeypatch.setattr(train_utils, "ranks_max", lambda count: 3)
+    assert list(train_utils.aligned_passes(["a", "b"])) == [("a", 1.0), ("b", 1.0), ("a", 0.0)]
+    assert list(train_utils.aligned_passes([], filler="idle")) == [("idle", 0.0)] * 3
+
+
+def test_replicate_degree_must_divide_the_world():
+    assert train_utils.data_parallel_mesh(8, 1, torch.device("cpu")) is None  # plain FSDP: no mesh to build
+    for world, degree in ((8, 3), (1, 2), (8, 0)):
+        with pytest.raises(ValueError, match=f"replicate_degree {degree} does not divide the world size {world}"):
+            train_utils.data_parallel_mesh(world, degree, torch.device("cpu"))

@@ -1,6 +1,7 @@
 """train_grpo.py end to end: on the tiny world 2 ranks = 1 rank at step 1 and kill-and-resume is exact; on the
 toy world a short run raises held-out reward over its SFT checkpoint."""
 
+import datetime
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import torch
 
 import model as M
 import train_grpo
-from tests.test_fsdp import ROOT, torchrun
+from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,59 @@ def test_two_ranks_first_step_loss_equals_one_rank(tiny_world, reference, tmp_pa
     assert one["kl_ref"] > 0.01  # the loss is not trivially zero
     assert one["response_length"] == two["response_length"]  # the same samples on 1 and 2 ranks
     assert abs(one["loss"]) > 1e-3 and abs(one["loss"] - two["loss"]) <= 1e-4, (one["loss"], two["loss"])
+
+
+def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
+    """Rank 1's prompts are 5 times longer than rank 0's: with 250-token micro-batches it packs each
+    group's prompt with one response, 4 micro-batches per group (8 for the old and reference
+    log-probs), against rank 0's 1. The step's loss, KL and entropy equal the 1-rank run's."""
+    import data
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    with open(os.path.join(tiny_world, "data", "rl.jsonl")) as f:
+        problems = [{**p, "images": [os.path.join(tiny_world, "data", im) for im in p["images"]]}
+                    for p in map(json.loads, f)]
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(0)).tolist()  # step 0's prompts
+    for i in order[1:4:2]:  # rank 1's share of the 4
+        problems[i]["question"] = "Look closely at every shape in the picture. " * 8 + problems[i]["question"]
+    path = tmp_path / "rl.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in problems))
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"), 28 * 28, 112 * 112)
+    records = data.load_problems(str(path))
+    short, long = [[len(processor.encode_problem(records[i])["input_ids"]) for i in order[r:4:2]] for r in (0, 1)]
+    assert all(2 * (n + 4 * 12) <= 250 for n in short) and all(n + 12 <= 250 < n + 24 for n in long)
+
+    args = ("--stages", "12x4x1", "--data", str(path), "--micro-batch-tokens", "250")
+    train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
+    torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=300)
+    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
+    assert one["response_length"] == two["response_length"] and one["kl_ref"] > 0.01
+    for name in ("loss", "kl_ref", "entropy", "ppo_kl"):
+        assert abs(one[name] - two[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], two[name])
+
+
+def test_collectives_wait_for_a_late_rank_as_long_as_configured(tiny_world, reference, tmp_path, asked_process_group):
+    """Rollouts have no collectives, so ranks reach the next one minutes apart: the process group
+    waits 2 hours by default (NCCL's own default, 10 minutes, aborts a long rollout), or as asked."""
+    for extra, minutes in (((), 120), (("--dist-timeout-minutes", "45"), 45)):
+        with pytest.raises(ProcessGroupAsked):
+            train_grpo.main(grpo_args(tiny_world, reference, tmp_path, *extra))
+        assert asked_process_group["timeout"] == datetime.timedelta(minutes=minutes)
+
+
+def test_hsdp_on_2x2_ranks_gives_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
+    """Two nodes of 2 ranks on one machine: 4 gloo ranks on a 2 x 2 HSDP mesh (policy and
+    reference) take the 1-rank run's first step: same samples, loss and KL."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    args = ("--stages", "12x4x1", "--prompts-per-update", "4")
+    train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
+    log = torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "four", *args,
+                                               "--replicate-degree", "2"), nproc=4, timeout=300)
+    assert "world 4 (HSDP: 2 replicas x 2 shards)" in log
+    one, four = metrics(tmp_path / "one")[0], metrics(tmp_path / "four")[0]
+    assert one["response_length"] == four["response_length"] and one["kl_ref"] > 0.01
+    for name in ("loss", "kl_ref", "entropy", "grad_norm"):
+        assert abs(one[name] - four[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], four[name])
 
 
 def run(args):

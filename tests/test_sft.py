@@ -1,7 +1,9 @@
 """train_sft.py: packing, the released Vision-R1-cold layout, kill-and-resume, 2 ranks = 1 rank."""
 
+import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +15,8 @@ import torch
 import data
 import model as M
 import train_sft
-from tests.test_fsdp import ROOT, torchrun
+import train_utils
+from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -23,18 +26,22 @@ def no_wandb(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
+def cold_record(problem, looks=1):
+    """A record in the exact layout of the released Vision-R1-cold JSON: `image` as one path string,
+    human/gpt turns, the response in the Vision-R1 format, its thinking `looks` sentences long."""
+    return {"image": problem["images"][0],
+            "conversations": [{"from": "human", "value": "<image>" + problem["question"]},
+                              {"from": "gpt", "value": "<think> " + "Let me look at the image. " * looks +
+                               f"The answer is {problem['answer']}. </think>"
+                               f"<answer> Final Answer:{problem['answer']} </answer>"}]}
+
+
 @pytest.fixture(scope="module")
 def cold_file(tiny_world, tmp_path_factory):
-    """40 records in the exact layout of the released Vision-R1-cold JSON: a JSON array, `image`
-    as one path string, human/gpt turns, the response in the Vision-R1 format."""
+    """The tiny world's training problems as a Vision-R1-cold JSON array (`cold_record`)."""
     problems = data.load_problems(os.path.join(tiny_world, "data", "train.jsonl"))[:40]
-    records = [{"image": p["images"][0],
-                "conversations": [{"from": "human", "value": "<image>" + p["question"]},
-                                  {"from": "gpt", "value": f"<think> Let me look at the image. The answer is "
-                                                          f"{p['answer']}. </think><answer> Final Answer:{p['answer']} </answer>"}]}
-               for p in problems]
     path = tmp_path_factory.mktemp("cold") / "vision_r1_cold.json"
-    path.write_text(json.dumps(records, indent=2))
+    path.write_text(json.dumps([cold_record(p) for p in problems], indent=2))
     return str(path)
 
 
@@ -48,9 +55,19 @@ def final_state(out):
     return M.load_model(os.path.join(out, "final")).state_dict()
 
 
-def losses(out):
+def metric(out, name):
+    """Every logged value of `name` in <out>/metrics.jsonl, in order."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [row["loss"] for row in map(json.loads, f) if "loss" in row]
+        return [row[name] for row in map(json.loads, f) if name in row]
+
+
+def test_collectives_wait_for_a_late_rank_as_long_as_configured(tiny_world, cold_file, tmp_path, asked_process_group):
+    """Rank 0 writes the weights alone while the others wait at the next collective: the process
+    group waits 2 hours by default (NCCL's own default, 10 minutes, aborts a 7B save), or as asked."""
+    for extra, minutes in (((), 120), (("--dist-timeout-minutes", "45"), 45)):
+        with pytest.raises(ProcessGroupAsked):
+            train_sft.main(sft_args(tiny_world, cold_file, tmp_path, *extra))
+        assert asked_process_group["timeout"] == datetime.timedelta(minutes=minutes)
 
 
 def test_packed_loss_is_token_weighted_mean_of_sequence_losses(tiny_world, cold_file):
@@ -122,13 +139,78 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_p
         assert (a[name] - b[name]).abs().max() <= 1e-6, name
 
 
+def test_only_the_last_checkpoints_stay(tiny_world, cold_file, tmp_path):
+    """3 steps saved every step, keep_last 1: of the weights, step 2's and `final` stay (step 3's are
+    `final`); of the training states, step 3's, which `latest` points to."""
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path, "--epochs", "1.5", "--save-every", "1",
+                            "--keep-last", "1"))
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith(("step_", "final"))) == ["final", "step_2"]
+    assert sorted(os.listdir(tmp_path / "state")) == ["latest", "step_3"]
+    assert (tmp_path / "state" / "latest").read_text() == "step_3"
+
+
+def test_pruning_keeps_the_state_latest_points_to(tmp_path):
+    """keep_last 1 with `latest` at an older state (a run resumed from it before writing a newer
+    one): that state stays besides the newest; keep_last 0 deletes nothing."""
+    for name in ("step_1", "step_2", "step_3", "final", "state/step_1", "state/step_2", "state/step_3"):
+        os.makedirs(tmp_path / name)
+    (tmp_path / "state" / "latest").write_text("step_2")
+    train_utils.prune_checkpoints(str(tmp_path), 0)
+    assert len(os.listdir(tmp_path)) == 5 and len(os.listdir(tmp_path / "state")) == 4
+    train_utils.prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(tmp_path)) == ["final", "state", "step_3"]
+    assert sorted(os.listdir(tmp_path / "state")) == ["latest", "step_2", "step_3"]
+
+
 def test_two_ranks_give_the_one_rank_loss_curve(tiny_world, cold_file, tmp_path):
     args = ("--epochs", "2")
     train_sft.main(sft_args(tiny_world, cold_file, tmp_path / "one", *args))
     torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "two", *args), timeout=600)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = metric(tmp_path / "one", "loss"), metric(tmp_path / "two", "loss")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (one, two)
+
+
+def test_uneven_ranks_give_the_one_rank_losses(tiny_world, tmp_path):
+    """Rank 1's records are 6 times longer than rank 0's: at each of the 2 steps it packs 4
+    micro-batches to rank 0's 1, and the one held-out record leaves it none for the eval loss (it
+    runs train_sft.IDLE_BATCH). Training and eval losses equal the 1-rank run's."""
+    problems = data.load_problems(os.path.join(tiny_world, "data", "train.jsonl"))[:17]
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(0)).tolist()  # train_sft's epoch 0, seed 0
+    long = set(order[1::2]) | {16}  # rank 1's share of both global batches of 8, and the held-out record
+    path = tmp_path / "cold.json"
+    path.write_text(json.dumps([cold_record(p, looks=45 if i in long else 1) for i, p in enumerate(problems)]))
+    processor = data.ChatProcessor(os.path.join(tiny_world, "model"))
+    records = data.load_conversations(str(path))
+    assert [len(train_sft.microbatches(records, order[rank:8:2], processor, 512)[0]) for rank in (0, 1)] == [1, 4]
+
+    args = ("--max-tokens", "512", "--eval-holdout", "1", "--warmup-ratio", "0")
+    train_sft.main(sft_args(tiny_world, str(path), tmp_path / "one", *args))
+    torchrun("train_sft.py", *sft_args(tiny_world, str(path), tmp_path / "two", *args), timeout=300)
+    for name in ("loss", "eval_loss"):
+        one, two = metric(tmp_path / "one", name), metric(tmp_path / "two", name)
+        assert len(one) == len(two) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-4, (name, one, two)
+
+
+def test_hsdp_on_2x2_ranks_gives_the_one_rank_run_and_resumes_on_2(tiny_world, cold_file, tmp_path):
+    """Two nodes of 2 ranks on one machine: 4 gloo ranks on a 2 x 2 HSDP mesh (--replicate-degree 2)
+    train 2 steps with the 1-rank losses; the training state they save after step 1 resumes on 2
+    ranks (plain FSDP) and step 2 ends with the 1-rank loss and weights."""
+    args = ("--epochs", "0.8", "--save-every", "1")  # 2 steps of 8 of the 20 records
+    train_sft.main(sft_args(tiny_world, cold_file, tmp_path / "one", *args))
+    log = torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "four", *args,
+                                             "--replicate-degree", "2"), nproc=4, timeout=300)
+    assert "world 4 (HSDP: 2 replicas x 2 shards)" in log
+    one, four = metric(tmp_path / "one", "loss"), metric(tmp_path / "four", "loss")
+    assert len(one) == len(four) == 2 and max(abs(a - b) for a, b in zip(one, four)) <= 1e-4, (one, four)
+
+    shutil.copytree(tmp_path / "four" / "state", tmp_path / "two" / "state")
+    (tmp_path / "two" / "state" / "latest").write_text("step_1")
+    log = torchrun("train_sft.py", *sft_args(tiny_world, cold_file, tmp_path / "two", *args, "--resume"), timeout=300)
+    assert "world 2 (FSDP over 2 ranks), start at step 1" in log
+    assert abs(metric(tmp_path / "two", "loss")[-1] - one[1]) <= 1e-4
+    a, b = final_state(tmp_path / "one"), final_state(tmp_path / "two")
+    assert max((a[name] - b[name]).abs().max().item() for name in a) <= 1e-4
 
 
 def test_sft_teaches_the_cot_format_on_held_out_problems(tmp_path):
