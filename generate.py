@@ -329,7 +329,8 @@ def prefill(model, prompts, slots_of, kv):
     # the fan-out: slot s of prompt p, position i <- packed token cu[p] + i, for i < len(prompt p)
     fan_slot = torch.cat([torch.tensor(slots).repeat_interleave(n) for slots, n in zip(slots_of, lengths)])
     fan_pos = torch.cat([torch.arange(n).repeat(len(slots)) for slots, n in zip(slots_of, lengths)])
-    fan_src = torch.cat([torch.arange(s, s + n).repeat(len(slots)) for slots, s, n in zip(slots_of, cu.tolist(), lengths)])
+    fan_src = torch.cat([torch.arange(start, start + n).repeat(len(slots))
+                         for slots, start, n in zip(slots_of, cu.tolist(), lengths)])
     attend = prefill_attention(kv, cu.to(device, torch.int32), *(t.to(device) for t in (fan_src, fan_slot, fan_pos)))
     hidden = run_decoder(model, x, cos, sin, attend)
     logits = hidden[(cu[1:] - 1).to(device)] @ model.head_weight.t()  # the prompts' last positions only

@@ -275,8 +275,8 @@ def test_token_frequencies_match_the_truncated_softmax(ours, temperature, top_k,
         logits = ours(ids[None], pixel_values=pixels, image_grid_thw=grid)[0, -1]
     logits[VISION_IDS] += 5.0  # the vision placeholders become the likeliest tokens: the ban must hold
     draws = 20_000
-    tokens, logprobs = G.sample_next(logits.expand(draws, -1), temperature, top_p, top_k, banned=torch.tensor(VISION_IDS),
-                                     uniform=stream_noise(draws, along, len(logits)))
+    tokens, logprobs = G.sample_next(logits.expand(draws, -1), temperature, top_p, top_k,
+                                     banned=torch.tensor(VISION_IDS), uniform=stream_noise(draws, along, len(logits)))
     expected = truncated_softmax(logits, temperature, top_k, top_p, VISION_IDS)
     counts = torch.bincount(tokens, minlength=len(logits)).double()
     support = expected > 0
@@ -312,6 +312,26 @@ def test_stream_noise_is_a_function_of_key_position_and_token():
     assert len({tuple(row.tolist()) for row in noise}) == 4  # sample, seed and position each change the stream
     assert noise.min() > 0 and noise.max() < 1 and abs(noise.mean().item() - 0.5) < 0.01
     assert G.stream_key(0, 3, 1) != G.stream_key(0, 1, 3) and 0 <= G.stream_key(-1, -1, -1) < 2**63
+
+
+def test_evaluate_draws_each_record_from_its_own_streams():
+    """evaluate.py's redraws (--retry-until-answer) take fresh streams named by (record, round, k-th
+    redrawn sample of that record), so a record's samples never depend on its batch or rank."""
+    import evaluate as E
+
+    calls, texts = [], iter(["none", "<answer>1</answer>", "none", "none", "none", "<answer>2</answer>", "none",
+                             "<answer>3</answer>", "none"])
+
+    def sample(prompts, n, prompt_ids):
+        calls.append(list(prompt_ids))
+        return [G.Completion(p, k, [1], [], "stop", next(texts)) for p in range(len(prompts)) for k in range(n)]
+    batch = [{"input_ids": [1]}, {"input_ids": [2]}]
+    _, attempts = E.sample_until_answer(E.record_streams(sample, batch, [40, 7]), batch, n=2, retries=2)
+    # record 40: none, answer; record 7: none, none. Round 1 redraws 40#0, 7#0, 7#1 (none, answer, none);
+    # round 2 redraws 40#0 and 7#1, each the first of its record in that round
+    assert calls == [[40, 7], [G.stream_key(40, 1, 0), G.stream_key(7, 1, 0), G.stream_key(7, 1, 1)],
+                     [G.stream_key(40, 2, 0), G.stream_key(7, 2, 0)]]
+    assert attempts == [3, 1, 2, 3]
 
 
 # ----------------------------------------------------------------------------- the decode step
