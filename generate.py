@@ -95,14 +95,15 @@ MASK32, MASK64 = 2**32 - 1, 2**64 - 1
 
 
 def _mix32(x):
-    """A bijective 32-bit integer hash (xorshift-multiply, two rounds) of int64 tensors holding values
-    below 2^32. The odd multipliers are below 2^31, so no product overflows int64 and the same bits
-    come out on every device and under torch.compile."""
-    x = x ^ (x >> 16)
-    x = (x * 0x21F0AAAD) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * 0x735A2D97) & MASK32
-    return x ^ (x >> 15)
+    """A bijective 32-bit integer hash (xorshift-multiply, two rounds), in place, of an int64 tensor
+    holding values below 2^32. The odd multipliers are below 2^31, so no product overflows int64 and
+    the same bits come out on every device and under torch.compile."""
+    x ^= x >> 16  # in place: on a [rows, vocab] tensor each pass is a full read and write
+    x.mul_(0x21F0AAAD).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(0x735A2D97).bitwise_and_(MASK32)
+    x ^= x >> 15
+    return x
 
 
 def stream_key(seed, prompt_id, sample):
@@ -125,7 +126,7 @@ def stream_uniform(keys, counts, vocab):
     row = _mix32(_mix32(_mix32(counts & MASK32) ^ (keys & MASK32)) ^ (keys >> 32))  # [R]
     column = _mix32(torch.arange(vocab, device=keys.device) + 0x9E3779B9)  # [V]
     h = _mix32(row[:, None] ^ column)
-    return ((h >> 9).float() + 0.5) * 2.0**-23
+    return h.bitwise_right_shift_(9).float().add_(0.5).mul_(2.0**-23)
 
 
 def draw(logits, keys, counts, *, temperature, top_p, top_k, greedy, banned):
