@@ -367,7 +367,7 @@ def fsdp_rollout(path, args, world):
 
 def _fsdp_rollout_worker(path, vocab, prompts, samples, max_tokens):
     """Each rank samples its share of the prompts (forced lengths as in bench_rollout) with the model
-    unwrapped and FSDP2-wrapped, alternately, twice each; the best time of each side."""
+    unwrapped and FSDP2-wrapped, twice each in ABBA order; rank 0 prints each rank's best time of each."""
     import torch.distributed as dist
 
     import generate as G
@@ -381,18 +381,20 @@ def _fsdp_rollout_worker(path, vocab, prompts, samples, max_tokens):
     mine = torch.cat([lengths[i * samples:(i + 1) * samples] for i in ids])
     models = {"unwrapped": M.load_model(path).eval(),
               "wrapped": M.apply_fsdp(M.load_model(path), activation_checkpointing=False).eval()}
-    seconds = {name: [] for name in models}
-    for model in models.values():  # first-call costs
+
+    def sample(model, max_new_tokens):
         with forced_lengths_ours(G, mine, 0, ids, samples, eos):
-            G.generate(model, [everyone[i] for i in ids], eos_ids=[eos], n=samples, max_new_tokens=2, prompt_ids=ids)
-    for _ in range(2):
-        for name, model in models.items():
-            dist.barrier()  # both ranks time the same side at the same time
-            start = time.perf_counter()
-            with forced_lengths_ours(G, mine, 0, ids, samples, eos):
-                G.generate(model, [everyone[i] for i in ids], eos_ids=[eos], n=samples, max_new_tokens=max_tokens,
-                           prompt_ids=ids)
-            seconds[name].append(time.perf_counter() - start)
+            G.generate(model, [everyone[i] for i in ids], eos_ids=[eos], n=samples, max_new_tokens=max_new_tokens,
+                       prompt_ids=ids)
+
+    for model in models.values():  # first-call costs
+        sample(model, 2)
+    seconds = {name: [] for name in models}
+    for name in ("unwrapped", "wrapped", "wrapped", "unwrapped"):  # ABBA: neither side always goes first
+        dist.barrier()  # every rank times the same side at the same time
+        start = time.perf_counter()
+        sample(models[name], max_tokens)
+        seconds[name].append(time.perf_counter() - start)
     results = [None] * world
     dist.all_gather_object(results, {name: min(s) for name, s in seconds.items()})
     if rank == 0:
@@ -571,9 +573,10 @@ def main():
     p.add_argument("--max-tokens", type=int, default=256, help="the length cap")
     p.add_argument("--kv-budget-slots", type=int, default=16,
                    help="our cache: this many slots of (the longest prompt + max tokens)")
-    p.add_argument("--check-every", type=int, default=4, help="our decode steps between stop checks")
+    p.add_argument("--check-every", type=int, default=None, help="our decode steps between stop checks "
+                                                                  "(default: the engine's)")
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--fsdp-prompts", type=int, default=2, help="prompts over all ranks in the FSDP2 comparison")
+    p.add_argument("--fsdp-prompts", type=int, default=4, help="prompts over all ranks in the FSDP2 comparison")
     p.add_argument("--fsdp-ranks", type=int, nargs="*", default=[1, 2], help="gloo world sizes of that comparison")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
     p.set_defaults(run=bench_rollout)

@@ -341,7 +341,7 @@ def prefill(model, prompts, slots_of, kv):
 
 @torch.no_grad()
 def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
-             greedy=False, seed=0, prompt_ids=None, kv_budget=None, check_every=4, cuda_graphs=None,
+             greedy=False, seed=0, prompt_ids=None, kv_budget=None, check_every=None, cuda_graphs=None,
              tokenizer=None):
     """Sample n completions of each prompt; returns P*n Completions, prompt-major (all samples of
     prompt 0, then prompt 1, ...), so GRPO groups are consecutive.
@@ -354,8 +354,9 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
     global id and the samples are the same whatever the batch, the budget or the number of ranks.
 
     kv_budget: cached tokens at most (`kv_budget_tokens` converts GiB); None: every sample at once.
-    check_every: decode steps between the host's stop checks and refills. cuda_graphs: capture the
-    decode step (default: on CUDA).
+    check_every: decode steps between the host's stop checks and refills (default 8 on CUDA, where a
+    check waits for the device; 1 on CPU, where it costs nothing and a finished row idles no step).
+    cuda_graphs: capture the decode step (default: on CUDA).
 
     Under FSDP2 every rank calls it (with its own prompts): parameters are gathered once for the
     whole generation and resharded after; no collective runs inside, so ranks may take different
@@ -382,6 +383,8 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
         sampler = functools.partial(draw, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                                     banned=torch.tensor(vision_token_ids(model), dtype=torch.long, device=device))
         rope = model.rope_cos_sin(torch.arange(slot_len, device=device).expand(3, -1), dtype)
+        if check_every is None:
+            check_every = 8 if device.type == "cuda" else 1
         graphs = None
         if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
             graphs = GraphedDecodeSteps(lambda B: decode_step(model, pool, B, sampler, eos, rope, slot_len), slots)
