@@ -336,11 +336,11 @@ def test_evaluate_draws_each_record_from_its_own_streams():
 
 # ----------------------------------------------------------------------------- the decode step
 
-def live_pool(model, slots=4, slot_len=40, new_tokens=8):
+def live_pool(model, slots=4, slot_len=40, new_tokens=8, dtype=torch.float32):
     """A pool of `slots` slots, the last one free, the others mid-sample over random cached keys/values."""
-    pool = G.new_slot_pool(model.cfg, slots, slot_len, new_tokens, torch.float32, "cpu")
+    pool = G.new_slot_pool(model.cfg, slots, slot_len, new_tokens, dtype, "cpu")
     g = torch.Generator().manual_seed(0)
-    pool.kv.normal_(generator=g)
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=g))
     pool.tokens[:] = torch.tensor([5, 17, 250, 0])[:slots]
     pool.lengths[:] = torch.tensor([9, 30, 14, 0])[:slots]
     pool.positions[:] = torch.tensor([7, 25, 14, 0])[:slots]
@@ -369,6 +369,42 @@ def test_decode_step_traces_as_one_graph(ours):
     # slot 1 fills its 8 tokens at the second step and stops advancing; the free slot never moves
     assert eager.counts.tolist() == [4, 8, 6, 0] and eager.lengths.tolist() == [12, 32, 17, 0]
     assert eager.done.tolist() == [False, True, False, True]
+
+
+@torch.no_grad()
+def test_flash_decode_branch_matches_sdpa_in_bf16(vl_dir, monkeypatch):
+    """The CUDA branch of cached_attention (flash-attn's flash_attn_with_kvcache) on CPU through the
+    stand-in, which enforces the kernel's contracts (bf16/fp16, int32 cache_seqlens, [B, L, Hkv, D]
+    caches written in place): three bf16 decode steps over a pool with a free slot draw the tokens
+    the SDPA branch draws, write the same cache and state, and log-probs within bf16 rounding."""
+    standin = pytest.importorskip("tests.flash_attn_standin")
+    model = M.load_model(vl_dir, dtype=torch.bfloat16).eval()
+    eos = torch.tensor([7, 11])
+    sampler = functools.partial(G.draw, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
+                                banned=torch.tensor(VISION_IDS))
+    rope = model.rope_cos_sin(torch.arange(40).expand(3, -1), torch.bfloat16)
+
+    def steps(pool):
+        return [G.decode_step(model, pool, 4, sampler, eos, rope, 40) for _ in range(3)]
+
+    sdpa, flash = live_pool(model, dtype=torch.bfloat16), live_pool(model, dtype=torch.bfloat16)
+    expected = steps(sdpa)
+    calls = []
+
+    def recorded(q, *args, **kwargs):
+        calls.append((q.dtype, kwargs["cache_seqlens"].dtype))
+        return standin.flash_attn_with_kvcache(q, *args, **kwargs)
+    monkeypatch.setattr(G, "flash_attn_with_kvcache", recorded)
+    monkeypatch.setattr(G, "use_flash_decode", lambda q: True)
+    got = steps(flash)
+    assert calls == [(torch.bfloat16, torch.int32)] * 3 * len(model.model.layers)
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected):
+        assert torch.equal(tokens, want_tokens) and (logprobs - want_logprobs).abs().max() <= 2e-2
+    for name, value in vars(sdpa).items():
+        if name in ("kv", "out_logprobs"):  # the same tokens' keys/values and log-probs, bf16 rounding apart
+            assert (getattr(flash, name).float() - value.float()).abs().max() <= 2e-2, name
+        else:
+            assert torch.equal(getattr(flash, name), value), name
 
 
 # ----------------------------------------------------------------------------- FSDP2
