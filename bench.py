@@ -3,16 +3,20 @@ the same run and printed as ratios.
 
     python bench.py logprobs     # token_logprobs vs naive log_softmax at vocab 151,936 x 4,096 tokens
     python bench.py generate     # generate.generate vs transformers generate, greedy, batch 1 and 8 prompts x 8
+    python bench.py rollout      # a long-tailed GRPO rollout: ours within a KV budget vs today's engine vs
+                                 # transformers; FSDP2-wrapped decode vs unwrapped on 1 and 2 gloo ranks
     python bench.py grpo-step    # one train_grpo.py step vs one TRL GRPOTrainer step, same model and workload
                                  # (pip install -r requirements-bench.txt)
 """
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
 import resource
+import socket
 import statistics
 import subprocess
 import sys
@@ -168,6 +172,238 @@ def bench_generate(args):
 
 
 # -----------------------------------------------------------------------------
+# rollout: one GRPO rollout with a long-tailed length profile, forced alike on every engine
+
+BASELINE_COMMIT = "2778580"  # generate.py before the slot engine: a cache row per sample, compacted as rows stop
+
+
+def todays_engine():
+    """generate.py as of BASELINE_COMMIT, read from the git history, as a module."""
+    import types
+
+    source = subprocess.run(["git", "show", f"{BASELINE_COMMIT}:generate.py"], cwd=os.path.dirname(__file__) or ".",
+                            capture_output=True, text=True, check=True).stdout
+    module = types.ModuleType("generate_baseline")
+    exec(compile(source, "generate_baseline.py", "exec"), module.__dict__)
+    return module
+
+
+def rollout_lengths(rows, cap, seed):
+    """Each row's response length (PAPER.md section 3's profile after the cold start, 75% of outputs
+    under 4K and 14% over 8K of 16K): 75% short (5-25% of the cap), 11% medium (25-75%), the rest at
+    the cap, shuffled. Example: 128 rows -> 96 short, 14 medium, 18 at the cap."""
+    g = torch.Generator().manual_seed(seed)
+    short, medium = round(0.75 * rows), round(0.11 * rows)
+    fraction = torch.cat([0.05 + 0.2 * torch.rand(short, generator=g), 0.25 + 0.5 * torch.rand(medium, generator=g),
+                          torch.ones(rows - short - medium)])
+    return (fraction[torch.randperm(rows, generator=g)] * cap).ceil().long().clamp(1, cap)
+
+
+@contextlib.contextmanager
+def forced_lengths_ours(G, lengths, seed, prompt_ids, n, eos):
+    """Our engine with row (p, j) stopping at its `lengths[p * n + j]`-th token: the step's sampler
+    bans `eos` and then forces it at that position; the row is found on the device by its stream key."""
+    keys = torch.tensor([G.stream_key(seed, i, j) for i in prompt_ids for j in range(n)])
+    order = keys.argsort()
+    sorted_keys, stop_at, eos = keys[order], lengths[order], torch.tensor([eos])
+    draw = G.draw
+
+    def forced(logits, keys, counts, **sampling):
+        tokens, logprobs = draw(logits.index_fill(-1, eos, float("-inf")), keys, counts, **sampling)
+        return torch.where(counts + 1 == stop_at[torch.searchsorted(sorted_keys, keys)], eos, tokens), logprobs
+    G.draw = forced
+    try:
+        yield
+    finally:
+        G.draw = draw
+
+
+@contextlib.contextmanager
+def forced_lengths_baseline(B, lengths, eos):
+    """Today's engine with the same forced lengths: its sampler sees the live rows in row order, one
+    call per step, and a row leaves after its EOS, so the wrapper follows the live rows itself."""
+    sample_next, state = B.sample_next, {"live": list(range(len(lengths))), "step": 0}
+
+    def forced(logits, *args):
+        tokens, logprobs = sample_next(logits.index_fill(-1, torch.tensor([eos]), float("-inf")), *args)
+        stop = torch.tensor([int(lengths[row]) == state["step"] + 1 for row in state["live"]])
+        state["live"] = [row for row, s in zip(state["live"], stop.tolist()) if not s]
+        state["step"] += 1
+        return torch.where(stop, eos, tokens), logprobs
+    B.sample_next = forced
+    try:
+        yield
+    finally:
+        B.sample_next = sample_next
+
+
+def forced_lengths_hf(lengths, width, eos):
+    """transformers' LogitsProcessor for the same forced lengths (rows prompt-major, left-padded to `width`)."""
+    from transformers import LogitsProcessor
+
+    class ForceLengths(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stop = lengths.to(scores.device) == input_ids.shape[1] - width + 1
+            scores[:, eos] = float("-inf")
+            scores[stop] = float("-inf")
+            scores[stop, eos] = 0.0
+            return scores
+    return ForceLengths()
+
+
+def rollout_model(path, vocab):
+    """bench_vl_config's random-weight Qwen2.5-VL saved to `path`; returns its image token id."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(bench_vl_config(vocab, vocab - 4)).save_pretrained(path)
+    return vocab - 4
+
+
+def bench_rollout(args):
+    """--prompts x --samples rows (one image per prompt), temperature 1, each row's length forced by
+    `rollout_lengths`, the same on every engine, timed in one run: transformers' generate (every row
+    to the end), today's engine (every row at once, compacted as rows stop; and in calls of as many
+    prompts as fit our budget), ours within --kv-budget-slots slots; then decode tokens/s of an
+    FSDP2-wrapped model over the unwrapped one on --fsdp-ranks gloo ranks. The default budget holds
+    1/8 of the rows, as a 7B stage-2 rollout (512 rows of up to 9K tokens per rank) would in ~30 GiB."""
+    import generate as G
+    from transformers import AutoModelForImageTextToText, LogitsProcessorList
+
+    torch.set_num_threads(args.threads)
+    baseline = todays_engine()
+    eos = args.vocab - 5  # an ordinary token id, banned except where a row's length forces it
+    lengths = rollout_lengths(args.prompts * args.samples, args.max_tokens, seed=0)
+    with tempfile.TemporaryDirectory() as path:
+        image_token_id = rollout_model(path, args.vocab)
+        ours = M.load_model(path).eval()
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        fsdp = {world: fsdp_rollout(path, args, world) for world in args.fsdp_ranks}
+    prompts = bench_prompts(args.prompts, image_token_id, seed=0)
+    banned = G.vision_token_ids(ours)
+
+    def slot_len(prompts):
+        return max(len(p["input_ids"]) for p in prompts) + args.max_tokens
+
+    def run_ours(prompts, lengths):
+        ids = range(len(prompts))
+        with forced_lengths_ours(G, lengths, 0, ids, args.samples, eos):
+            out = G.generate(ours, prompts, eos_ids=[eos], n=args.samples, max_new_tokens=args.max_tokens,
+                             prompt_ids=ids, kv_budget=args.kv_budget_slots * slot_len(prompts),
+                             check_every=args.check_every)
+        return [len(c.token_ids) for c in out]
+
+    def run_baseline(prompts, lengths, per_call):
+        made = []
+        for start in range(0, len(prompts), per_call):
+            calls = prompts[start:start + per_call]
+            rows = slice(start * args.samples, (start + len(calls)) * args.samples)
+            generators = [torch.Generator().manual_seed(start + i) for i in range(len(calls))]
+            with forced_lengths_baseline(baseline, lengths[rows], eos):
+                out = baseline.generate(ours, calls, eos_ids=[eos], n=args.samples, max_new_tokens=args.max_tokens,
+                                        generator=generators)
+            made += [len(c.token_ids) for c in out]
+        return made
+
+    @torch.no_grad()
+    def run_hf(prompts, lengths):
+        batch = hf_batch(prompts, args.samples)
+        width = batch["input_ids"].shape[1]
+        out = hf.generate(**batch, max_new_tokens=args.max_tokens, do_sample=True, temperature=1.0, top_p=1.0,
+                          top_k=0, suppress_tokens=banned, eos_token_id=eos, pad_token_id=0,
+                          logits_processor=LogitsProcessorList([forced_lengths_hf(lengths, width, eos)]))
+        return [row.tolist().index(eos) + 1 for row in out[:, width:]]  # the EOS is sampled only where forced
+
+    rows, per_call = len(lengths), max(1, args.kv_budget_slots // args.samples)
+    engines = {  # name: (run, tokens of cache it holds at most)
+        "transformers generate": (run_hf, rows * slot_len(prompts)),
+        "today's engine, every row at once": (functools.partial(run_baseline, per_call=len(prompts)),
+                                              rows * slot_len(prompts)),
+        f"today's engine, {per_call} prompt(s) a call": (
+            functools.partial(run_baseline, per_call=per_call),
+            max(per_call * args.samples * slot_len(prompts[s:s + per_call]) for s in range(0, len(prompts), per_call))),
+        f"ours, {args.kv_budget_slots} slots": (run_ours, args.kv_budget_slots * slot_len(prompts)),
+    }
+    warm = bench_prompts(1, image_token_id, seed=1)
+    for run, _ in engines.values():  # first-call costs of every engine
+        run(warm, torch.full((args.samples,), 2))
+    seconds = {}
+    for name, (run, _) in engines.items():
+        start = time.perf_counter()
+        made = run(prompts, lengths)
+        seconds[name] = time.perf_counter() - start
+        if made != lengths.tolist():
+            raise RuntimeError(f"{name} did not follow the forced lengths")
+
+    tokens = int(lengths.sum())
+    print(f"rollout: {args.prompts} prompts x {args.samples} samples, one image each, temperature 1, lengths forced "
+          f"(75% 5-25% of {args.max_tokens}, 11% 25-75%, 14% at it): {tokens} tokens; Qwen2.5-VL 4 layers x 512, "
+          f"vocab {args.vocab}; cpu fp32, {torch.get_num_threads()} thread(s)")
+    print(f"{'engine':38s}{'KV tokens':>10s}{'seconds':>9s}{'tokens/s':>10s}")
+    for name, (_, cache) in engines.items():
+        print(f"{name:38s}{cache:10d}{seconds[name]:9.2f}{tokens / seconds[name]:10.1f}")
+    peer, all_rows, same_budget, ours_s = seconds.values()
+    print(f"ours / today's engine in the same budget: {same_budget / ours_s:.2f} (target >= 2);  "
+          f"/ today's engine with every row's cache: {all_rows / ours_s:.2f};  / transformers: {peer / ours_s:.2f} "
+          f"(target >= 4)")
+    for world, ranks in fsdp.items():
+        ratios = [r["unwrapped"] / r["wrapped"] for r in ranks]
+        print(f"FSDP2-wrapped / unwrapped decode tokens/s, {world} gloo rank(s), {args.fsdp_prompts} prompts x "
+              f"{args.samples}: {min(ratios):.2f} (worst rank; target >= 0.9)")
+
+
+def fsdp_rollout(path, args, world):
+    """bench.py _fsdp_rollout_worker on `world` gloo ranks; each rank's {unwrapped, wrapped} seconds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                          "--master_addr", "127.0.0.1", "--master_port", str(port), __file__,
+                          "_fsdp_rollout_worker", path, str(args.vocab), str(args.fsdp_prompts), str(args.samples),
+                          str(args.max_tokens)], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _fsdp_rollout_worker(path, vocab, prompts, samples, max_tokens):
+    """Each rank samples its share of the prompts (forced lengths as in bench_rollout) with the model
+    unwrapped and FSDP2-wrapped, twice each in ABBA order; rank 0 prints each rank's best time of each."""
+    import torch.distributed as dist
+
+    import generate as G
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    eos, everyone = vocab - 5, bench_prompts(prompts, vocab - 4, seed=0)
+    lengths = rollout_lengths(prompts * samples, max_tokens, seed=0)
+    ids = list(range(prompts))[rank::world]
+    mine = torch.cat([lengths[i * samples:(i + 1) * samples] for i in ids])
+    models = {"unwrapped": M.load_model(path).eval(),
+              "wrapped": M.apply_fsdp(M.load_model(path), activation_checkpointing=False).eval()}
+
+    def sample(model, max_new_tokens):
+        with forced_lengths_ours(G, mine, 0, ids, samples, eos):
+            G.generate(model, [everyone[i] for i in ids], eos_ids=[eos], n=samples, max_new_tokens=max_new_tokens,
+                       prompt_ids=ids)
+
+    for model in models.values():  # first-call costs
+        sample(model, 2)
+    seconds = {name: [] for name in models}
+    for name in ("unwrapped", "wrapped", "wrapped", "unwrapped"):  # ABBA: neither side always goes first
+        dist.barrier()  # every rank times the same side at the same time
+        start = time.perf_counter()
+        sample(models[name], max_tokens)
+        seconds[name].append(time.perf_counter() - start)
+    results = [None] * world
+    dist.all_gather_object(results, {name: min(s) for name, s in seconds.items()})
+    if rank == 0:
+        print(json.dumps(results), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
 # grpo-step: one step of train_grpo.py vs one step of TRL's GRPOTrainer, same model and workload
 
 def grpo_problems(count, seed):
@@ -314,6 +550,9 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_logprobs_worker":
         impl, tokens, vocab, hidden, device = sys.argv[2:]
         return _logprobs_worker(impl, int(tokens), int(vocab), int(hidden), device)
+    if len(sys.argv) > 1 and sys.argv[1] == "_fsdp_rollout_worker":
+        path, *sizes = sys.argv[2:]
+        return _fsdp_rollout_worker(path, *map(int, sizes))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("logprobs")
@@ -329,6 +568,19 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores; 1 on a shared box)")
     p.set_defaults(run=bench_generate)
+    p = sub.add_parser("rollout")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=256, help="the length cap")
+    p.add_argument("--kv-budget-slots", type=int, default=16,
+                   help="our cache: this many slots of (the longest prompt + max tokens)")
+    p.add_argument("--check-every", type=int, default=None, help="our decode steps between stop checks "
+                                                                  "(default: the engine's)")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--fsdp-prompts", type=int, default=4, help="prompts over all ranks in the FSDP2 comparison")
+    p.add_argument("--fsdp-ranks", type=int, nargs="*", default=[1, 2], help="gloo world sizes of that comparison")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
+    p.set_defaults(run=bench_rollout)
     p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)

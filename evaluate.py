@@ -452,6 +452,24 @@ def sample_until_answer(sample, prompts, n, retries):
     return completions, attempts
 
 
+def record_streams(sample, prompts, records):
+    """sample_until_answer's `sample` for one batch, whose prompts are the benchmark's records
+    `records` (their indices): a first draw takes sample j of record r from the stream
+    (seed, r, j), redraw round a the record's k-th redrawn sample from (seed, stream_key(r, a, k), 0).
+    Samples are then the same whatever the batch size and the number of ranks."""
+    record_of, rounds = {id(p): r for p, r in zip(prompts, records)}, []
+
+    def draw(some, n):
+        seen, ids = Counter(), []
+        for prompt in some:
+            r = record_of[id(prompt)]
+            ids.append(generate.stream_key(r, len(rounds), seen[r]) if rounds else r)
+            seen[r] += 1
+        rounds.append(len(some))
+        return sample(some, n=n, prompt_ids=ids)
+    return draw
+
+
 # ----------------------------------------------------------------------------- resumable sample files
 
 def consolidate(run_dir, order):
@@ -532,17 +550,19 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
     todo = [record for record in records if done[record["id"]] < args.n]
     shard = todo[rank::world]
 
-    generator = torch.Generator(device).manual_seed(args.seed + rank)
+    dtype = model.model.embed_tokens.weight.dtype
     sample = functools.partial(generate.generate, model, eos_ids=processor.eos_token_ids,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                               greedy=args.greedy, generator=generator, tokenizer=processor.tokenizer)
+                               greedy=args.greedy, seed=args.seed, tokenizer=processor.tokenizer,
+                               kv_budget=generate.kv_budget_tokens(model.cfg, dtype, args.kv_budget_gib, device))
     correct = scored = 0
     with open(os.path.join(run_dir, f"samples.rank{rank}.jsonl"), "a", encoding="utf-8") as out, \
             tqdm(total=len(shard), desc=f"{bench} {name}", disable=rank != 0) as progress:
         for start in range(0, len(shard), args.batch_size):
             batch = shard[start:start + args.batch_size]
             prompts = [processor.encode_problem(record, system=args.system) for record in batch]
-            completions, attempts = sample_until_answer(sample, prompts, args.n, args.retry_until_answer)
+            draw = record_streams(sample, prompts, [order[record["id"]] for record in batch])
+            completions, attempts = sample_until_answer(draw, prompts, args.n, args.retry_until_answer)
             for completion, tries in zip(completions, attempts):
                 row = score_sample(bench, batch[completion.prompt_index], completion, tries, judge)
                 data.append_record(out, row)
@@ -598,6 +618,8 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call on each rank")
+    parser.add_argument("--kv-budget-gib", type=float, default=0.0,
+                        help="KV cache of a generate call (0: half the free GPU memory; on CPU 2^18 tokens)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     parser.add_argument("--retry-until-answer", type=int, default=0, metavar="K",

@@ -1,4 +1,5 @@
-"""Sampling from our Qwen2.5-VL: batched, multimodal, KV-cached and group-aware, in one readable loop.
+"""Sampling from our Qwen2.5-VL: a rollout engine with a bounded KV cache, continuous batching, a decode
+step without host synchronisation, and samples that do not depend on the schedule.
 
     python generate.py --model DIR --prompts FILE.jsonl --out FILE.jsonl [--greedy] [--n K]
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S] [--system TEXT]
@@ -7,26 +8,31 @@ A prompt line is a problem record (`id`, `images` relative to the file, `questio
 the checkpoint's chat template over one user turn (the images, then the question) plus the
 generation prompt. Each output line is {"id", "sample", "token_ids", "text", "finish_reason"}.
 
-How `generate` runs, for P prompts and n samples each (GRPO's groups):
-  1. group prefill  the P distinct prompts go through the vision tower and the decoder once, packed
-                    (varlen); each prompt's keys/values are copied into the cache rows of its n
-                    samples, so n samples cost one prefill
-  2. decode         one token per live row per step, attending over that row's cache length; the new
-                    token's mRoPE position is the prompt's largest position + 1 (then +1 per step) on
-                    all three channels, which is what transformers' `rope_deltas` amount to
-  3. stop           a row ends on any EOS id ("stop") or after max_new_tokens ("length"); finished
-                    rows leave the batch and the cache, so they cost nothing afterwards
+How `generate` runs P prompts x n samples (GRPO's groups) within a budget of cached tokens:
+  slots      the cache is one tensor of S slots of (longest prompt + max_new_tokens) positions,
+             S = budget // slot length; it is allocated once and never grows or shrinks
+  admission  waiting samples take free slots, in prompt order. A prompt's first admission prefills it
+             (vision tower + decoder, prompts packed) and writes its keys/values into every slot
+             its samples took; a later sample of the same prompt copies them from a sibling's slot
+  decode     one token per live slot per step, live slots kept at 0 .. B-1 (a finished row's slot
+             takes the next waiting sample, or the last live row when none waits), so a step is a
+             fixed-shape function of the slots' state, capturable as a CUDA graph
+  check      every `check_every` steps the host reads which rows finished (an EOS id, "stop", or
+             max_new_tokens, "length"); a row stops advancing on the device when it finishes, so
+             steps between two checks waste compute, never tokens
+  noise      sample j of prompt i draws decode position t from a counter-based stream keyed by
+             (seed, prompt id i, j, t), hashed on the device: its tokens do not depend on its slot,
+             the budget, the check interval, the other prompts or the number of ranks
 
-The cache is one tensor, allocated at the start and written in place (compaction copies the live
-rows into a smaller one). On CUDA, decoding attends with flash-attn's `flash_attn_with_kvcache`
-over the whole cache with per-row lengths, so a step's shapes depend only on the number of live
-rows (CUDA graphs could capture one step per row count); without flash-attn (and on CPU) SDPA
-attends over the cache up to the longest live row.
+Under FSDP2 the language model's parameters are gathered once per call and the decoder runs as plain
+calls of the layers' forward: no FSDP hook and no vision work in a decode step.
 """
 
 import argparse
+import functools
 import json
 import sys
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -41,13 +47,13 @@ except ImportError:
     flash_attn_with_kvcache = None
 
 VISION_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+CPU_KV_BUDGET = 2**18  # cached tokens on CPU: every rollout of the toy runs fits at once
 
 
 # -----------------------------------------------------------------------------
 # 1. sampling
 
-def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, greedy=False, banned=None,
-                uniform=None):
+def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, banned=None, uniform=None):
     """Next token of every row of `logits` [R, V] and its log-prob; returns (tokens [R], logprobs [R]).
 
     The token is drawn from softmax(logits / temperature) with the `banned` ids removed, cut to the
@@ -56,7 +62,7 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gre
     takes the argmax instead. The returned log-prob is log_softmax(logits / temperature)[token], the
     full tempered distribution before the ban and the cuts: the quantity GRPO's ratio uses and that
     `Qwen25VL.packed_logprobs(..., temperature)` recomputes in training. `uniform` [R, V] in (0, 1)
-    replaces the draws from `generator` (per-prompt generators, see `generate`).
+    is the draw's noise (`stream_uniform`); greedy needs none.
 
     Example: logits [2, 1, 0, -1], temperature 1 -> p = [.64, .24, .09, .03]; top_p 0.8 keeps
     tokens 0 and 1 (the mass before token 1 is .64 < .8, before token 2 it is .88) and draws
@@ -78,15 +84,55 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, generator=None, gre
             probs = ranked.softmax(-1)
             mass_before = probs.cumsum(-1) - probs
             scores = scores.scatter(-1, order, ranked.masked_fill(mass_before >= top_p, float("-inf")))
-        probs = scores.softmax(-1)
         # argmax_i p_i / E_i with E_i = -log U_i ~ Exp(1) picks i with probability p_i (the
-        # exponential race): a multinomial draw without a host sync, as CUDA graphs need, and on
-        # CPU several times faster than torch.multinomial or Tensor.exponential_
-        if uniform is None:
-            uniform = torch.rand(probs.shape, generator=generator, device=probs.device)
+        # exponential race): a multinomial draw without a host sync, as CUDA graphs need
         race = uniform.log().neg_()
-        tokens = (probs / race).max(-1).indices
+        tokens = (scores.softmax(-1) / race).max(-1).indices
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
+
+
+MASK32, MASK64 = 2**32 - 1, 2**64 - 1
+
+
+def _mix32(x):
+    """A bijective 32-bit integer hash (xorshift-multiply, two rounds), in place, of an int64 tensor
+    holding values below 2^32. The odd multipliers are below 2^31, so no product overflows int64 and
+    the same bits come out on every device and under torch.compile."""
+    x ^= x >> 16  # in place: on a [rows, vocab] tensor each pass is a full read and write
+    x.mul_(0x21F0AAAD).bitwise_and_(MASK32)
+    x ^= x >> 15
+    x.mul_(0x735A2D97).bitwise_and_(MASK32)
+    x ^= x >> 15
+    return x
+
+
+def stream_key(seed, prompt_id, sample):
+    """The 63-bit key of one sample's noise stream: splitmix64 over (seed, prompt id, sample index),
+    on the host. Example: stream_key(0, 3, 1) != stream_key(0, 1, 3); any ints, negative ones too."""
+    h = 0
+    for value in (seed, prompt_id, sample):
+        h = (h ^ (value & MASK64)) + 0x9E3779B97F4A7C15 & MASK64
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def stream_uniform(keys, counts, vocab):
+    """Uniform noise [R, vocab] in (0, 1) for decode position counts[r] of the streams keys[r]: a
+    pure function of (key, position, vocab index), hashed on the device. Each draw is one of the
+    2^23 midpoints (k + 0.5) / 2^23, exact in float32 (a 24th bit would round the top one to 1.0), so
+    never 0 or 1: the race's -log U stays finite and positive. keys, counts: int64 [R]."""
+    row = _mix32(_mix32(_mix32(counts & MASK32) ^ (keys & MASK32)) ^ (keys >> 32))  # [R]
+    column = _mix32(torch.arange(vocab, device=keys.device) + 0x9E3779B9)  # [V]
+    h = _mix32(row[:, None] ^ column)
+    return h.bitwise_right_shift_(9).float().add_(0.5).mul_(2.0**-23)
+
+
+def draw(logits, keys, counts, *, temperature, top_p, top_k, greedy, banned):
+    """`sample_next` with each row's noise from its stream (`stream_uniform`): the sampler of a step."""
+    uniform = None if greedy else stream_uniform(keys, counts, logits.shape[-1])
+    return sample_next(logits, temperature, top_p, top_k, greedy, banned, uniform)
 
 
 def vision_token_ids(model):
@@ -97,24 +143,78 @@ def vision_token_ids(model):
 
 
 # -----------------------------------------------------------------------------
-# 2. KV cache: kv [layers, 2 (keys, values), rows, max_len, Hkv, head_dim], row r filled up to lengths[r]
+# 2. the slot pool: kv [layers, 2 (keys, values), slots, slot_len, Hkv, head_dim], slot s filled up to lengths[s]
 
-def prefill_attention(kv, cu_seqlens, fan_src, fan_row, fan_pos):
+def kv_bytes_per_token(cfg, dtype):
+    """Bytes one cached token takes: layers x 2 (K, V) x kv heads x head_dim x dtype bytes.
+    Qwen2.5-VL-7B in bf16: 28 x 2 x 4 x 128 x 2 = 57,344 (56 KiB)."""
+    return cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * torch.finfo(dtype).bits // 8
+
+
+def kv_budget_tokens(cfg, dtype, gib=0.0, device="cpu"):
+    """A cache budget in tokens: `gib` GiB of K/V in `dtype`; gib 0: half the free memory of the GPU
+    `device` now, or CPU_KV_BUDGET tokens on CPU. Example: 7B in bf16, 32 GiB -> 599,186 tokens."""
+    if gib > 0:
+        return int(gib * 2**30) // kv_bytes_per_token(cfg, dtype)
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2 // kv_bytes_per_token(cfg, dtype)
+    return CPU_KV_BUDGET
+
+
+@dataclass
+class SlotPool:
+    """The decode state of every slot, on the device. A live slot holds one sample: its prompt and the
+    tokens fed so far in `kv` positions [0, lengths), the last sampled token in `tokens` (fed at the
+    next step, at mRoPE position `positions`), its stream key, how many tokens it has sampled
+    (`counts`, the decode position of its next draw) and the sampled tokens and log-probs so far.
+    A slot that is `done` (finished, or free) no longer advances."""
+
+    kv: torch.Tensor  # [layers, 2, slots, slot_len, Hkv, D]
+    tokens: torch.Tensor  # [slots] int64
+    lengths: torch.Tensor  # [slots] int64
+    positions: torch.Tensor  # [slots] int64
+    keys: torch.Tensor  # [slots] int64
+    counts: torch.Tensor  # [slots] int64
+    done: torch.Tensor  # [slots] bool
+    out_tokens: torch.Tensor  # [slots, max_new_tokens] int64
+    out_logprobs: torch.Tensor  # [slots, max_new_tokens] float32
+    index: torch.Tensor  # arange(slots): row indices for the step's scatters
+
+
+def new_slot_pool(cfg, slots, slot_len, max_new_tokens, dtype, device):
+    """Every slot free. The cache is zeros, not empty: SDPA reads the masked tail of shorter rows, and
+    NaN garbage there would leak through the mask (0 * NaN = NaN)."""
+    kv = torch.zeros(cfg.num_hidden_layers, 2, slots, slot_len, cfg.num_key_value_heads, cfg.head_dim,
+                     dtype=dtype, device=device)
+    state = [torch.zeros(slots, dtype=torch.long, device=device) for _ in range(5)]
+    return SlotPool(kv, *state, done=torch.ones(slots, dtype=torch.bool, device=device),
+                    out_tokens=torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device),
+                    out_logprobs=torch.zeros(slots, max_new_tokens, device=device),
+                    index=torch.arange(slots, device=device))
+
+
+def prefill_attention(kv, cu_seqlens, fan_src, fan_slot, fan_pos):
     """The `attend` of the packed prompt forward: causal attention inside each prompt, and every
-    prompt token's key/value (packed index fan_src) copied to cache row fan_row at position fan_pos,
-    once for each of the prompt's n sample rows."""
+    prompt token's key/value (packed index fan_src) copied to cache slot fan_slot at position fan_pos,
+    once for each slot that takes the prompt."""
     def attend(layer, q, k, v):
-        kv[layer, 0, fan_row, fan_pos] = k[fan_src]
-        kv[layer, 1, fan_row, fan_pos] = v[fan_src]
+        kv[layer, 0, fan_slot, fan_pos] = k[fan_src]
+        kv[layer, 1, fan_slot, fan_pos] = v[fan_src]
         return M.varlen_attention(q, k, v, cu_seqlens, causal=True)
     return attend
+
+
+def use_flash_decode(q):
+    """Whether decoding attends with flash-attn's kernel: CUDA with flash-attn installed. The one gate
+    of that branch, so a test can route CPU tensors through it with a stand-in kernel."""
+    return flash_attn_with_kvcache is not None and q.is_cuda
 
 
 def cached_attention(q, k, v, k_cache, v_cache, lengths, span):
     """One new token per row: store its key/value at position lengths[r] of row r, then attend over
     the row's lengths[r] + 1 cached positions. q [R, Hq, D]; k, v [R, Hkv, D]; caches [R, L, Hkv, D];
-    `span` = max(lengths) + 1 bounds the SDPA path's work by the longest live row, not by L."""
-    if flash_attn_with_kvcache is not None and q.is_cuda:
+    the SDPA path reads positions < `span` only (span > max(lengths); the flash path reads each row's own)."""
+    if use_flash_decode(q):
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, k[:, None], v[:, None],
                                        cache_seqlens=lengths.to(torch.int32), causal=True)[:, 0]
     R, Hkv, D = k.shape
@@ -127,6 +227,73 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, span):
     out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k_cache[:, :span].transpose(1, 2),
                                          v_cache[:, :span].transpose(1, 2), attn_mask=visible[:, None, None, :])
     return out.reshape(R, -1, D)
+
+
+def run_decoder(model, x, cos, sin, attend):
+    """The decoder stack as plain calls of DecoderLayer.forward: on an FSDP2-wrapped model (its
+    parameters gathered) no FSDP hook runs per layer call. Returns the final-norm hidden states."""
+    for layer in model.model.layers:
+        x = M.DecoderLayer.forward(layer, x, cos, sin, attend)
+    return model.model.norm(x)
+
+
+def decode_step(model, pool, B, sampler, eos, rope, span):
+    """One token for each of the slots 0 .. B-1, in place, with fixed shapes and no host sync: the
+    function a CUDA graph captures. Feeds each slot's last token (its key/value written at position
+    lengths[s]), draws the next one with `sampler(logits, keys, counts)`, records it at index counts[s],
+    and advances the slots that were not done; a slot is done once it draws an `eos` id or its
+    out_tokens row is full. `rope`: the cos/sin tables of text positions (all three mRoPE channels
+    equal). Returns (tokens [B], logprobs [B]) as drawn, done slots' included."""
+    tokens, lengths, positions = pool.tokens[:B], pool.lengths[:B], pool.positions[:B]
+    keys, counts, done, rows = pool.keys[:B], pool.counts[:B], pool.done[:B], pool.index[:B]
+    x = model.model.embed_tokens(tokens)
+    cos, sin = rope[0][positions], rope[1][positions]
+    hidden = run_decoder(model, x, cos, sin, lambda layer, q, k, v: cached_attention(
+        q, k, v, pool.kv[layer, 0, :B], pool.kv[layer, 1, :B], lengths, span))
+    next_tokens, logprobs = sampler(hidden @ model.head_weight.t(), keys, counts)
+
+    live = ~done
+    at = counts.clamp(max=pool.out_tokens.shape[1] - 1)  # a done row's index may be one past the end
+    pool.out_tokens[rows, at] = torch.where(live, next_tokens, pool.out_tokens[rows, at])
+    pool.out_logprobs[rows, at] = torch.where(live, logprobs, pool.out_logprobs[rows, at])
+    stop = (next_tokens[:, None] == eos).any(-1) | (counts + 1 >= pool.out_tokens.shape[1])
+    step = live.long()
+    done |= stop
+    counts += step
+    lengths += step
+    positions += step
+    tokens.copy_(torch.where(live, next_tokens, tokens))
+    return next_tokens, logprobs
+
+
+def capture_cuda_graph(fn, memory=None):
+    """`fn` (no arguments, CUDA work only) captured as a CUDA graph after one warm-up run on a side
+    stream (kernel selection, workspaces); graphs captured with the same `memory` pool share it.
+    Returns (replay, memory pool)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=memory):
+        fn()
+    return graph.replay, graph.pool()
+
+
+class GraphedDecodeSteps:
+    """`decode_step` captured once per pool size (powers of two up to the pool) while every slot is
+    done, so that capturing (and its warm-up) changes no sample. A call for B live slots replays the
+    smallest size >= B; the slots above B are free, hence done: they only rewrite their own garbage."""
+
+    def __init__(self, step, slots):
+        self.sizes = sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+        self.replays, memory = {}, None
+        for size in self.sizes:
+            self.replays[size], memory = capture_cuda_graph(functools.partial(step, size), memory)
+
+    def __call__(self, B):
+        self.replays[next(size for size in self.sizes if size >= B)]()
 
 
 # -----------------------------------------------------------------------------
@@ -146,61 +313,50 @@ class Completion:
     text: str | None = None
 
 
-def prefill(model, prompts, n, max_new_tokens):
-    """Vision tower and decoder over the distinct prompts, packed; the cache rows of prompt p are
-    p*n .. p*n + n - 1. Returns the next-token logits of every row [P*n, V], the preallocated cache
-    with each row holding its prompt, the rows' prompt lengths and the rows' next mRoPE positions."""
+def prefill(model, prompts, slots_of, kv):
+    """Vision tower and decoder over `prompts`, packed, each prompt's keys/values written into every
+    slot of its list in `slots_of`. Returns each prompt's next-token logits [P, V] and the mRoPE
+    position of its first response token [P]."""
     device = model.head_weight.device
     ids = [torch.as_tensor(p["input_ids"], dtype=torch.long) for p in prompts]
-    prompt_lens = torch.tensor([len(i) for i in ids])
-    cu = F.pad(prompt_lens.cumsum(0), (1, 0))
+    lengths = [len(i) for i in ids]
+    cu = data.cu_seqlens_of(lengths).long()
     input_ids = torch.cat(ids).to(device)
     pixels, grid_thw = data.concat_images(prompts)
-    x = model.embed(input_ids, None if pixels is None else pixels.to(device), grid_thw)
+    # the embedding table alone for text: model.embed's dummy vision forward exists for training under FSDP
+    x = model.model.embed_tokens(input_ids) if pixels is None else model.embed(input_ids, pixels.to(device), grid_thw)
     positions = model.positions(input_ids, cu, grid_thw)
     cos, sin = model.rope_cos_sin(positions, x.dtype)
-
-    cfg, rows = model.cfg, len(prompts) * n
-    # zeros, not empty: SDPA reads the masked tail of shorter rows, and NaN garbage there would leak
-    # through the mask (0 * NaN = NaN)
-    kv = torch.zeros(cfg.num_hidden_layers, 2, rows, int(prompt_lens.max()) + max_new_tokens,
-                     cfg.num_key_value_heads, cfg.head_dim, dtype=x.dtype, device=device)
-    # the fan-out: cache row r = p*n + j, position i <- packed token cu[p] + i, for i < len(prompt p)
-    prompt_of_row = torch.arange(len(prompts)).repeat_interleave(n)
-    row_lens = prompt_lens[prompt_of_row]
-    fan_row = torch.arange(rows).repeat_interleave(row_lens)
-    fan_pos = torch.cat([torch.arange(length) for length in row_lens.tolist()])
-    fan_src = cu[:-1][prompt_of_row].repeat_interleave(row_lens) + fan_pos
-    attend = prefill_attention(kv, cu.to(device, torch.int32), *(t.to(device) for t in (fan_src, fan_row, fan_pos)))
-    hidden = model.decode(x, cos, sin, attend)
-
+    # the fan-out: slot s of prompt p, position i <- packed token cu[p] + i, for i < len(prompt p)
+    fan_slot = torch.cat([torch.tensor(slots).repeat_interleave(n) for slots, n in zip(slots_of, lengths)])
+    fan_pos = torch.cat([torch.arange(n).repeat(len(slots)) for slots, n in zip(slots_of, lengths)])
+    fan_src = torch.cat([torch.arange(start, start + n).repeat(len(slots))
+                         for slots, start, n in zip(slots_of, cu.tolist(), lengths)])
+    attend = prefill_attention(kv, cu.to(device, torch.int32), *(t.to(device) for t in (fan_src, fan_slot, fan_pos)))
+    hidden = run_decoder(model, x, cos, sin, attend)
     logits = hidden[(cu[1:] - 1).to(device)] @ model.head_weight.t()  # the prompts' last positions only
     next_pos = torch.stack([positions[:, s:e].max() + 1 for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
-    return logits.repeat_interleave(n, 0), kv, row_lens.to(device), next_pos.repeat_interleave(n)
-
-
-def decode_step(model, kv, tokens, lengths, next_pos):
-    """Logits [R, V] after one new token per row; its key/value go to cache position lengths[r]."""
-    x = model.embed(tokens)
-    cos, sin = model.rope_cos_sin(next_pos.expand(3, -1), x.dtype)  # text: equal on t, h, w channels
-    span = int(lengths.max()) + 1
-    hidden = model.decode(x, cos, sin, lambda layer, q, k, v: cached_attention(q, k, v, kv[layer, 0], kv[layer, 1],
-                                                                                 lengths, span))
-    return hidden @ model.head_weight.t()
+    return logits, next_pos
 
 
 @torch.no_grad()
 def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
-             greedy=False, generator=None, tokenizer=None):
+             greedy=False, seed=0, prompt_ids=None, kv_budget=None, check_every=None, cuda_graphs=None,
+             tokenizer=None):
     """Sample n completions of each prompt; returns P*n Completions, prompt-major (all samples of
     prompt 0, then prompt 1, ...), so GRPO groups are consecutive.
 
     prompts: dicts with `input_ids` (list[int] or LongTensor), `pixel_values` and `image_grid_thw`
     (None without images), as `data.ChatProcessor.encode_prompt` returns them. eos_ids: the stop
     ids (`data.ChatProcessor.eos_token_ids` reads them from generation_config.json); empty: stop only
-    at max_new_tokens. Sampling arguments as in `sample_next`; `generator` (on the model's device)
-    makes sampling reproducible. A list of generators, one per prompt, makes each prompt's samples
-    depend on its own generator alone: the same samples whatever the batch or the number of ranks.
+    at max_new_tokens. Sampling arguments as in `sample_next`. Sample j of prompt i draws from the
+    stream (seed, prompt_ids[i], j) (`stream_key`; prompt_ids default 0 .. P-1): give each prompt a
+    global id and the samples are the same whatever the batch, the budget or the number of ranks.
+
+    kv_budget: cached tokens at most (`kv_budget_tokens` converts GiB); None: every sample at once.
+    check_every: decode steps between the host's stop checks and refills (default 8 on CUDA, where a
+    check waits for the device; 1 on CPU, where it costs nothing and a finished row idles no step).
+    cuda_graphs: capture the decode step (default: on CUDA).
 
     Under FSDP2 every rank calls it (with its own prompts): parameters are gathered once for the
     whole generation and resharded after; no collective runs inside, so ranks may take different
@@ -208,42 +364,129 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use greedy for argmax decoding)")
+    prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
+    if len(prompt_ids) != len(prompts):
+        raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
+    prompt_lens = [len(p["input_ids"]) for p in prompts]
+    slot_len = max(prompt_lens) + max_new_tokens
+    slots = len(prompts) * n if kv_budget is None else min(len(prompts) * n, kv_budget // slot_len)
+    if slots < 1:
+        raise ValueError(f"kv_budget of {kv_budget} tokens holds no sample: one takes {slot_len} "
+                         f"(the longest prompt, {max(prompt_lens)}, + max_new_tokens)")
+
     with M.gathered_params(model):
-        logits, kv, lengths, next_pos = prefill(model, prompts, n, max_new_tokens)
-        banned = torch.tensor(vision_token_ids(model), dtype=torch.long, device=logits.device)
-        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=logits.device)
-        rows = len(prompts) * n
-        live = list(range(rows))  # original row of each cache row
-        token_ids, logprobs, finish = [[] for _ in range(rows)], [[] for _ in range(rows)], ["length"] * rows
-        for step in range(max_new_tokens):
-            uniform = None
-            if isinstance(generator, (list, tuple)) and not greedy:
-                # live rows stay in prompt order: draw each prompt's rows from its own generator
-                counts = torch.bincount(torch.tensor(live) // n, minlength=len(prompts)).tolist()
-                uniform = torch.cat([torch.rand(c, logits.shape[-1], generator=g, device=logits.device)
-                                     for g, c in zip(generator, counts) if c])
-            tokens, token_logprobs = sample_next(logits, temperature, top_p, top_k, None if uniform is not None
-                                                 else generator, greedy, banned, uniform)
-            stopped = torch.isin(tokens, eos)
-            for row, token, logprob, stop in zip(live, tokens.tolist(), token_logprobs.tolist(), stopped.tolist()):
-                token_ids[row].append(token)
-                logprobs[row].append(logprob)
-                if stop:
-                    finish[row] = "stop"
-            if step == max_new_tokens - 1 or bool(stopped.all()):
+        device, dtype = model.head_weight.device, model.model.embed_tokens.weight.dtype
+        pool = new_slot_pool(model.cfg, slots, slot_len, max_new_tokens, dtype, device)
+        eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+        sampler = functools.partial(draw, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
+                                    banned=torch.tensor(vision_token_ids(model), dtype=torch.long, device=device))
+        rope = model.rope_cos_sin(torch.arange(slot_len, device=device).expand(3, -1), dtype)
+        if check_every is None:
+            check_every = 8 if device.type == "cuda" else 1
+        graphs = None
+        if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
+            graphs = GraphedDecodeSteps(lambda B: decode_step(model, pool, B, sampler, eos, rope, slot_len), slots)
+
+        waiting = deque((p, j) for p in range(len(prompts)) for j in range(n))
+        owner = [None] * slots  # (prompt, sample) of the live slots
+        holds = [None] * slots  # the prompt whose keys/values fill positions [0, its length) of a slot
+        counts = [0] * slots  # tokens each live slot had sampled at the last check
+        first = {}  # prompt -> (next-token logits, first response position), while samples of it wait
+        results = {}
+
+        def admit():
+            """Waiting samples into the free slots, lowest first; the first token of each drawn."""
+            free = [s for s in range(slots) if owner[s] is None]
+            taken = [(s, waiting.popleft()) for s in free[:len(waiting)]]
+            prompt_of = {s: p for s, (p, _) in taken}
+            holders = {}
+            for t, p in enumerate(holds):
+                # a slot keeps its prompt's keys/values unless this admission gives it another prompt
+                if p is not None and prompt_of.get(t, p) == p:
+                    holders.setdefault(p, t)
+            copies, fresh = [], {}
+            for s, (p, _) in taken:
+                source = s if holds[s] == p else holders.get(p)
+                if source is None:
+                    fresh.setdefault(p, []).append(s)
+                elif source != s:
+                    copies.append((s, source))
+            for s, source in copies:  # sources are slots this admission does not write
+                pool.kv[:, :, s, :prompt_lens[prompt_of[s]]].copy_(pool.kv[:, :, source, :prompt_lens[prompt_of[s]]])
+            if fresh:
+                logits, next_pos = prefill(model, [prompts[p] for p in fresh], list(fresh.values()), pool.kv)
+                first.update(zip(fresh, zip(logits, next_pos)))
+            for s, (p, j) in taken:
+                owner[s], holds[s], counts[s] = (p, j), p, 1
+            index = torch.tensor([s for s, _ in taken], device=device)
+            prompt = [p for _, (p, _) in taken]
+            keys = torch.tensor([stream_key(seed, prompt_ids[p], j) for _, (p, j) in taken], device=device)
+            tokens, logprobs = sampler(torch.stack([first[p][0] for p in prompt]), keys, torch.zeros_like(keys))
+            pool.tokens[index], pool.keys[index] = tokens, keys
+            pool.out_tokens[index, 0], pool.out_logprobs[index, 0] = tokens, logprobs
+            pool.lengths[index] = torch.tensor([prompt_lens[p] for p in prompt], device=device)
+            pool.positions[index] = torch.stack([first[p][1] for p in prompt])
+            pool.counts[index] = 1
+            pool.done[index] = (tokens[:, None] == eos).any(-1) | (max_new_tokens == 1)
+            for p in set(prompt) - {p for p, _ in waiting}:
+                del first[p]
+
+        def collect():
+            """Finished rows leave their slots (one host sync); the live rows' counts are read."""
+            live = [s for s in range(slots) if owner[s] is not None]
+            if not live:
+                return
+            index = torch.tensor(live, device=device)
+            done, now = torch.stack([pool.done[index].long(), pool.counts[index]]).tolist()
+            finished = [(s, c) for s, d, c in zip(live, done, now) if d]
+            for s, c in zip(live, now):
+                counts[s] = c
+            if finished:
+                at = torch.tensor([s for s, _ in finished], device=device)
+                width = max(c for _, c in finished)
+                tokens, logprobs = pool.out_tokens[at, :width].tolist(), pool.out_logprobs[at, :width].tolist()
+                for (s, c), row_tokens, row_logprobs in zip(finished, tokens, logprobs):
+                    stopped = row_tokens[c - 1] in eos_ids
+                    results[owner[s]] = (row_tokens[:c], row_logprobs[:c], "stop" if stopped else "length")
+                    owner[s] = None
+
+        def compact():
+            """Move the last live rows into the lower free slots, so that the live ones are 0 .. B-1
+            (a copy of the moved rows' filled positions, never of the whole cache); returns B."""
+            live = [s for s in range(slots) if owner[s] is not None]
+            holes = [s for s in range(len(live)) if owner[s] is None]
+            for dst, src in zip(holes, reversed(live)):
+                filled = prompt_lens[owner[src][0]] + counts[src] - 1
+                pool.kv[:, :, dst, :filled].copy_(pool.kv[:, :, src, :filled])
+                for state in (pool.tokens, pool.lengths, pool.positions, pool.keys, pool.counts, pool.done,
+                              pool.out_tokens, pool.out_logprobs):
+                    state[dst] = state[src]
+                pool.done[src] = True
+                owner[dst], holds[dst], counts[dst], owner[src] = owner[src], holds[src], counts[src], None
+            return len(live)
+
+        while True:
+            collect()
+            while waiting and None in owner:
+                admit()
+                collect()  # rows whose first token stopped them
+            B = compact()
+            if B == 0:
                 break
-            if bool(stopped.any()):
-                # compact: the live rows' cache is copied into a smaller tensor (one copy per step in
-                # which rows finish), after which finished rows cost neither attention nor matmuls
-                keep = ~stopped
-                live = [row for row, k in zip(live, keep.tolist()) if k]
-                kv, tokens, lengths, next_pos = kv[:, :, keep], tokens[keep], lengths[keep], next_pos[keep]
-            logits = decode_step(model, kv, tokens, lengths, next_pos)
-            lengths, next_pos = lengths + 1, next_pos + 1
-    return [Completion(prompt_index=row // n, sample=row % n, token_ids=token_ids[row], logprobs=logprobs[row],
-                       finish_reason=finish[row],
-                       text=tokenizer.decode(token_ids[row], skip_special_tokens=True) if tokenizer else None)
-            for row in range(rows)]
+            steps = min(check_every, *(max_new_tokens - counts[s] for s in range(B)))
+            span = min(slot_len, max(prompt_lens[owner[s][0]] + counts[s] - 1 for s in range(B)) + steps)
+            for _ in range(steps):
+                if graphs is not None:
+                    graphs(B)
+                else:
+                    decode_step(model, pool, B, sampler, eos, rope, span)
+
+    return [Completion(prompt_index=p, sample=j, token_ids=results[p, j][0], logprobs=results[p, j][1],
+                       finish_reason=results[p, j][2],
+                       text=tokenizer.decode(results[p, j][0], skip_special_tokens=True) if tokenizer else None)
+            for p in range(len(prompts)) for j in range(n)]
 
 
 # -----------------------------------------------------------------------------
@@ -260,9 +503,11 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sample j of record i draws from the stream (seed, i, j)")
     parser.add_argument("--system", default=None, help="system prompt (default: none beyond the chat template's)")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    parser.add_argument("--kv-budget-gib", type=float, default=0.0,
+                        help="KV cache per generate call (0: half the free GPU memory; on CPU 2^18 tokens)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -273,14 +518,15 @@ def main(argv=None):
     processor = data.ChatProcessor(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = M.load_model(args.model, dtype=dtype, device=args.device).eval()
-    generator = torch.Generator(args.device).manual_seed(args.seed)
     with open(args.out, "w") as f:
         for start in range(0, len(problems), args.batch_size):
             batch = problems[start:start + args.batch_size]
             prompts = [processor.encode_problem(record, system=args.system) for record in batch]
             completions = generate(model, prompts, eos_ids=processor.eos_token_ids, n=args.n,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                   top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, generator=generator,
+                                   top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
+                                   prompt_ids=range(start, start + len(batch)),
+                                   kv_budget=kv_budget_tokens(model.cfg, dtype, args.kv_budget_gib, args.device),
                                    tokenizer=processor.tokenizer)
             for c in completions:
                 f.write(json.dumps({"id": batch[c.prompt_index]["id"], "sample": c.sample, "token_ids": c.token_ids,

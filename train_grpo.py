@@ -229,6 +229,7 @@ class GRPOConfig:
     ppo_epochs: int = 1                          # *
     temperature: float = 1.0                     # *
     top_p: float = 1.0                           # *
+    kv_budget_gib: float = 0.0                   # KV cache per rank (0: half the free GPU memory; CPU: 2^18 tokens)
     lr: float = 1e-6                             # * constant
     weight_decay: float = 1e-2                   # *
     grad_clip: float = 1.0                       # *
@@ -401,11 +402,14 @@ def main(argv=None):
 
         # ------------------------------------------------------------ generate G responses per prompt
         policy.eval()
-        # one generator per prompt, seeded by (seed, step, prompt): samples independent of the world size
-        samplers = [torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step * 100_003 + i)
-                    for i in step_ids[rank::world]]
+        # the cache takes the decoder's dtype: bf16 under apply_fsdp on CUDA, else the weights' fp32
+        cache_dtype = torch.bfloat16 if world > 1 and device.type == "cuda" else torch.float32
+        kv_budget = gen.kv_budget_tokens(policy.cfg, cache_dtype, cfg.kv_budget_gib, device)
+        # sample j of the step's i-th prompt draws from the stream (seed, step, i, j): the same samples
+        # whatever the world size or the cache budget
         completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, eos_ids=processor.eos_token_ids, generator=samplers,
+                                   top_p=cfg.top_p, eos_ids=processor.eos_token_ids, seed=cfg.seed * 1_000_003 + step,
+                                   prompt_ids=range(len(step_ids))[rank::world], kv_budget=kv_budget,
                                    tokenizer=processor.tokenizer)
         t_generate = time.perf_counter() - t0
 

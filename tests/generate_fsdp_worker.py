@@ -1,7 +1,8 @@
-"""Run under `torchrun --nproc_per_node 2`: greedy generation from the FSDP2-wrapped model, each rank
-with its own prompts (so the ranks decode different numbers of steps), against the unsharded model;
-then one training forward, which must still work after generation came first. Prints one JSON
-line from rank 0."""
+"""Run under `torchrun --nproc_per_node 2`: generation from the FSDP2-wrapped model, each rank with its
+own prompts (so the ranks decode different numbers of steps) and a cache budget smaller than its
+rows: greedy against the unsharded model on the same prompts, sampled (prompt ids global) against
+one unsharded process sampling every prompt; FSDP hook calls counted during generation; then one
+training forward, which must still work after generation came first. Prints one JSON line from rank 0."""
 
 import json
 import sys
@@ -31,24 +32,44 @@ def count_calls(module, name):
 
 
 def greedy(model, prompts, eos_ids):
-    return [c.token_ids for c in G.generate(model, prompts, eos_ids=eos_ids, n=2, max_new_tokens=16, greedy=True)]
+    return [c.token_ids for c in G.generate(model, prompts, eos_ids=eos_ids, n=2, max_new_tokens=16, greedy=True,
+                                            kv_budget=147, check_every=2)]  # 3 slots for 4 rows
+
+
+def sampled(model, prompts, prompt_ids, kv_budget=None):
+    return [c.token_ids for c in G.generate(model, prompts, eos_ids=(7, 11, 13), n=3, max_new_tokens=12, seed=3,
+                                            prompt_ids=prompt_ids, kv_budget=kv_budget)]
+
+
+def count_hooks(modules):
+    """A forward pre-hook on each module (it runs exactly when FSDP's own pre-forward hook would)."""
+    calls = []
+    return calls, [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in modules]
 
 
 def main():
     path = sys.argv[1]
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    prompts = [dict(zip(("input_ids", "pixel_values", "image_grid_thw"), tiny.sample(lens, grids, seed=i)))
-               for i, (lens, grids) in enumerate(SEQS)][rank::world]
+    everyone = [dict(zip(("input_ids", "pixel_values", "image_grid_thw"), tiny.sample(lens, grids, seed=i)))
+                for i, (lens, grids) in enumerate(SEQS)]
+    prompts, prompt_ids = everyone[rank::world], list(range(len(SEQS)))[rank::world]
     reference = M.load_model(path).eval()
+    every_sample = sampled(reference, everyone, range(len(SEQS)))  # 3 rows per prompt, prompt-major
+    sampled_expected = [row for p in prompt_ids for row in every_sample[3 * p:3 * p + 3]]
     # an EOS id taken from the unsharded output of this rank's first prompt, so that rows stop early
     eos_ids = [greedy(reference, prompts, ())[0][4 + rank]]
     expected = greedy(reference, prompts, eos_ids)
 
     sharded = M.apply_fsdp(M.load_model(path), activation_checkpointing=False)
     all_gathers = count_calls(dist, "all_gather_single")  # FSDP2's parameter all-gather (torch 2.13)
+    layer_hooks, layer_handles = count_hooks(sharded.model.layers)
+    vision_hooks, vision_handles = count_hooks(sharded.visual.blocks)
     got = greedy(sharded, prompts, eos_ids)
     gathers_in_generation = len(all_gathers)
+    for handle in layer_handles + vision_handles:
+        handle.remove()
+    got_sampled = sampled(sharded, prompts, prompt_ids, kv_budget=110)  # 2 slots for 6 rows
     fsdp_modules = sum(isinstance(m, FSDPModule) for m in sharded.modules())
     resharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in sharded.parameters())
 
@@ -60,8 +81,10 @@ def main():
 
     results = [None] * world
     dist.all_gather_object(results, {"got": got, "expected": expected, "all_gathers": gathers_in_generation,
-                                     "fsdp_modules": fsdp_modules, "resharded": resharded,
-                                     "loss_diff": abs(loss - ref_loss).item()})
+                                     "sampled": got_sampled, "sampled_expected": sampled_expected,
+                                     "layer_hooks": len(layer_hooks), "vision_hooks": len(vision_hooks),
+                                     "vision_blocks": len(sharded.visual.blocks), "fsdp_modules": fsdp_modules,
+                                     "resharded": resharded, "loss_diff": abs(loss - ref_loss).item()})
     if rank == 0:
         print(json.dumps(results), flush=True)
     dist.barrier()  # no rank tears gloo down while another still reads from it

@@ -58,3 +58,19 @@ def test_trl_side_runs_the_same_workload(checkpoint, tmp_path):
     for step in steps:
         assert step["response_length"] == ARGS.max_tokens
         assert 0 < step["generate"] < step["total"]
+
+
+def test_rollout_runs_every_engine_on_the_same_forced_lengths(capsys):
+    """bench.py rollout at a tiny size: every engine makes exactly the forced lengths (the bench raises
+    otherwise) and the table has a row per engine, the ratios and the FSDP2 comparison."""
+    lengths = bench.rollout_lengths(128, 256, seed=0)
+    assert sorted(lengths.tolist())[-18:] == [256] * 18 and (lengths <= 64).sum() == 96  # 75% short, 14% at the cap
+    assert len(set(lengths.tolist())) > 40  # rows stop at many different steps
+    args = argparse.Namespace(prompts=2, samples=3, max_tokens=12, kv_budget_slots=4, check_every=3, vocab=512,
+                              fsdp_prompts=2, fsdp_ranks=[2], threads=1)
+    bench.bench_rollout(args)
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split("  ")[0] for line in table[2:6]] == [
+        "transformers generate", "today's engine, every row at once", "today's engine, 1 prompt(s) a call", "ours, 4 slots"]
+    assert table[6].startswith("ours / today's engine in the same budget:")
+    assert table[7].startswith("FSDP2-wrapped / unwrapped decode tokens/s, 2 gloo rank(s)")
