@@ -401,7 +401,7 @@ class LocalBackend:
         import generate
         import model
 
-        self.torch, self.generate = torch, generate.generate
+        self.generate = generate.generate
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.processor = data.ChatProcessor(model_dir)
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
@@ -412,11 +412,10 @@ class LocalBackend:
     def ask(self, request):
         prompt = self.processor.encode_prompt(request.prompt, request.images)
         seed = stable_seed(self.seed, request.problem["id"], request.step)
-        generator = self.torch.Generator(self.device).manual_seed(seed)
         with self.lock:
             (completion,) = self.generate(self.model, [prompt], eos_ids=self.processor.eos_token_ids,
                                           max_new_tokens=self.max_tokens, temperature=self.temperature,
-                                          generator=generator, tokenizer=self.processor.tokenizer)
+                                          seed=seed, tokenizer=self.processor.tokenizer)
         return Reply(completion.text, truncated=completion.finish_reason == "length")
 
 
