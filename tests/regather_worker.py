@@ -3,7 +3,6 @@ backward, before and after a `model.gathered_params` block (a rollout), and ever
 reshard-after-forward setting before and after it. Prints one JSON line from rank 0."""
 
 import datetime
-import json
 import sys
 
 import torch
@@ -14,6 +13,7 @@ sys.path.insert(0, ".")
 import model as M  # noqa: E402
 from tests import tiny  # noqa: E402
 from tests.generate_fsdp_worker import count_calls  # noqa: E402
+from tests.uneven_worker import report  # noqa: E402
 
 
 def reshards_after_forward(model):
@@ -43,13 +43,8 @@ def main():
         model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid)  # a rollout's forward
     after_rollout = gathers_in_a_training_step()
 
-    results = [None] * world
-    dist.all_gather_object(results, {"plain": plain, "after_rollout": after_rollout, "settings": settings,
-                                     "settings_after_rollout": reshards_after_forward(model)})
-    if rank == 0:
-        print(json.dumps(results), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    report({"plain": plain, "after_rollout": after_rollout, "settings": settings,
+            "settings_after_rollout": reshards_after_forward(model)})
 
 
 if __name__ == "__main__":

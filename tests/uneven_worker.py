@@ -71,15 +71,19 @@ def main():
     grad_diff = max((grads[n] - g).abs().max().item() for n, g in expected_grads.items())
     grad_scale = max(g.abs().max().item() for g in expected_grads.values())
 
-    results = [None] * world
-    dist.all_gather_object(results, {"micro_batches": micro_batches, "frozen_diff": frozen_diff,
-                                     "frozen_abs": expected.abs().max().item(), "grad_diff": grad_diff,
-                                     "grad_scale": grad_scale, "same_params": sorted(grads) == sorted(expected_grads)})
-    if rank == 0:
+    report({"micro_batches": micro_batches, "frozen_diff": frozen_diff, "frozen_abs": expected.abs().max().item(),
+            "grad_diff": grad_diff, "grad_scale": grad_scale, "same_params": sorted(grads) == sorted(expected_grads)})
+
+
+
+def report(result):
+    """Every rank's `result` as one JSON list printed by rank 0, then the process group's end."""
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    if dist.get_rank() == 0:
         print(json.dumps(results), flush=True)
     dist.barrier()
     dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
