@@ -25,8 +25,7 @@ def reshards_after_forward(model):
 def main():
     path = sys.argv[1]
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ids, pixels, grid = tiny.sample((5, 9), [(1, 8, 6)], seed=rank)
+    ids, pixels, grid = tiny.sample((5, 9), [(1, 8, 6)], seed=dist.get_rank())
     cu = torch.tensor([0, len(ids)], dtype=torch.int32)
     model = M.apply_fsdp(M.load_model(path), activation_checkpointing=False)
     all_gathers = count_calls(dist, "all_gather_single")  # FSDP2's parameter all-gather (torch 2.13)
