@@ -558,7 +558,9 @@ class Qwen25VL(nn.Module):
 class _ChunkedLogprobs(torch.autograd.Function):
     """log_softmax(h W^T / temperature)[target] (and the entropy) chunk by chunk. Forward keeps
     only h, W and each row's log-sum-exp; backward recomputes each chunk's logits, so the
-    [tokens, vocab] fp32 matrix never exists beyond one chunk."""
+    [tokens, vocab] fp32 matrix never exists beyond one chunk. The softmax math runs in fp32 (fp64
+    for fp64 inputs); the two GEMMs of backward take the inputs' dtype, so bf16 inputs get bf16
+    tensor-core GEMMs (fp32 accumulation inside each) and W is never copied."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
@@ -587,8 +589,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(lse)
         with_entropy = ctx.with_entropy and grad_entropy is not None
         acc = lse.dtype
-        grad_hidden = torch.zeros_like(hidden, dtype=acc)
-        grad_weight = torch.zeros_like(weight, dtype=acc)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc)  # summed over chunks: fp32 at least
         for s in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(s, s + ctx.chunk)
             h, g_logp = hidden[rows], grad_logp[rows, None]
@@ -600,10 +602,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 gz = p.mul_(log_p.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_logp)).neg_()
             else:
                 gz = log_p.exp_().mul_(-g_logp)
-            gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau)
-            grad_hidden[rows] = gz @ weight.to(acc)
-            grad_weight += gz.t() @ h.to(acc)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+            gz = gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau).to(hidden.dtype)
+            grad_hidden[rows] = gz @ weight
+            grad_weight += gz.t() @ h
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=1024, with_entropy=False):
