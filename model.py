@@ -105,6 +105,33 @@ class ModelConfig:
 # 2. attention over packed sequences
 
 PADDED_ATTENTION_MAX_SCORES = 2**26  # B * Hq * Lmax^2 beyond which SDPA runs sequence by sequence
+ATTENTION_BACKENDS = ("flash", "sdpa")
+attention_backend = "flash"  # this process's choice (set_attention): "sdpa" keeps flash-attn out even on CUDA
+FLASH_ATTN_MISSING = ("flash-attn is not installed, and on CUDA attention without it takes SDPA's math kernel "
+                      "(O(L^2) memory: out of memory at long contexts): pip install -r requirements-gpu.txt "
+                      "--no-build-isolation, or pass --attention sdpa to run without it")
+
+
+def set_attention(requested, device):
+    """Choose this process's attention kernels and return the backend in use on `device`: "flash"
+    (flash-attn's varlen and KV-cache kernels) on CUDA, "sdpa" on CPU or when asked for. "flash" on
+    CUDA without flash-attn installed exits with FLASH_ATTN_MISSING: falling back silently would
+    trade the O(L) kernel for SDPA's O(L^2) masked math kernel. Example: ("flash", cpu) -> "sdpa"."""
+    global attention_backend
+    if requested not in ATTENTION_BACKENDS:
+        raise SystemExit(f"attention must be one of {ATTENTION_BACKENDS}, got {requested!r}")
+    cuda = torch.device(device).type == "cuda"
+    if requested == "flash" and cuda and flash_attn_varlen_func is None:
+        raise SystemExit(FLASH_ATTN_MISSING)
+    attention_backend = requested
+    return "flash" if requested == "flash" and cuda else "sdpa"
+
+
+def use_flash(q):
+    """Whether attention over `q` runs flash-attn's kernels: CUDA tensors, flash-attn installed, and
+    not turned off by `set_attention("sdpa", ...)`. The one gate of every flash branch, so that the
+    tests' flash-attn stand-in (tests/flash_attn_standin.py) runs those branches on CPU."""
+    return q.is_cuda and flash_attn_varlen_func is not None and attention_backend == "flash"
 
 
 def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
@@ -114,14 +141,14 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     values share the queries' boundaries, or have their own `cu_seqlens_k` (a response's queries
     after the keys of its shared prompt and its own): a sequence's queries are then its last keys,
     and the causal mask aligns at the bottom right, as flash-attn's does.
-    CUDA with flash-attn uses its varlen kernel. Otherwise SDPA over the sequences padded into one
-    [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward above all), or
-    one call per sequence when that padded score matrix would be too large.
+    CUDA with flash-attn uses its varlen kernel (`use_flash`). Otherwise SDPA over the sequences
+    padded into one [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward
+    above all), or one call per sequence when that padded score matrix would be too large.
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     q_lengths, k_lengths = ((cu[1:] - cu[:-1]).long() for cu in (cu_seqlens, cu_k))
     max_q, max_k = int(q_lengths.max()), int(k_lengths.max())
-    if flash_attn_varlen_func is not None and q.is_cuda:
+    if use_flash(q):
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=causal)
     gqa = k.shape[1] != q.shape[1]
     B = len(q_lengths)
