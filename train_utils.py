@@ -55,15 +55,18 @@ def exit_if_missing(path, flag, kind):
 # processes
 
 def init_distributed():
-    """(rank, world_size, device) under torchrun (nccl on CUDA, gloo on CPU) or a plain process."""
+    """(rank, world_size, device) under torchrun (nccl on CUDA, gloo on CPU) or a plain process,
+    which gets a process group of its own: the model is FSDP2-wrapped at every world size, so one
+    GPU runs the same precision policy as many (model.apply_fsdp)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank() if world > 1 else 0), world, device
+    if not dist.is_initialized():
+        alone = {} if "MASTER_ADDR" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **alone)
+    return dist.get_rank(), world, device
 
 
 def all_reduce(value, op=dist.ReduceOp.SUM):
