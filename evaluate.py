@@ -625,6 +625,8 @@ def parse_args(argv=None):
     parser.add_argument("--retry-until-answer", type=int, default=0, metavar="K",
                         help="redraw a response without </answer> up to K times (authors: 5; inflates scores)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attention", choices=M.ATTENTION_BACKENDS, default="flash",
+                        help="flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad benchmark rows")
     parser.add_argument("--judge", metavar="URL", help="OpenAI-compatible server for the official pipelines' GPT "
                                                        "steps (MathVista extraction; MathVerse extraction, judgement)")
@@ -654,6 +656,9 @@ def main(argv=None):
     """Evaluate every model on every benchmark; rank 0 prints the tables and returns the summaries."""
     args = parse_args(argv)
     rank, world, device = init_distributed()
+    backend = M.set_attention(args.attention, device)
+    if rank == 0:
+        print(f"world {world} on {device.type}, attention {backend}", flush=True)
     try:
         benchmarks = {bench: load_benchmark(bench, path, args.skip_bad)[:args.limit]
                       for bench, path in args.data_paths.items()}

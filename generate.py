@@ -204,17 +204,11 @@ def prefill_attention(kv, cu_seqlens, fan_src, fan_slot, fan_pos):
     return attend
 
 
-def use_flash_decode(q):
-    """Whether decoding attends with flash-attn's kernel: CUDA with flash-attn installed. The one gate
-    of that branch, so a test can route CPU tensors through it with a stand-in kernel."""
-    return flash_attn_with_kvcache is not None and q.is_cuda
-
-
 def cached_attention(q, k, v, k_cache, v_cache, lengths, span):
     """One new token per row: store its key/value at position lengths[r] of row r, then attend over
     the row's lengths[r] + 1 cached positions. q [R, Hq, D]; k, v [R, Hkv, D]; caches [R, L, Hkv, D];
     the SDPA path reads positions < `span` only (span > max(lengths); the flash path reads each row's own)."""
-    if use_flash_decode(q):
+    if M.use_flash(q):  # CUDA with flash-attn, unless --attention sdpa
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, k[:, None], v[:, None],
                                        cache_seqlens=lengths.to(torch.int32), causal=True)[:, 0]
     R, Hkv, D = k.shape

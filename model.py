@@ -8,7 +8,7 @@ Read top to bottom:
   4. language model  multimodal RoPE (t/h/w) positions, GQA decoder layers
   5. the model       forward_packed (padding-free training), forward (HF-style padded batch)
   6. log-probs       token_logprobs: chunked head + log-softmax, recomputed in backward
-  7. checkpoints     load_model / save_model (safetensors, both HF key layouts)
+  7. checkpoints     load_model, load_sharded (FSDP2, each rank reads its shard) / save_model
   8. FSDP2           apply_fsdp, gathered_params
 
 Parameter names equal the released Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`,
@@ -232,6 +232,33 @@ def _vision_config(raw):
 # 2. attention over packed sequences
 
 PADDED_ATTENTION_MAX_SCORES = 2**26  # B * Hq * Lmax^2 beyond which SDPA runs sequence by sequence
+ATTENTION_BACKENDS = ("flash", "sdpa")
+attention_backend = "flash"  # this process's choice (set_attention): "sdpa" keeps flash-attn out even on CUDA
+FLASH_ATTN_MISSING = ("flash-attn is not installed, and on CUDA attention without it takes SDPA's math kernel "
+                      "(O(L^2) memory: out of memory at long contexts): pip install -r requirements-gpu.txt "
+                      "--no-build-isolation, or pass --attention sdpa to run without it")
+
+
+def set_attention(requested, device):
+    """Choose this process's attention kernels and return the backend in use on `device`: "flash"
+    (flash-attn's varlen and KV-cache kernels) on CUDA, "sdpa" on CPU or when asked for. "flash" on
+    CUDA without flash-attn installed exits with FLASH_ATTN_MISSING: falling back silently would
+    trade the O(L) kernel for SDPA's O(L^2) masked math kernel. Example: ("flash", cpu) -> "sdpa"."""
+    global attention_backend
+    if requested not in ATTENTION_BACKENDS:
+        raise SystemExit(f"attention must be one of {ATTENTION_BACKENDS}, got {requested!r}")
+    cuda = torch.device(device).type == "cuda"
+    if requested == "flash" and cuda and flash_attn_varlen_func is None:
+        raise SystemExit(FLASH_ATTN_MISSING)
+    attention_backend = requested
+    return "flash" if requested == "flash" and cuda else "sdpa"
+
+
+def use_flash(q):
+    """Whether attention over `q` runs flash-attn's kernels: CUDA tensors, flash-attn installed, and
+    not turned off by `set_attention("sdpa", ...)`. The one gate of every flash branch, so that the
+    tests' flash-attn stand-in (tests/flash_attn_standin.py) runs those branches on CPU."""
+    return q.is_cuda and flash_attn_varlen_func is not None and attention_backend == "flash"
 
 
 def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
@@ -241,14 +268,14 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     values share the queries' boundaries, or have their own `cu_seqlens_k` (a response's queries
     after the keys of its shared prompt and its own): a sequence's queries are then its last keys,
     and the causal mask aligns at the bottom right, as flash-attn's does.
-    CUDA with flash-attn uses its varlen kernel. Otherwise SDPA over the sequences padded into one
-    [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward above all), or
-    one call per sequence when that padded score matrix would be too large.
+    CUDA with flash-attn uses its varlen kernel (`use_flash`). Otherwise SDPA over the sequences
+    padded into one [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward
+    above all), or one call per sequence when that padded score matrix would be too large.
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     q_lengths, k_lengths = ((cu[1:] - cu[:-1]).long() for cu in (cu_seqlens, cu_k))
     max_q, max_k = int(q_lengths.max()), int(k_lengths.max())
-    if flash_attn_varlen_func is not None and q.is_cuda:
+    if use_flash(q):
         return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=causal)
     gqa = k.shape[1] != q.shape[1]
     B = len(q_lengths)
@@ -685,7 +712,9 @@ class Qwen25VL(nn.Module):
 class _ChunkedLogprobs(torch.autograd.Function):
     """log_softmax(h W^T / temperature)[target] (and the entropy) chunk by chunk. Forward keeps
     only h, W and each row's log-sum-exp; backward recomputes each chunk's logits, so the
-    [tokens, vocab] fp32 matrix never exists beyond one chunk."""
+    [tokens, vocab] fp32 matrix never exists beyond one chunk. The softmax math runs in fp32 (fp64
+    for fp64 inputs); the two GEMMs of backward take the inputs' dtype, so bf16 inputs get bf16
+    tensor-core GEMMs (fp32 accumulation inside each) and W is never copied."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
@@ -714,8 +743,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(lse)
         with_entropy = ctx.with_entropy and grad_entropy is not None
         acc = lse.dtype
-        grad_hidden = torch.zeros_like(hidden, dtype=acc)
-        grad_weight = torch.zeros_like(weight, dtype=acc)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=acc)  # summed over chunks: fp32 at least
         for s in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(s, s + ctx.chunk)
             h, g_logp = hidden[rows], grad_logp[rows, None]
@@ -727,10 +756,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 gz = p.mul_(log_p.add_(entropy[rows, None]).mul_(grad_entropy[rows, None]).add_(g_logp)).neg_()
             else:
                 gz = log_p.exp_().mul_(-g_logp)
-            gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau)
-            grad_hidden[rows] = gz @ weight.to(acc)
-            grad_weight += gz.t() @ h.to(acc)
-        return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+            gz = gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau).to(hidden.dtype)
+            grad_hidden[rows] = gz @ weight
+            grad_weight += gz.t() @ h
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
 def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=1024, with_entropy=False):
@@ -775,25 +804,86 @@ def _safetensors_files(path):
     return [single]
 
 
-def load_model(path, dtype=torch.float32, device="cpu"):
-    """Build the model from a Hugging Face checkpoint directory (config.json + single or sharded
-    safetensors, either key layout). Weights are read straight into `dtype` on `device`."""
+def build_model(path):
+    """The model of a Hugging Face checkpoint directory on the meta device: config.json parsed, no
+    weight read (`load_model` and `load_sharded` fill it in)."""
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    cfg = ModelConfig.from_hf(raw)
     with torch.device("meta"):
-        model = Qwen25VL(cfg)
-    state = {}
-    for file in _safetensors_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                name = _canonical_key(key)
-                if name == "lm_head.weight" and cfg.tie_word_embeddings:
-                    continue
-                state[name] = f.get_tensor(key).to(dtype)
-    model.load_state_dict(state, strict=True, assign=True)
+        model = Qwen25VL(ModelConfig.from_hf(raw))
     model.hf_config, model.source_dir = raw, path
     return model
+
+
+def _checkpoint_tensors(model, path):
+    """(parameter name, safetensors slice) of every tensor in the checkpoint files (single or
+    sharded, either key layout; a tied head's stored copy skipped). A slice reads only what is
+    indexed: `tensor[:]` the whole tensor, `tensor[a:b]` rows a..b-1."""
+    for file in _safetensors_files(path):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                name = _canonical_key(key)
+                if not (name == "lm_head.weight" and model.cfg.tie_word_embeddings):
+                    yield name, f.get_slice(key)
+
+
+def load_model(path, dtype=torch.float32, device="cpu"):
+    """Build the model from a Hugging Face checkpoint directory (config.json + single or sharded
+    safetensors, either key layout), its weights in `dtype` on `device`, whole on this process."""
+    model = build_model(path)
+    state = {name: tensor[:].to(device=device, dtype=dtype) for name, tensor in _checkpoint_tensors(model, path)}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def load_sharded(path, device, dtype=torch.float32, param_dtype=None, mesh=None, activation_checkpointing=True,
+                 cpu_offload=False):
+    """The model for training: `load_model`'s weights, FSDP2-wrapped by `apply_fsdp` (its arguments
+    after `dtype`), loaded shard by shard. The model is built on the meta device and wrapped, then
+    every rank reads from each checkpoint tensor only the rows of its own shard, into `dtype` on
+    `device` (host memory with cpu_offload). No rank ever holds the whole model: loading it whole
+    and sharding it after cost every GPU a full fp32 copy of policy and reference at start (~66 GB
+    at 7B). A frozen model (GRPO's reference) loads with dtype = param_dtype: it takes no optimizer
+    step, so fp32 master weights would buy it nothing.
+    One process with nothing to cast (param_dtype None or `dtype`, no offload) gets the plain model:
+    FSDP2 would shard nothing and cast nothing there, so the numbers are the same (measured bit for
+    bit on the toy runs) without its per-layer hooks, which double the CPU toy's generation time."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world == 1 and param_dtype in (None, dtype) and not cpu_offload:
+        model = load_model(path, dtype, device)
+        model.activation_checkpointing = activation_checkpointing
+        return model
+    model = build_model(path).to(dtype)
+    apply_fsdp(model, mesh, activation_checkpointing, cpu_offload, param_dtype)
+    model.to_empty(device="cpu" if cpu_offload else device)
+    unfilled = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in _checkpoint_tensors(model, path):
+            if name not in unfilled:
+                raise ValueError(f"{path}: {name} is not a parameter of the model, or is stored twice")
+            param = unfilled.pop(name)
+            start, end = _local_rows(param)
+            shard, rows = param.to_local(), tensor[start:end]
+            if shard.shape != rows.shape:
+                raise ValueError(f"{path}: {name} rows {start}:{end} have shape {tuple(rows.shape)}, "
+                                 f"the shard {tuple(shard.shape)}")
+            shard.copy_(rows)
+    if unfilled:
+        raise ValueError(f"{path}: no tensor for {sorted(unfilled)}")
+    return model
+
+
+def _local_rows(param):
+    """Rows [start, end) of dim 0 in this rank's shard of an FSDP2 parameter: every mesh dimension
+    that shards dim 0 (Shard(0)) cuts it as torch.chunk does, the others replicate it.
+    Example: 10 rows over 4 ranks -> chunks of 3: rank 2 holds rows [6, 9), rank 3 rows [9, 10)."""
+    start, rows = 0, param.shape[0]
+    for mesh_dim, placement in enumerate(param.placements):
+        if placement.is_shard(0):
+            chunk = -(-rows // param.device_mesh.size(mesh_dim))
+            first = min(param.device_mesh.get_local_rank(mesh_dim) * chunk, rows)
+            start, rows = start + first, min(chunk, rows - first)
+    return start, start + rows
 
 
 def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
@@ -841,23 +931,39 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
 # -----------------------------------------------------------------------------
 # 8. FSDP2
 
-def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False):
-    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard`, over
-    `mesh`: None for every rank, or HSDP's 2-D mesh (`train_utils.data_parallel_mesh`).
-    CUDA: bf16 compute with fp32 gradient reduction; CPU (gloo): fp32 throughout. `cpu_offload`
-    keeps the shards in host memory between uses (the frozen reference model in GRPO).
+PARAM_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def compute_dtype(name):
+    """The torch dtype of a trainer's `param_dtype` setting (the dtype layers compute in). float16
+    is refused: without loss scaling its gradients underflow."""
+    if name not in PARAM_DTYPES:
+        raise SystemExit(f"param_dtype must be one of {sorted(PARAM_DTYPES)}, got {name!r}")
+    return PARAM_DTYPES[name]
+
+
+def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False, param_dtype=None):
+    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard` over `mesh`
+    (None: every rank; or HSDP's 2-D mesh, `train_utils.data_parallel_mesh`), under one precision
+    policy whatever the world size (one rank included): layers compute in `param_dtype`
+    (None: the parameters' own dtype), the fp32 master shards are what the optimizer steps, and
+    gradients are reduced in fp32. The vision blocks keep their inputs' dtypes: their RoPE cos/sin
+    stay fp32, as in the unsharded bf16 model (FSDP2 would cast them to bf16 with the activations,
+    which already come in `param_dtype` from the patch embedding). `cpu_offload` keeps the shards in
+    host memory between uses (the frozen reference model in GRPO).
     Build the optimizer from `model.parameters()` after this call and outside any forward.
     FSDP averages gradients over ranks (all of a 2-D mesh's): a loss normalised by the global
     token count is scaled by the world size before backward so that the averaged gradient is the
     global batch's."""
     from torch.distributed.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
                                         register_fsdp_forward_method)
-    on_cuda = next(model.parameters()).is_cuda
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if on_cuda else MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    vision_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    blocks = list(model.model.layers) + (list(model.visual.blocks) if model.visual is not None else [])
-    for block in blocks + [model]:
-        fully_shard(block, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    vision_blocks = list(model.visual.blocks) if model.visual is not None else []
+    for block in list(model.model.layers) + vision_blocks + [model]:
+        fully_shard(block, mesh=mesh, mp_policy=vision_policy if block in vision_blocks else policy,
+                    offload_policy=offload)
     for method in ("forward_packed", "packed_logprobs"):
         register_fsdp_forward_method(model, method)
     model.activation_checkpointing = activation_checkpointing

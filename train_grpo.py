@@ -237,6 +237,8 @@ class GRPOConfig:
     activation_checkpointing: bool = True
     ref_cpu_offload: bool = False
     replicate_degree: int = 1                    # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
+    param_dtype: str = "bfloat16"                # compute dtype, any world size (fp32 masters and reduction); the reference's
+    attention: str = "flash"                     # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
     seed: int = 0
     # operations
     log_every: int = 1
@@ -259,7 +261,7 @@ PRESETS = {
     "toy": dict(cold_start="runs/toy/ci/final", base="runs/toy/base/final", out_root="runs/toy/grpo",
                 data="runs/toy/data/rl.jsonl", length_scale="1/32", min_pixels=28 * 28, max_pixels=112 * 112,
                 prompts_per_rollout=16, prompts_per_update=16, lr=2e-5, micro_batch_tokens=4096,
-                activation_checkpointing=False, save_every=10, table_every=5),
+                activation_checkpointing=False, save_every=10, table_every=5, param_dtype="float32"),
 }
 
 
@@ -356,6 +358,10 @@ def main(argv=None):
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
     rank, world, device = init_distributed(cfg.dist_timeout_minutes)
     mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
+    cfg.attention = M.set_attention(cfg.attention, device)  # the backend in use: printed, and in wandb's config
+    compute = M.compute_dtype(cfg.param_dtype)
+    if rank == 0:
+        print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
@@ -366,16 +372,14 @@ def main(argv=None):
     processor = data.ChatProcessor(cfg.init, cfg.min_pixels, cfg.max_pixels)
 
     # ---------------------------------------------------------------- policy, reference, optimizer
-    policy = M.load_model(cfg.init, device=device)
+    policy = M.load_sharded(cfg.init, device, param_dtype=compute, mesh=mesh,
+                            activation_checkpointing=cfg.activation_checkpointing)
     if policy.visual is not None:
         policy.visual.requires_grad_(False)  # as in SFT: the LLM learns, the vision tower stays
-    reference = M.load_model(cfg.ref, device=device).eval().requires_grad_(False) if cfg.kl_coef else None
-    if world > 1:
-        M.apply_fsdp(policy, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
-        if reference is not None:
-            M.apply_fsdp(reference, mesh=mesh, activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload)
-    else:
-        policy.activation_checkpointing = cfg.activation_checkpointing
+    reference = M.load_sharded(cfg.ref, device, dtype=compute, param_dtype=compute, mesh=mesh,
+                               activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload) if cfg.kl_coef else None
+    if reference is not None:
+        reference.eval().requires_grad_(False)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     start_step = 0

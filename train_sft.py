@@ -6,8 +6,9 @@ from the modality-bridged data and becomes Vision-R1-CI (PAPER.md section 2).
     python train_sft.py --preset toy                     # the synthetic world's tiny model, on CPU
 
 Loss on assistant tokens only, sequences packed without cross-attention, per-token loss
-normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 under
-torchrun, HF-format checkpoints plus a torch.distributed.checkpoint training state for --resume.
+normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 with
+bf16 compute and fp32 master weights on any number of GPUs (one included; the model loaded shard
+by shard), HF-format checkpoints plus a torch.distributed.checkpoint training state for --resume.
 """
 
 import math
@@ -49,6 +50,8 @@ class SFTConfig:
     train_vision: bool = False                  # paper: vision tower and projector frozen
     activation_checkpointing: bool = True
     replicate_degree: int = 1                   # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
+    param_dtype: str = "bfloat16"               # compute dtype at any world size (FSDP2); fp32 master weights and reduction
+    attention: str = "flash"                    # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
     seed: int = 0
     # operations
     log_every: int = 1
@@ -70,7 +73,8 @@ PRESETS = {
     "paper": dict(),
     "toy": dict(model="runs/toy/base/final", data="runs/toy/cold/cold.jsonl", out="runs/toy/ci", lr=1e-3, epochs=3.0,
                 global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
-                activation_checkpointing=False),  # the random vision tower already separates every cell
+                activation_checkpointing=False,  # the random vision tower already separates every cell
+                param_dtype="float32"),  # CPU: exact, and the tests compare runs to 1e-5
 }
 
 
@@ -133,6 +137,10 @@ def main(argv=None):
     exit_if_missing(cfg.data, "--data", "file")
     rank, world, device = init_distributed(cfg.dist_timeout_minutes)
     mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
+    cfg.attention = M.set_attention(cfg.attention, device)  # the backend in use: printed, and in wandb's config
+    compute = M.compute_dtype(cfg.param_dtype)
+    if rank == 0:
+        print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
     os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
 
@@ -149,14 +157,10 @@ def main(argv=None):
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
 
     # ---------------------------------------------------------------- model and optimizer
-    dtype = torch.float32  # master weights; FSDP computes in bf16 on CUDA
-    model = M.load_model(cfg.model, dtype=dtype, device=device)
+    model = M.load_sharded(cfg.model, device, param_dtype=compute, mesh=mesh,
+                           activation_checkpointing=cfg.activation_checkpointing)
     if model.visual is not None and not cfg.train_vision:
         model.visual.requires_grad_(False)
-    if world > 1:
-        M.apply_fsdp(model, mesh=mesh, activation_checkpointing=cfg.activation_checkpointing)
-    else:
-        model.activation_checkpointing = cfg.activation_checkpointing
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),

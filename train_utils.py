@@ -57,7 +57,9 @@ def exit_if_missing(path, flag, kind):
 # processes
 
 def init_distributed(timeout_minutes=120):
-    """(rank, world_size, device) under torchrun, or (0, 1, device) in a plain process.
+    """(rank, world_size, device) under torchrun, or (0, 1, device) in a plain process, which gets a
+    process group of its own: the model is FSDP2-wrapped at every world size, so one GPU runs the
+    same precision policy as many (model.apply_fsdp).
 
     The group is `process_group_backend(device)`: gloo on CPU; on CUDA, NCCL for CUDA tensors (FSDP's
     collectives) and gloo for CPU ones (`all_reduce`'s numbers, barriers, the checkpoint's metadata),
@@ -70,9 +72,11 @@ def init_distributed(timeout_minutes=120):
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=timeout_minutes))
-    return (dist.get_rank() if world > 1 else 0), world, device
+    if not dist.is_initialized():
+        alone = {} if "MASTER_ADDR" in os.environ else dict(store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(process_group_backend(device), timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **alone)
+    return dist.get_rank(), world, device
 
 
 def process_group_backend(device):

@@ -23,3 +23,14 @@ def vl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vl")
     tiny.save_vl(path, seed=1)
     return path
+
+
+# ----------------------------------------------------------------------------- flash-attn's CUDA branches on CPU
+
+@pytest.fixture
+def flash_attn(monkeypatch):
+    """tests/flash_attn_standin.py in place of flash-attn's kernels, model.use_flash open on CPU: the
+    code's flash branches run here. Returns the list of the stand-in's calls, (function name, q dtype)."""
+    from tests import flash_attn_standin
+
+    return flash_attn_standin.install(monkeypatch)

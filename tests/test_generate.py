@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 import data
 import generate as G
 import model as M
-from tests import tiny
+from tests import flash_attn_standin, tiny
 from tests.test_fsdp import torchrun
 
 # text only; one image (grid 8x6); two images of different sizes; one image after a long text
@@ -389,7 +389,6 @@ def test_flash_decode_branch_matches_sdpa_in_bf16(vl_dir, monkeypatch):
     stand-in, which enforces the kernel's contracts (bf16/fp16, int32 cache_seqlens, [B, L, Hkv, D]
     caches written in place): three bf16 decode steps over a pool with a free slot draw the tokens
     the SDPA branch draws, write the same cache and state, and log-probs within bf16 rounding."""
-    standin = pytest.importorskip("tests.flash_attn_standin")
     model = M.load_model(vl_dir, dtype=torch.bfloat16).eval()
     eos = torch.tensor([7, 11])
     sampler = functools.partial(G.draw, temperature=1.0, top_p=1.0, top_k=0, greedy=False,
@@ -401,15 +400,9 @@ def test_flash_decode_branch_matches_sdpa_in_bf16(vl_dir, monkeypatch):
 
     sdpa, flash = live_pool(model, dtype=torch.bfloat16), live_pool(model, dtype=torch.bfloat16)
     expected = steps(sdpa)
-    calls = []
-
-    def recorded(q, *args, **kwargs):
-        calls.append((q.dtype, kwargs["cache_seqlens"].dtype))
-        return standin.flash_attn_with_kvcache(q, *args, **kwargs)
-    monkeypatch.setattr(G, "flash_attn_with_kvcache", recorded)
-    monkeypatch.setattr(G, "use_flash_decode", lambda q: True)
+    calls = flash_attn_standin.install(monkeypatch)
     got = steps(flash)
-    assert calls == [(torch.bfloat16, torch.int32)] * 3 * len(model.model.layers)
+    assert calls == [("flash_attn_with_kvcache", torch.bfloat16)] * 3 * len(model.model.layers)
     for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected):
         assert torch.equal(tokens, want_tokens) and (logprobs - want_logprobs).abs().max() <= 2e-2
     for name, value in vars(sdpa).items():
