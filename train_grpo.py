@@ -15,6 +15,7 @@ sequences, without running G - 1 copies of the prompt.
 The math follows the semantics of verl's `verl/trainer/ppo/core_algos.py`
 (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `kl_penalty` with
 `low_var_kl`, `agg_loss`): same values and gradients for the same inputs and modes.
+Below, * marks settings the paper does not state, which take EasyR1's defaults (PAPER.md §3).
 """
 
 import math
@@ -205,53 +206,53 @@ class GRPOConfig:
     # PTST stage and checkpoints
     schedule: str = "vision-r1"                  # ptst.SCHEDULES name
     stages: str = ""                             # override: 'LxGxSTEPS,...' (ptst.parse_schedule)
-    stage: int = 1
+    stage: int = 1                               # which stage of the schedule this run trains (1-based)
     length_scale: str = "1"                      # e.g. 1/64: the paper's lengths scaled to a small world
     init: str = ""                               # start checkpoint; default: ptst.init_checkpoint
     ref: str = ""                                # frozen KL reference; default: the schedule's stage-1 start
     cold_start: str = "runs/vision-r1-ci/final"  # Vision-R1-CI (train_sft.py on the cold data)
     base: str = "checkpoints/Qwen2.5-VL-7B-Instruct"  # the base model (Vision-R1-Zero starts here)
-    out_root: str = "runs/vision-r1"
+    out_root: str = "runs/vision-r1"             # runs land in OUT_ROOT/SCHEDULE/stageN
     data: str = "vision_r1_rl.parquet"           # problem records (Vision-R1-rl parquet, JSONL, geometry3k)
-    skip_bad: bool = False
+    skip_bad: bool = False                       # skip and count bad records instead of failing
     min_pixels: int = 512 * 512                  # * images 512^2 - 2048^2 pixels
-    max_pixels: int = 2048 * 2048
+    max_pixels: int = 2048 * 2048                # * upper image bound in pixels
     # GRPO (Eq. 1)
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 0.0                       # 0: off
+    clip_low: float = 0.2                        # epsilon: the ratio's lower clip 1 - clip_low (Eq. 1)
+    clip_high: float = 0.2                       # the ratio's upper clip 1 + clip_high (> clip_low: DAPO)
+    dual_clip: float = 0.0                       # c > 1 caps negative-advantage losses at -A c; 0: off
     kl_coef: float = 1e-2                        # beta, k3 estimator, as a loss term
-    agg: str = "token-mean"                      # * AGG_MODES
+    agg: str = "token-mean"                      # * loss averaging: token-mean, seq-mean-token-mean, ...-sum-norm
     scale_advantages: bool = True                # False: Dr. GRPO's r - mean
     # rollout and optimisation
     prompts_per_rollout: int = 512               # * prompts per rollout step, over all ranks
     prompts_per_update: int = 128                # * prompts per optimizer update
-    ppo_epochs: int = 1                          # *
-    temperature: float = 1.0                     # *
-    top_p: float = 1.0                           # *
+    ppo_epochs: int = 1                          # * passes over each rollout's samples
+    temperature: float = 1.0                     # * sampling temperature of the rollouts
+    top_p: float = 1.0                           # * nucleus sampling of the rollouts (1: off)
     kv_budget_gib: float = 0.0                   # KV cache per rank (0: half the free GPU memory; CPU: 2^18 tokens)
-    lr: float = 1e-6                             # * constant
-    weight_decay: float = 1e-2                   # *
-    grad_clip: float = 1.0                       # *
+    lr: float = 1e-6                             # * peak learning rate, held constant
+    weight_decay: float = 1e-2                   # * AdamW's decoupled weight decay
+    grad_clip: float = 1.0                       # * max global gradient norm
     micro_batch_tokens: int = 32768              # packed tokens per forward/backward
-    activation_checkpointing: bool = True
-    ref_cpu_offload: bool = False
+    activation_checkpointing: bool = True        # keep layer inputs only; recompute in backward
+    ref_cpu_offload: bool = False                # keep the reference's shards in host memory between uses
     replicate_degree: int = 1                    # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     param_dtype: str = "bfloat16"                # compute dtype, any world size (fp32 masters and reduction); the reference's
     attention: str = "flash"                     # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
-    seed: int = 0
+    seed: int = 0                                # python, numpy and torch seeds; also the sampling stream's
     # operations
-    log_every: int = 1
+    log_every: int = 1                           # steps between metrics lines (metrics.jsonl, stdout, wandb)
     table_every: int = 10                        # wandb table of sample completions
-    save_every: int = 50
+    save_every: int = 50                         # HF checkpoint + training state every K steps (0: end only)
     keep_last: int = 2                           # step checkpoints kept (weights and state; final always); 0: all
     dist_timeout_minutes: int = 120              # a collective's wait for a late rank before abort: rollouts have no
                                                  # collectives, so ranks finish them minutes apart; NCCL's default: 10
-    max_nonfinite: int = 3
-    resume: bool = False
-    wandb_project: str = "vision-r1"
-    wandb_group: str = ""
-    run_name: str = ""
+    max_nonfinite: int = 3                       # non-finite steps in a row (each skipped) that stop the run
+    resume: bool = False                         # continue exactly from the output folder's latest training state
+    wandb_project: str = "vision-r1"             # wandb project (WANDB_MODE=offline/disabled as usual)
+    wandb_group: str = ""                        # wandb group: the runs to compare side by side
+    run_name: str = ""                           # wandb run name (default: SCHEDULE-stageN)
     out: str = ""                                # filled in: the stage's folder
 
 

@@ -31,41 +31,41 @@ class SFTConfig:
     # data and model
     model: str = "checkpoints/Qwen2.5-VL-7B-Instruct"  # HF checkpoint directory to start from
     data: str = "vision_r1_cold.json"           # conversations: sharegpt `conversations` or `messages`
-    out: str = "runs/vision-r1-ci"
+    out: str = "runs/vision-r1-ci"              # output folder: metrics.jsonl, config.json, step_N/, state/, final/
     skip_bad: bool = False                      # skip and count bad records instead of failing
     eval_holdout: int = 0                       # last N records held out for the eval loss
     min_pixels: int = 0                         # 0: the checkpoint's preprocessor config
-    max_pixels: int = 0
+    max_pixels: int = 0                         # 0: the checkpoint's preprocessor config
     # optimisation (paper: lr 5e-6 cosine, 5% warmup, no weight decay, 2 epochs, batch 32, 16K context)
-    lr: float = 5e-6
-    schedule: str = "cosine"
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    epochs: float = 2.0
+    lr: float = 5e-6                            # peak learning rate
+    schedule: str = "cosine"                    # cosine (decay to 0 after warmup) or constant
+    warmup_ratio: float = 0.05                  # linear warmup over this fraction of the steps
+    weight_decay: float = 0.0                   # AdamW's decoupled weight decay
+    adam_beta1: float = 0.9                     # AdamW beta1
+    adam_beta2: float = 0.999                   # AdamW beta2
+    epochs: float = 2.0                         # passes over the data (fractions allowed)
     global_batch: int = 32                      # sequences per optimizer step, over all ranks
     max_tokens: int = 16384                     # context and packed micro-batch size; longer samples are cut
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0                      # max global gradient norm
     train_vision: bool = False                  # paper: vision tower and projector frozen
-    activation_checkpointing: bool = True
+    activation_checkpointing: bool = True       # keep layer inputs only; recompute in backward
     replicate_degree: int = 1                   # HSDP: N replicas, each sharded over world/N ranks (a node); 1: FSDP
     param_dtype: str = "bfloat16"               # compute dtype at any world size (FSDP2); fp32 master weights and reduction
     attention: str = "flash"                    # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
-    seed: int = 0
+    seed: int = 0                               # python, numpy and torch seeds; the data order
     # operations
-    log_every: int = 1
+    log_every: int = 1                          # steps between metrics lines (metrics.jsonl, stdout, wandb)
     eval_every: int = 0                         # 0: only at start and end
     save_every: int = 0                         # HF checkpoint + training state every K steps (0: end only)
     keep_last: int = 2                          # step checkpoints kept (weights and state; final always); 0: all
     dist_timeout_minutes: int = 120             # a collective's wait for a late rank before abort: rank 0 writes
                                                 # the weights alone while the others wait; NCCL's default: 10
-    max_nonfinite: int = 3
-    resume: bool = False
+    max_nonfinite: int = 3                      # non-finite steps in a row (each skipped) that stop the run
+    resume: bool = False                        # continue exactly from the output folder's latest training state
     peak_tflops: float = 989.0                  # per-device peak for MFU (H100 bf16 dense)
-    wandb_project: str = "vision-r1"
-    wandb_group: str = ""
-    run_name: str = "sft"
+    wandb_project: str = "vision-r1"            # wandb project (WANDB_MODE=offline/disabled as usual)
+    wandb_group: str = ""                       # wandb group: the runs to compare side by side
+    run_name: str = "sft"                       # wandb run name
 
 
 # The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).

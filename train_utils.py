@@ -26,20 +26,58 @@ from torch.distributed.tensor import DTensor
 
 def parse_config(config_cls, presets, argv=None, description=None):
     """argparse over a dataclass: every field becomes a `--flag` (bools take true/false); a preset
-    fills in its values first and explicit flags win. Returns the filled dataclass."""
+    fills in its values first and explicit flags win. Returns the filled dataclass. `--help` lists
+    the fields under their section comments, each with its comment (`field_comments`), its default
+    (the paper's run) and the value of every preset that changes it."""
     import argparse
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)))
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
+                        help="a named set of values applied before the flags (default: %(default)s)")
+    sections, comments = field_comments(config_cls)
+    group = parser
     for f in fields(config_cls):
+        if f.name in sections:
+            group = parser.add_argument_group(sections[f.name])
         kind = type(f.default) if f.default is not None else str
+        changed = "".join(f"; {name}: {preset[f.name]!r}" for name, preset in presets.items() if f.name in preset)
+        text = f"{comments.get(f.name, '')} (default: {f.default!r}{changed})".lstrip().replace("%", "%%")
         if kind is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
-                                nargs="?", const=True, default=None)
+            group.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+                               nargs="?", const=True, default=None, metavar="BOOL", help=text)
         else:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None)
+            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=kind.__name__.upper(),
+                               help=text)
     args = vars(parser.parse_args(argv))
     values = {**presets[args.pop("preset")], **{k: v for k, v in args.items() if v is not None}}
     return config_cls(**values)
+
+
+def field_comments(config_cls):
+    """The comments of a config dataclass's source, as ({first field: section title}, {field: help}):
+    a comment line at field indentation titles the fields below it; the comment after a field, with
+    the comment-only lines aligned under it, is that field's help. Example: for
+        # optimisation
+        lr: float = 5e-6    # peak learning rate
+                            # (cosine decay)
+    -> ({"lr": "optimisation"}, {"lr": "peak learning rate (cosine decay)"})."""
+    import inspect
+    import tokenize
+    sections, comments, title, field, field_indent = {}, {}, None, None, None
+    lines = inspect.getsource(config_cls).splitlines(keepends=True)
+    for tok in tokenize.generate_tokens(iter(lines).__next__):
+        text = tok.string.lstrip("#").strip()
+        starts_line = tok.line[:tok.start[1]].strip() == ""
+        if tok.type == tokenize.NAME and starts_line and tok.line[tok.end[1]:].lstrip().startswith(":"):
+            field, field_indent = tok.string, tok.start[1]
+            if title:
+                sections[field], title = title, None
+        elif tok.type == tokenize.COMMENT and not starts_line:  # after a field, on its line
+            comments[field] = text
+        elif tok.type == tokenize.COMMENT and field_indent is not None and tok.start[1] > field_indent and field in comments:
+            comments[field] += " " + text  # a continuation, aligned under the field's comment
+        elif tok.type == tokenize.COMMENT:
+            title = text
+    return sections, comments
 
 
 def exit_if_missing(path, flag, kind):

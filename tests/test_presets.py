@@ -2,12 +2,17 @@
 `--preset toy`. Without its checkpoint or data the paper's command stops before any work with one
 line naming the flag and the path, printed once however many ranks torchrun starts."""
 
+import dataclasses
+import importlib
 import os
 import subprocess
 import sys
 
+import pytest
+
 import train_grpo
 import train_sft
+import train_utils
 from tests.test_fsdp import ROOT
 from train_utils import parse_config
 
@@ -51,3 +56,21 @@ def test_missing_data_is_named_after_the_checkpoint_is_found(tiny_world, tmp_pat
     assert out.returncode == 1 and out.stderr == "--data vision_r1_rl.parquet: no such file\n"
     out = run("train_sft.py", ["--model", model], tmp_path)
     assert out.returncode == 1 and out.stderr == "--data vision_r1_cold.json: no such file\n"
+
+
+@pytest.mark.parametrize("trainer", ["train_sft", "train_grpo"])
+def test_help_gives_every_field_its_meaning_default_and_preset_value(trainer, capsys):
+    """--help lists each config field under its section with the comment written after it in the
+    dataclass, its default (the paper's run) and the toy preset's value where that differs."""
+    module = importlib.import_module(trainer)
+    config_cls = module.SFTConfig if trainer == "train_sft" else module.GRPOConfig
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sections, comments = train_utils.field_comments(config_cls)
+    assert set(comments) == {f.name for f in dataclasses.fields(config_cls)}  # no field without a meaning
+    for f in dataclasses.fields(config_cls):
+        toy = f"; toy: {module.PRESETS['toy'][f.name]!r}" if f.name in module.PRESETS["toy"] else ""
+        assert f"{comments[f.name]} (default: {f.default!r}{toy})" in text, f.name
+    assert all(f"{title}:" in text for title in sections.values())
+    assert comments["dist_timeout_minutes"].endswith("NCCL's default: 10")  # the comment's second line joined
