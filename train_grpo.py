@@ -407,9 +407,7 @@ def main(argv=None):
 
         # ------------------------------------------------------------ generate G responses per prompt
         policy.eval()
-        # the cache takes the decoder's dtype: bf16 under apply_fsdp on CUDA, else the weights' fp32
-        cache_dtype = torch.bfloat16 if world > 1 and device.type == "cuda" else torch.float32
-        kv_budget = gen.kv_budget_tokens(policy.cfg, cache_dtype, cfg.kv_budget_gib, device)
+        kv_budget = gen.kv_budget_tokens(policy.cfg, compute, cfg.kv_budget_gib, device)  # the cache is in `compute`
         # sample j of the step's i-th prompt draws from the stream (seed, step, i, j): the same samples
         # whatever the world size or the cache budget
         completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
@@ -428,12 +426,14 @@ def main(argv=None):
         on_policy = cfg.ppo_epochs == 1 and cfg.prompts_per_update == cfg.prompts_per_rollout
         old_logp = None if on_policy else frozen_logprobs(policy, groups, L, cfg, device)
         ref_logp = frozen_logprobs(reference, groups, L, cfg, device) if reference is not None else None
+        rollout_logp = torch.tensor([c.logprobs + [0.0] * (L - len(c.logprobs)) for c in completions],
+                                    device=device).view(-1, L)  # the engine's, as sampled
 
         # ------------------------------------------------------------ PPO updates
         policy.train()
         per_update = cfg.prompts_per_update // world  # this rank's prompts per optimizer update
         stats = {"loss": 0.0, "entropy": 0.0, "kl_ref": 0.0, "clip_frac_high": 0.0, "clip_frac_low": 0.0,
-                 "ppo_kl": 0.0, "grad_norm": 0.0}
+                 "ppo_kl": 0.0, "rollout_logp_diff": 0.0, "grad_norm": 0.0}
         updates = 0
         for _ in range(cfg.ppo_epochs):
             for first in range(0, len(groups), per_update):
@@ -458,6 +458,8 @@ def main(argv=None):
                         stats["entropy"] += entropy.sum().item()
                         for name in ("kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
                             stats[name] += metrics.get(name, torch.tensor(0.0)).item() * n_tok
+                        # the sampler's distribution against the one trained on (both the step's start policy)
+                        stats["rollout_logp_diff"] += ((old - rollout_logp[rows]).abs() * mask).sum().item()
                 grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
                 loss_value = float(all_reduce(loss_total))
                 if guard.ok(loss_value, grad_norm):
@@ -482,7 +484,7 @@ def main(argv=None):
         metrics["reward_std"] = math.sqrt(max(metrics.pop("reward_sq") - metrics["reward"] ** 2, 0.0))
         metrics["response_length_max"] = float(all_reduce(lengths.max(), torch.distributed.ReduceOp.MAX))
         metrics["clipped_fraction"] = metrics["truncation_rate"]
-        for name in ("entropy", "kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
+        for name in ("entropy", "kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl", "rollout_logp_diff"):
             metrics[name] = float(all_reduce(stats[name])) / max(total_tokens * cfg.ppo_epochs, 1)
         metrics.update(loss=stats["loss"] / updates, grad_norm=stats["grad_norm"] / updates, lr=cfg.lr,
                        time_generate=t_generate, time_score=t_score, time_train=t_train,

@@ -49,6 +49,8 @@ def test_two_ranks_first_step_loss_equals_one_rank(tiny_world, reference, tmp_pa
     torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=600)
     one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
     assert one["kl_ref"] > 0.01  # the loss is not trivially zero
+    # the engine samples from the distribution the update differentiates (fp32: equal to rounding)
+    assert 0 < one["rollout_logp_diff"] <= 1e-5 and two["rollout_logp_diff"] <= 1e-5, (one, two)
     assert one["response_length"] == two["response_length"]  # the same samples on 1 and 2 ranks
     assert abs(one["loss"]) > 1e-3 and abs(one["loss"] - two["loss"]) <= 1e-4, (one["loss"], two["loss"])
 
