@@ -31,10 +31,9 @@ import generate as gen
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
-                         full_value, init_distributed, load_training_state, packed_inputs, parse_config,
-                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
-                         sharding_of)
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, exit_if_missing, full_value,
+                         load_training_state, packed_inputs, parse_config, peak_memory_gib, prune_checkpoints,
+                         save_training_state, sharding_of, start_run)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -357,14 +356,7 @@ def main(argv=None):
         exit_if_missing(cfg.ref, ref_flag, "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
-    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
-    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
-    cfg.attention = M.set_attention(cfg.attention, device)  # the backend in use: printed, and in wandb's config
-    compute = M.compute_dtype(cfg.param_dtype)
-    if rank == 0:
-        print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
-    os.makedirs(cfg.out, exist_ok=True)
-    seed_everything(cfg.seed)
+    rank, world, device, mesh, compute = start_run(cfg)
     if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
         raise ValueError("prompts_per_rollout must be a multiple of prompts_per_update and of the world size")
 

@@ -20,10 +20,9 @@ import torch
 
 import data
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, data_parallel_mesh, exit_if_missing,
-                         full_value, init_distributed, load_training_state, lr_at, packed_inputs, parse_config,
-                         peak_memory_gib, prune_checkpoints, save_training_state, seed_everything,
-                         sharding_of)
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
+                         load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib, prune_checkpoints,
+                         save_training_state, sharding_of, start_run)
 
 
 @dataclass
@@ -135,14 +134,7 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")
-    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
-    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
-    cfg.attention = M.set_attention(cfg.attention, device)  # the backend in use: printed, and in wandb's config
-    compute = M.compute_dtype(cfg.param_dtype)
-    if rank == 0:
-        print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
-    os.makedirs(cfg.out, exist_ok=True)
-    seed_everything(cfg.seed)
+    rank, world, device, mesh, compute = start_run(cfg)
 
     # ---------------------------------------------------------------- data (checked before step 1)
     records = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)

@@ -117,6 +117,24 @@ def init_distributed(timeout_minutes=120):
     return dist.get_rank(), world, device
 
 
+def start_run(cfg):
+    """What a trainer does once its inputs are found: join the process group (`init_distributed`),
+    build the mesh FSDP shards over (`data_parallel_mesh`), choose the attention kernels and the
+    compute dtype and say which (rank 0; `cfg.attention` becomes the backend in use, so wandb's
+    config records it), create the output folder, seed every generator.
+    Returns (rank, world, device, mesh, compute dtype)."""
+    import model as M
+    rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
+    cfg.attention = M.set_attention(cfg.attention, device)
+    compute = M.compute_dtype(cfg.param_dtype)
+    if rank == 0:
+        print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
+    os.makedirs(cfg.out, exist_ok=True)
+    seed_everything(cfg.seed)
+    return rank, world, device, mesh, compute
+
+
 def process_group_backend(device):
     """The backend of each device type's collectives: "gloo" on CPU; "cpu:gloo,cuda:nccl" on CUDA,
     so that a collective on a CPU tensor (which NCCL refuses) runs on gloo instead of failing."""

@@ -16,6 +16,7 @@ import generate as G
 import model as M
 import train_grpo
 import train_sft
+import train_utils
 from tests import flash_attn_standin as flash
 from tests import tiny
 from tests.test_fsdp import torchrun
@@ -266,8 +267,8 @@ def test_cuda_without_flash_attn_exits_with_the_install_line(tiny_world, tmp_pat
     runs = {train_sft: ["--model", model, "--data", os.path.join(world_data, "base_sft.jsonl"), "--out", str(tmp_path)],
             train_grpo: ["--init", model, "--ref", model, "--data", os.path.join(world_data, "rl.jsonl"),
                          "--out-root", str(tmp_path)]}
+    monkeypatch.setattr(train_utils, "init_distributed", lambda timeout_minutes: (0, 1, cuda))
     for trainer, args in runs.items():
-        monkeypatch.setattr(trainer, "init_distributed", lambda timeout_minutes: (0, 1, cuda))
         with pytest.raises(SystemExit, match=INSTALL_LINE):
             trainer.main(["--preset", "toy", *args])
 
