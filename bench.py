@@ -16,6 +16,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import resource
 import socket
@@ -415,8 +416,9 @@ def replay_slots(prompt_lens, lengths, n, max_new_tokens, slots, check_every):
     lengths[p * n + j] tokens, its stop token included): `slots` slots, samples admitted prompt-major
     into the lowest free slots, a stop check every `check_every` decode steps (finished rows idle until
     then), live rows compacted to 0 .. B-1. Returns (steps, prefills): per decode step (B, cached
-    tokens read), each row attending over its own prompt + tokens fed + the new one (flash_attn_with_kvcache);
-    per prefill call the prompts it packs (a sample whose prompt a slot holds copies it from there).
+    tokens read), each row attending over its own prompt + tokens fed + the new one (as
+    flash_attn_with_kvcache does); per prefill call the prompts it packs (a sample whose prompt a slot
+    holds copies it from there); recomputed tokens, none (replay_paged's third list).
     Example: prompt_lens [2], lengths [2, 3], n 2, max_new_tokens 3, one slot, check_every 1 ->
     steps [(1, 3), (1, 3), (1, 4)], prefills [[0]]: sample 1 reuses the prompt left in the slot."""
     waiting = deque((p, j) for p in range(len(prompt_lens)) for j in range(n))
@@ -445,7 +447,7 @@ def replay_slots(prompt_lens, lengths, n, max_new_tokens, slots, check_every):
             owner[dst], holds[dst], count[dst], owner[src] = owner[src], holds[src], count[src], None
         B = len(live)
         if B == 0:
-            return steps, prefills
+            return steps, prefills, []
         for _ in range(min(check_every, *(max_new_tokens - count[s] for s in range(B)))):
             steps.append((B, sum(prompt_lens[owner[s][0]] + count[s] for s in range(B))))
             for s in range(B):
@@ -458,8 +460,8 @@ def replay_paged(prompt_lens, lengths, n, max_new_tokens, budget, check_every):
     recompute preemption) while the live rows' tokens plus the check_every each may add exceed `budget`,
     then waiting rows are admitted while they fit. An admitted row's prompt is prefilled unless a live
     row of it holds it (copied), and the tokens it had before a preemption are recomputed after it;
-    that prefill draws its next token. Returns replay_slots' (steps, prefills) and the recomputed
-    tokens, (prompt, tokens) pairs.
+    that prefill draws its next token. Returns replay_slots' steps and prefills, and the recomputed
+    tokens as (prompt, tokens) pairs.
     Example: prompt_lens [2], lengths [3, 3], n 2, max_new_tokens 3, budget 8, check_every 1 -> steps
     [(2, 6), (1, 4)], prefills [[0], [0]], recomputed [(0, 2)]: after a step two rows need 2 x (2 + 2 + 1) > 8."""
     waiting, live, count = deque(range(len(lengths))), [], [0] * len(lengths)
@@ -497,8 +499,8 @@ def model_sizes(path):
     language model, its input embedding (a lookup, not a matmul), the frozen vision tower."""
     model = M.build_model(path)
     total, vision = (sum(p.numel() for p in m.parameters()) for m in (model, model.visual))
-    return model.cfg, {"params": total, "llm": total - vision, "embed": model.model.embed_tokens.weight.numel(),
-                       "vision": vision}
+    embed = model.model.embed_tokens.weight.numel()
+    return model.cfg, {"params": total, "llm": total - vision, "embed": embed, "vision": vision}
 
 
 def resident_bytes(sizes, ranks):
@@ -510,14 +512,20 @@ def resident_bytes(sizes, ranks):
 
 def estimate_workload(prompts, n, cap, seed):
     """(text tokens, image tokens) of each prompt and each row's response length: one square image per
-    prompt, side uniform in 512-2048 px (PAPER.md section 3's bounds), (side / 28)^2 tokens after the
-    2x2 merge; 100 text tokens (template and question); lengths from `rollout_lengths`."""
+    prompt, side uniform in 512-2048 px, resized as the processor resizes it within PAPER.md section 3's
+    bounds (512^2-2048^2 pixels), a token per 28 x 28 pixels; 100 text tokens (template and question);
+    lengths from `rollout_lengths`."""
+    import data
+
     g = torch.Generator().manual_seed(seed)
-    image = ((512 + 1536 * torch.rand(prompts, generator=g)) / 28).round().long() ** 2
-    return [(100, int(t)) for t in image], rollout_lengths(prompts * n, cap, seed).tolist()
+    resize = functools.partial(data.qwen2vl_image_processing().smart_resize, factor=28, min_pixels=512**2,
+                               max_pixels=2048**2)
+    sides = (512 + 1536 * torch.rand(prompts, generator=g)).round().long().tolist()
+    return ([(100, math.prod(resize(side, side)) // 28**2) for side in sides],
+            rollout_lengths(prompts * n, cap, seed).tolist())
 
 
-def rollout_seconds(steps, prefills, prompts, cfg, sizes, kv_bytes, args, recomputed=()):
+def rollout_seconds(steps, prefills, recomputed, prompts, cfg, sizes, kv_bytes, args):
     """(decode, prefill) seconds of a replayed schedule on the GPU of `args`. A decode step reads the
     bf16 LLM's weights once and the rows' cached K/V (`kv_bytes` a token) at hbm x bandwidth_fraction,
     or computes 2 FLOPs per matmul weight per row at peak x mfu, whichever takes longer. Prefill, at
@@ -526,7 +534,8 @@ def rollout_seconds(steps, prefills, prompts, cfg, sizes, kv_bytes, args, recomp
     per patch (4 patches an image token). prompts: (text tokens, image tokens) of each."""
     matmul, attention = sizes["llm"] - sizes["embed"], 2 * cfg.num_hidden_layers * cfg.hidden_size
     compute, bandwidth = args.peak_tflops * 1e12 * args.mfu, args.hbm_tb_s * 1e12 * args.bandwidth_fraction
-    decode = sum(max((2 * matmul + cached * kv_bytes) / bandwidth, 2 * matmul * B / compute) for B, cached in steps)
+    decode = sum(max((2 * matmul + cached * kv_bytes) / bandwidth, 2 * matmul * B / compute)
+                 for B, cached in steps)
     flops = 0
     for text, image in (prompts[p] for call in prefills for p in call):
         flops += 2 * matmul * (text + image) + attention * (text + image) ** 2 + 8 * sizes["vision"] * image
@@ -548,36 +557,35 @@ def bench_rollout_estimate(args):
     gib = args.kv_budget_gib or (args.gpu_memory_gib * 2**30 - resident) / 2 / 2**30
     budget = G.kv_budget_tokens(cfg, torch.bfloat16, gib)
     per_rank = args.prompts_per_step // args.ranks
-    print(f"{args.config}: {sizes['params'] / 1e9:.2f}B parameters ({sizes['llm'] / 1e9:.2f}B LLM, trained; "
+    print(f"{os.path.relpath(args.config)}: {sizes['params'] / 1e9:.2f}B parameters ({sizes['llm'] / 1e9:.2f}B LLM, trained; "
           f"{sizes['vision'] / 1e9:.2f}B vision, frozen); K/V {kv_bytes:,} bytes a token in bf16")
-    print(f"rank state, FSDP over {args.ranks}: {resident / 2**30:.1f} GiB (fp32 parameter shards, fp32 gradient and 2 "
-          f"AdamW moments of the LLM, bf16 reference) + {gathered / 2**30:.1f} GiB model gathered in bf16 for the rollout")
+    print(f"rank state, FSDP over {args.ranks}: {resident / 2**30:.1f} GiB (fp32 parameter shards, fp32 gradient "
+          f"and 2 AdamW moments of the LLM, bf16 reference) + {gathered / 2**30:.1f} GiB, the model gathered in bf16")
     print(f"KV budget: {gib:.1f} GiB = {budget:,} tokens " + ("(--kv-budget-gib)" if args.kv_budget_gib else
           f"(half of {args.gpu_memory_gib} GiB - the rank state, as kv_budget_gib 0 reads it before the gather)"))
     print(f"GPU: {args.hbm_tb_s} TB/s x {args.bandwidth_fraction}, {args.peak_tflops} TFLOP/s x MFU {args.mfu}; "
           f"a stop check every {args.check_every} steps; host time, K/V copies and activations not counted")
-    print(f"per rank: {per_rank} prompts, one image each, side uniform 512-2048 px -> 334-5,329 image tokens, + 100 "
-          f"text tokens; lengths 75% 5-25% of the cap, 11% 25-75%, 14% at it (rollout_lengths)")
+    print(f"per rank: {per_rank} prompts, one image each, side uniform 512-2048 px -> 361-5,329 image tokens, "
+          f"+ 100 text tokens; lengths 75% 5-25% of the cap, 11% 25-75%, 14% at it (rollout_lengths)")
     print(f"paged: rows limited by the tokens they hold (+{args.check_every} each), recompute preemption; "
           f"vLLM: {args.vllm_tok_s:,.0f} output tok/s published (Llama-3.1-8B bf16, one H100, short contexts)")
-    print("| stage | rows | output tokens | KV GiB | slots | decode steps | mean B | ours s (prefill) | paged mean B "
-          "| paged s (prefill) | vLLM s | GiB per GPU |")
-    print("|---" * 12 + "|")
+    print("| stage | rows | output tokens | KV GiB | slots | steps | mean B | seconds (prefill) | paged: steps "
+          "| mean B | seconds (prefill) | vLLM seconds | GiB per GPU |")
+    print("|---" * 13 + "|")
     for stage, cap, n in ((1, 4096, 16), (2, 8192, 8)):
         prompts, lengths = estimate_workload(per_rank, n, cap, seed=stage)
         prompt_lens = [text + image for text, image in prompts]
         slot_len = max(prompt_lens) + cap
         slots = min(len(lengths), budget // slot_len)
-        ours = replay_slots(prompt_lens, lengths, n, cap, slots, args.check_every)
-        paged = replay_paged(prompt_lens, lengths, n, cap, budget, args.check_every)
-        decode, prefill = rollout_seconds(*ours, prompts, cfg, sizes, kv_bytes, args)
-        paged_decode, paged_prefill = rollout_seconds(*paged[:2], prompts, cfg, sizes, kv_bytes, args, paged[2])
-        steps, paged_steps = ours[0], paged[0]
+        cells = []
+        for steps, prefills, recomputed in (replay_slots(prompt_lens, lengths, n, cap, slots, args.check_every),
+                                            replay_paged(prompt_lens, lengths, n, cap, budget, args.check_every)):
+            decode, prefill = rollout_seconds(steps, prefills, recomputed, prompts, cfg, sizes, kv_bytes, args)
+            cells += [f"{len(steps):,}", f"{sum(B for B, _ in steps) / len(steps):.0f}",
+                      f"{decode + prefill:.0f} ({prefill:.0f})"]
         tokens, memory = sum(lengths), resident + gathered + slots * slot_len * kv_bytes
-        print(f"| {stage} ({cap} x {n}) | {len(lengths)} | {tokens:,} | {gib:.1f} | {slots} | {len(steps):,} | "
-              f"{sum(B for B, _ in steps) / len(steps):.0f} | {decode + prefill:.0f} ({prefill:.0f}) | "
-              f"{sum(B for B, _ in paged_steps) / len(paged_steps):.0f} | {paged_decode + paged_prefill:.0f} "
-              f"({paged_prefill:.0f}) | {tokens / args.vllm_tok_s:.0f} | {memory / 2**30:.1f} |")
+        print(f"| {stage} ({cap} x {n}) | {len(lengths)} | {tokens:,} | {gib:.1f} | {slots} | {' | '.join(cells)} | "
+              f"{tokens / args.vllm_tok_s:.0f} | {memory / 2**30:.1f} |")
 
 
 # -----------------------------------------------------------------------------
@@ -759,8 +767,9 @@ def main():
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
     p.set_defaults(run=bench_rollout)
     p = sub.add_parser("rollout-estimate", help="no GPU needed: every assumption is a flag")
-    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                    "configs", "Qwen2.5-VL-7B-Instruct"), help="a config.json directory")
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--config", default=os.path.join(here, "configs", "Qwen2.5-VL-7B-Instruct"),
+                   help="a config.json directory")
     p.add_argument("--ranks", type=int, default=8, help="GPUs sharing a step's prompts (FSDP over all of them)")
     p.add_argument("--prompts-per-step", type=int, default=512, help="prompts per rollout step, all ranks")
     p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="an 80 GB H100's memory as CUDA reports it")
@@ -768,8 +777,8 @@ def main():
     p.add_argument("--hbm-tb-s", type=float, default=3.35, help="memory bandwidth (H100 SXM)")
     p.add_argument("--bandwidth-fraction", type=float, default=0.7, help="of --hbm-tb-s a decode step achieves")
     p.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (H100 SXM)")
-    p.add_argument("--mfu", type=float, default=0.4, help="of the peak that prefill (and compute-bound decode) achieves")
-    p.add_argument("--check-every", type=int, default=8, help="decode steps between stop checks (generate's CUDA default)")
+    p.add_argument("--mfu", type=float, default=0.4, help="of the peak prefill (and compute-bound decode) achieves")
+    p.add_argument("--check-every", type=int, default=8, help="decode steps between stop checks (CUDA's default)")
     p.add_argument("--vllm-tok-s", type=float, default=12500, help="vLLM's published output tokens/s, Llama-3.1-8B "
                    "bf16 on one H100 (morphllm.com/vllm-benchmarks)")
     p.set_defaults(run=bench_rollout_estimate)

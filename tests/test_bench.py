@@ -103,16 +103,16 @@ def test_replay_gives_the_engines_decode_steps_and_prefills(vl_dir, monkeypatch,
         out = G.generate(model, prompts, eos_ids=[eos], n=4, max_new_tokens=12, kv_budget=slots * (12 + 12),
                          check_every=check_every)
     assert [len(c.token_ids) for c in out] == lengths.tolist() and 1 in lengths  # a row stops at its first token
-    assert bench.replay_slots(lens, lengths.tolist(), 4, 12, slots, check_every) == (seen_steps, seen_prefills)
+    assert bench.replay_slots(lens, lengths.tolist(), 4, 12, slots, check_every) == (seen_steps, seen_prefills, [])
     assert len({B for B, _ in seen_steps}) > 1 and len(seen_prefills) >= (1 if slots == 12 else 2)
 
 
 def test_replay_examples_and_a_paged_cache_with_room_for_every_row_runs_the_slot_schedule():
-    assert bench.replay_slots([2], [2, 3], 2, 3, 1, 1) == ([(1, 3), (1, 3), (1, 4)], [[0]])
+    assert bench.replay_slots([2], [2, 3], 2, 3, 1, 1) == ([(1, 3), (1, 3), (1, 4)], [[0]], [])
     assert bench.replay_paged([2], [3, 3], 2, 3, 8, 1) == ([(2, 6), (1, 4)], [[0], [0]], [(0, 2)])
     prompt_lens, lengths = [30, 50, 40], bench.rollout_lengths(24, 64, seed=0).tolist()
-    steps, prefills, recomputed = bench.replay_paged(prompt_lens, lengths, 8, 64, 10**6, 8)
-    assert (steps, prefills) == bench.replay_slots(prompt_lens, lengths, 8, 64, 24, 8) and recomputed == []
+    assert bench.replay_paged(prompt_lens, lengths, 8, 64, 10**6, 8) == bench.replay_slots(prompt_lens, lengths, 8, 64,
+                                                                                             24, 8)
     for budget in (120, 200):  # a few rows at a time: the cache never holds more, rows get preempted
         steps, _, recomputed = bench.replay_paged(prompt_lens, lengths, 8, 64, budget, 8)
         assert max(cached for _, cached in steps) <= budget and recomputed
