@@ -415,10 +415,10 @@ def replay_slots(prompt_lens, lengths, n, max_new_tokens, slots, check_every):
     """generate.generate's schedule for forced response lengths (sample j of prompt p takes
     lengths[p * n + j] tokens, its stop token included): `slots` slots, samples admitted prompt-major
     into the lowest free slots, a stop check every `check_every` decode steps (finished rows idle until
-    then), live rows compacted to 0 .. B-1. Returns (steps, prefills): per decode step (B, cached
-    tokens read), each row attending over its own prompt + tokens fed + the new one (as
+    then), live rows compacted to 0 .. B-1. Returns (steps, prefills, recomputed): per decode step
+    (B, cached tokens read), each row attending over its own prompt + tokens fed + the new one (as
     flash_attn_with_kvcache does); per prefill call the prompts it packs (a sample whose prompt a slot
-    holds copies it from there); recomputed tokens, none (replay_paged's third list).
+    holds copies it from there); no recomputed tokens (those are replay_paged's).
     Example: prompt_lens [2], lengths [2, 3], n 2, max_new_tokens 3, one slot, check_every 1 ->
     steps [(1, 3), (1, 3), (1, 4)], prefills [[0]]: sample 1 reuses the prompt left in the slot."""
     waiting = deque((p, j) for p in range(len(prompt_lens)) for j in range(n))
@@ -463,7 +463,8 @@ def replay_paged(prompt_lens, lengths, n, max_new_tokens, budget, check_every):
     that prefill draws its next token. Returns replay_slots' steps and prefills, and the recomputed
     tokens as (prompt, tokens) pairs.
     Example: prompt_lens [2], lengths [3, 3], n 2, max_new_tokens 3, budget 8, check_every 1 -> steps
-    [(2, 6), (1, 4)], prefills [[0], [0]], recomputed [(0, 2)]: after a step two rows need 2 x (2 + 2 + 1) > 8."""
+    [(2, 6), (1, 4)], prefills [[0], [0]], recomputed [(0, 2)]: after one step the two rows need
+    2 x (2 + 2 + 1) > 8 tokens, so row 1 waits for row 0 to finish."""
     waiting, live, count = deque(range(len(lengths))), [], [0] * len(lengths)
     steps, prefills, recomputed = [], [], []
 
@@ -557,8 +558,8 @@ def bench_rollout_estimate(args):
     gib = args.kv_budget_gib or (args.gpu_memory_gib * 2**30 - resident) / 2 / 2**30
     budget = G.kv_budget_tokens(cfg, torch.bfloat16, gib)
     per_rank = args.prompts_per_step // args.ranks
-    print(f"{os.path.relpath(args.config)}: {sizes['params'] / 1e9:.2f}B parameters ({sizes['llm'] / 1e9:.2f}B LLM, trained; "
-          f"{sizes['vision'] / 1e9:.2f}B vision, frozen); K/V {kv_bytes:,} bytes a token in bf16")
+    print(f"{os.path.relpath(args.config)}: {sizes['params'] / 1e9:.2f}B parameters ({sizes['llm'] / 1e9:.2f}B "
+          f"LLM, trained; {sizes['vision'] / 1e9:.2f}B vision, frozen); K/V {kv_bytes:,} bytes a token in bf16")
     print(f"rank state, FSDP over {args.ranks}: {resident / 2**30:.1f} GiB (fp32 parameter shards, fp32 gradient "
           f"and 2 AdamW moments of the LLM, bf16 reference) + {gathered / 2**30:.1f} GiB, the model gathered in bf16")
     print(f"KV budget: {gib:.1f} GiB = {budget:,} tokens " + ("(--kv-budget-gib)" if args.kv_budget_gib else

@@ -1,8 +1,10 @@
 """bench.py grpo-step on a tiny Qwen2: both sides get the same prompt tokens and run every sample to
 the length cap; our side's time split comes out of the real train_grpo loop. TRL's side runs only
-where requirements-bench.txt is installed."""
+where requirements-bench.txt is installed. bench.py rollout: every engine on the same forced lengths.
+bench.py rollout-estimate: its replay of the engine's schedule against the engine, its 7B sizes by hand."""
 
 import argparse
+import os
 
 import pytest
 from transformers import AutoTokenizer
@@ -111,8 +113,8 @@ def test_replay_examples_and_a_paged_cache_with_room_for_every_row_runs_the_slot
     assert bench.replay_slots([2], [2, 3], 2, 3, 1, 1) == ([(1, 3), (1, 3), (1, 4)], [[0]], [])
     assert bench.replay_paged([2], [3, 3], 2, 3, 8, 1) == ([(2, 6), (1, 4)], [[0], [0]], [(0, 2)])
     prompt_lens, lengths = [30, 50, 40], bench.rollout_lengths(24, 64, seed=0).tolist()
-    assert bench.replay_paged(prompt_lens, lengths, 8, 64, 10**6, 8) == bench.replay_slots(prompt_lens, lengths, 8, 64,
-                                                                                             24, 8)
+    every_row_at_once = bench.replay_slots(prompt_lens, lengths, 8, 64, 24, 8)
+    assert bench.replay_paged(prompt_lens, lengths, 8, 64, 10**6, 8) == every_row_at_once
     for budget in (120, 200):  # a few rows at a time: the cache never holds more, rows get preempted
         steps, _, recomputed = bench.replay_paged(prompt_lens, lengths, 8, 64, budget, 8)
         assert max(cached for _, cached in steps) <= budget and recomputed
@@ -121,7 +123,7 @@ def test_replay_examples_and_a_paged_cache_with_room_for_every_row_runs_the_slot
 
 
 def test_model_sizes_and_rank_state_of_the_7b_config():
-    cfg, sizes = bench.model_sizes("configs/Qwen2.5-VL-7B-Instruct")
+    cfg, sizes = bench.model_sizes(os.path.join(os.path.dirname(bench.__file__), "configs/Qwen2.5-VL-7B-Instruct"))
     # by hand: per layer q 3584^2 + 3584, k and v 3584 x 512 + 512, o 3584^2, MLP 3 x 3584 x 18944, norms
     # 2 x 3584 -> 233,057,792; x 28 + final norm 3584 + embedding and head 2 x 152064 x 3584
     assert sizes["llm"] == 28 * 233_057_792 + 3584 + 2 * 152064 * 3584 == 7_615_616_512
