@@ -569,7 +569,7 @@ def bench_rollout_estimate(args):
     print(f"per rank: {per_rank} prompts, one image each, side uniform 512-2048 px -> 361-5,329 image tokens, "
           f"+ 100 text tokens; lengths 75% 5-25% of the cap, 11% 25-75%, 14% at it (rollout_lengths)")
     print(f"paged: rows limited by the tokens they hold (+{args.check_every} each), recompute preemption; "
-          f"vLLM: {args.vllm_tok_s:,.0f} output tok/s published (Llama-3.1-8B bf16, one H100, short contexts)")
+          f"vLLM: {args.vllm_tok_s:,.0f} output tok/s published (Llama-3.1-8B bf16, one H100, shorter rows)")
     print("| stage | rows | output tokens | KV GiB | slots | steps | mean B | seconds (prefill) | paged: steps "
           "| mean B | seconds (prefill) | vLLM seconds | GiB per GPU |")
     print("|---" * 13 + "|")
