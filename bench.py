@@ -5,6 +5,8 @@ the same run and printed as ratios.
     python bench.py generate     # generate.generate vs transformers generate, greedy, batch 1 and 8 prompts x 8
     python bench.py rollout      # a long-tailed GRPO rollout: ours within a KV budget vs today's engine vs
                                  # transformers; FSDP2-wrapped decode vs unwrapped on 1 and 2 gloo ranks
+    python bench.py rollout-estimate  # one stage-1 and one stage-2 rollout step at 7B on one 80 GB GPU per rank:
+                                      # our engine's replayed schedule x a per-step cost model, vs vLLM's published rate
     python bench.py grpo-step    # one train_grpo.py step vs one TRL GRPOTrainer step, same model and workload
                                  # (pip install -r requirements-bench.txt)
 """
@@ -14,6 +16,7 @@ import contextlib
 import functools
 import io
 import json
+import math
 import os
 import resource
 import socket
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 
 import torch
 
@@ -404,6 +408,188 @@ def _fsdp_rollout_worker(path, vocab, prompts, samples, max_tokens):
 
 
 # -----------------------------------------------------------------------------
+# rollout-estimate: one GRPO rollout step at 7B on one 80 GB GPU per rank, from the engine's schedule
+# (replayed exactly, tests/test_bench.py) and a per-step cost model whose every assumption is a flag
+
+def replay_slots(prompt_lens, lengths, n, max_new_tokens, slots, check_every):
+    """generate.generate's schedule for forced response lengths (sample j of prompt p takes
+    lengths[p * n + j] tokens, its stop token included): `slots` slots, samples admitted prompt-major
+    into the lowest free slots, a stop check every `check_every` decode steps (finished rows idle until
+    then), live rows compacted to 0 .. B-1. Returns (steps, prefills, recomputed): per decode step
+    (B, cached tokens read), each row attending over its own prompt + tokens fed + the new one (as
+    flash_attn_with_kvcache does); per prefill call the prompts it packs (a sample whose prompt a slot
+    holds copies it from there); no recomputed tokens (those are replay_paged's).
+    Example: prompt_lens [2], lengths [2, 3], n 2, max_new_tokens 3, one slot, check_every 1 ->
+    steps [(1, 3), (1, 3), (1, 4)], prefills [[0]]: sample 1 reuses the prompt left in the slot."""
+    waiting = deque((p, j) for p in range(len(prompt_lens)) for j in range(n))
+    owner, holds, count = [None] * slots, [None] * slots, [0] * slots  # as generate's owner, holds, counts
+    steps, prefills = [], []
+
+    def collect():
+        for s, row in enumerate(owner):
+            if row is not None and count[s] >= lengths[row[0] * n + row[1]]:
+                owner[s] = None
+
+    while True:
+        collect()
+        while waiting and None in owner:
+            free = [s for s in range(slots) if owner[s] is None]
+            taken = [(s, waiting.popleft()) for s in free[:len(waiting)]]
+            prompt_of = {s: p for s, (p, _) in taken}
+            holders = {p for t, p in enumerate(holds) if p is not None and prompt_of.get(t, p) == p}
+            fresh = dict.fromkeys(p for s, (p, _) in taken if holds[s] != p and p not in holders)
+            prefills += [list(fresh)] if fresh else []
+            for s, (p, j) in taken:
+                owner[s], holds[s], count[s] = (p, j), p, 1
+            collect()
+        live = [s for s in range(slots) if owner[s] is not None]
+        for dst, src in zip([s for s in range(len(live)) if owner[s] is None], reversed(live)):
+            owner[dst], holds[dst], count[dst], owner[src] = owner[src], holds[src], count[src], None
+        B = len(live)
+        if B == 0:
+            return steps, prefills, []
+        for _ in range(min(check_every, *(max_new_tokens - count[s] for s in range(B)))):
+            steps.append((B, sum(prompt_lens[owner[s][0]] + count[s] for s in range(B))))
+            for s in range(B):
+                count[s] += count[s] < lengths[owner[s][0] * n + owner[s][1]]
+
+
+def replay_paged(prompt_lens, lengths, n, max_new_tokens, budget, check_every):
+    """The same loop with a paged cache: no slots, a row holds its prompt and its tokens. At a check the
+    latest-admitted rows are preempted (back to the head of the queue, keeping their tokens: vLLM's
+    recompute preemption) while the live rows' tokens plus the check_every each may add exceed `budget`,
+    then waiting rows are admitted while they fit. An admitted row's prompt is prefilled unless a live
+    row of it holds it (copied), and the tokens it had before a preemption are recomputed after it;
+    that prefill draws its next token. Returns replay_slots' steps and prefills, and the recomputed
+    tokens as (prompt, tokens) pairs.
+    Example: prompt_lens [2], lengths [3, 3], n 2, max_new_tokens 3, budget 8, check_every 1 -> steps
+    [(2, 6), (1, 4)], prefills [[0], [0]], recomputed [(0, 2)]: after one step the two rows need
+    2 x (2 + 2 + 1) > 8 tokens, so row 1 waits for row 0 to finish."""
+    waiting, live, count = deque(range(len(lengths))), [], [0] * len(lengths)
+    steps, prefills, recomputed = [], [], []
+
+    def need(rows):
+        return sum(prompt_lens[r // n] + count[r] + check_every for r in rows)
+
+    while True:
+        live = [r for r in live if count[r] < lengths[r]]
+        while need(live) > budget:
+            waiting.appendleft(live.pop())
+        call = []
+        while waiting and need(live + [waiting[0]]) <= budget:
+            r = waiting.popleft()
+            if all(q // n != r // n for q in live):
+                call.append(r // n)
+            recomputed += [(r // n, count[r])] if count[r] else []
+            live.append(r)
+            count[r] += 1
+        prefills += [call] if call else []
+        live = [r for r in live if count[r] < lengths[r]]
+        if not live and not waiting:
+            return steps, prefills, recomputed
+        if not live and not call:
+            raise ValueError(f"a budget of {budget} tokens holds no row")
+        for _ in range(min([check_every] + [max_new_tokens - count[r] for r in live])):
+            steps.append((len(live), sum(prompt_lens[r // n] + count[r] for r in live)))
+            for r in live:
+                count[r] += count[r] < lengths[r]
+
+
+def model_sizes(path):
+    """Parameter counts of a checkpoint's config.json (meta device, no weights): all, the trainable
+    language model, its input embedding (a lookup, not a matmul), the frozen vision tower."""
+    model = M.build_model(path)
+    total, vision = (sum(p.numel() for p in m.parameters()) for m in (model, model.visual))
+    embed = model.model.embed_tokens.weight.numel()
+    return model.cfg, {"params": total, "llm": total - vision, "embed": embed, "vision": vision}
+
+
+def resident_bytes(sizes, ranks):
+    """A rank's state before the rollout under FSDP over `ranks`: fp32 parameter shards, the fp32
+    gradient and AdamW's two moments of the trainable LLM (zero_grad frees the gradient, but PyTorch's
+    caching allocator keeps its blocks, which mem_get_info counts as used), the bf16 reference's shards."""
+    return (4 * sizes["params"] + 12 * sizes["llm"] + 2 * sizes["params"]) / ranks
+
+
+def estimate_workload(prompts, n, cap, seed):
+    """(text tokens, image tokens) of each prompt and each row's response length: one square image per
+    prompt, side uniform in 512-2048 px, resized as the processor resizes it within PAPER.md section 3's
+    bounds (512^2-2048^2 pixels), a token per 28 x 28 pixels; 100 text tokens (template and question);
+    lengths from `rollout_lengths`."""
+    import data
+
+    g = torch.Generator().manual_seed(seed)
+    resize = functools.partial(data.qwen2vl_image_processing().smart_resize, factor=28, min_pixels=512**2,
+                               max_pixels=2048**2)
+    sides = (512 + 1536 * torch.rand(prompts, generator=g)).round().long().tolist()
+    return ([(100, math.prod(resize(side, side)) // 28**2) for side in sides],
+            rollout_lengths(prompts * n, cap, seed).tolist())
+
+
+def rollout_seconds(steps, prefills, recomputed, prompts, cfg, sizes, kv_bytes, args):
+    """(decode, prefill) seconds of a replayed schedule on the GPU of `args`. A decode step reads the
+    bf16 LLM's weights once and the rows' cached K/V (`kv_bytes` a token) at hbm x bandwidth_fraction,
+    or computes 2 FLOPs per matmul weight per row at peak x mfu, whichever takes longer. Prefill, at
+    peak x mfu: 2 FLOPs per matmul weight per token, causal attention (2 x layers x hidden x length^2
+    for a prompt; tokens recomputed after their prompt attend over it too), 2 FLOPs per vision weight
+    per patch (4 patches an image token). prompts: (text tokens, image tokens) of each."""
+    matmul, attention = sizes["llm"] - sizes["embed"], 2 * cfg.num_hidden_layers * cfg.hidden_size
+    compute, bandwidth = args.peak_tflops * 1e12 * args.mfu, args.hbm_tb_s * 1e12 * args.bandwidth_fraction
+    decode = sum(max((2 * matmul + cached * kv_bytes) / bandwidth, 2 * matmul * B / compute)
+                 for B, cached in steps)
+    flops = 0
+    for text, image in (prompts[p] for call in prefills for p in call):
+        flops += 2 * matmul * (text + image) + attention * (text + image) ** 2 + 8 * sizes["vision"] * image
+    for p, tokens in recomputed:
+        flops += 2 * matmul * tokens + attention * ((sum(prompts[p]) + tokens) ** 2 - sum(prompts[p]) ** 2)
+    return decode, flops / compute
+
+
+def bench_rollout_estimate(args):
+    """One stage-1 (4K x 16) and one stage-2 (8K x 8) rollout step of a rank, --prompts-per-step /
+    --ranks prompts (PAPER.md section 3), on one GPU: our engine, the same loop with a paged cache,
+    and vLLM's published throughput. Prints the assumptions, then a markdown table."""
+    import generate as G
+
+    cfg, sizes = model_sizes(args.config)
+    kv_bytes = G.kv_bytes_per_token(cfg, torch.bfloat16)
+    resident, gathered = resident_bytes(sizes, args.ranks), 2 * sizes["params"]
+    # kv_budget_gib 0: half the free memory, read before generate gathers the model
+    gib = args.kv_budget_gib or (args.gpu_memory_gib * 2**30 - resident) / 2 / 2**30
+    budget = G.kv_budget_tokens(cfg, torch.bfloat16, gib)
+    per_rank = args.prompts_per_step // args.ranks
+    print(f"{os.path.relpath(args.config)}: {sizes['params'] / 1e9:.2f}B parameters ({sizes['llm'] / 1e9:.2f}B "
+          f"LLM, trained; {sizes['vision'] / 1e9:.2f}B vision, frozen); K/V {kv_bytes:,} bytes a token in bf16")
+    print(f"rank state, FSDP over {args.ranks}: {resident / 2**30:.1f} GiB (fp32 parameter shards, fp32 gradient "
+          f"and 2 AdamW moments of the LLM, bf16 reference) + {gathered / 2**30:.1f} GiB, the model gathered in bf16")
+    print(f"KV budget: {gib:.1f} GiB = {budget:,} tokens " + ("(--kv-budget-gib)" if args.kv_budget_gib else
+          f"(half of {args.gpu_memory_gib} GiB - the rank state, as kv_budget_gib 0 reads it before the gather)"))
+    print(f"GPU: {args.hbm_tb_s} TB/s x {args.bandwidth_fraction}, {args.peak_tflops} TFLOP/s x MFU {args.mfu}; "
+          f"a stop check every {args.check_every} steps; host time, K/V copies and activations not counted")
+    print(f"per rank: {per_rank} prompts, one image each, side uniform 512-2048 px -> 361-5,329 image tokens, "
+          f"+ 100 text tokens; lengths 75% 5-25% of the cap, 11% 25-75%, 14% at it (rollout_lengths)")
+    print(f"paged: rows limited by the tokens they hold (+{args.check_every} each), recompute preemption; "
+          f"vLLM: {args.vllm_tok_s:,.0f} output tok/s published (Llama-3.1-8B bf16, one H100, shorter rows)")
+    print("| stage | rows | output tokens | KV GiB | slots | steps | mean B | seconds (prefill) | paged: steps "
+          "| mean B | seconds (prefill) | vLLM seconds | GiB per GPU |")
+    print("|---" * 13 + "|")
+    for stage, cap, n in ((1, 4096, 16), (2, 8192, 8)):
+        prompts, lengths = estimate_workload(per_rank, n, cap, seed=stage)
+        prompt_lens = [text + image for text, image in prompts]
+        slot_len = max(prompt_lens) + cap
+        slots = min(len(lengths), budget // slot_len)
+        cells = []
+        for steps, prefills, recomputed in (replay_slots(prompt_lens, lengths, n, cap, slots, args.check_every),
+                                            replay_paged(prompt_lens, lengths, n, cap, budget, args.check_every)):
+            decode, prefill = rollout_seconds(steps, prefills, recomputed, prompts, cfg, sizes, kv_bytes, args)
+            cells += [f"{len(steps):,}", f"{sum(B for B, _ in steps) / len(steps):.0f}",
+                      f"{decode + prefill:.0f} ({prefill:.0f})"]
+        tokens, memory = sum(lengths), resident + gathered + slots * slot_len * kv_bytes
+        print(f"| {stage} ({cap} x {n}) | {len(lengths)} | {tokens:,} | {gib:.1f} | {slots} | {' | '.join(cells)} | "
+              f"{tokens / args.vllm_tok_s:.0f} | {memory / 2**30:.1f} |")
+
+
+# -----------------------------------------------------------------------------
 # grpo-step: one step of train_grpo.py vs one step of TRL's GRPOTrainer, same model and workload
 
 def grpo_problems(count, seed):
@@ -581,6 +767,22 @@ def main():
     p.add_argument("--fsdp-ranks", type=int, nargs="*", default=[1, 2], help="gloo world sizes of that comparison")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared box)")
     p.set_defaults(run=bench_rollout)
+    p = sub.add_parser("rollout-estimate", help="no GPU needed: every assumption is a flag")
+    here = os.path.dirname(os.path.abspath(__file__))
+    p.add_argument("--config", default=os.path.join(here, "configs", "Qwen2.5-VL-7B-Instruct"),
+                   help="a config.json directory")
+    p.add_argument("--ranks", type=int, default=8, help="GPUs sharing a step's prompts (FSDP over all of them)")
+    p.add_argument("--prompts-per-step", type=int, default=512, help="prompts per rollout step, all ranks")
+    p.add_argument("--gpu-memory-gib", type=float, default=79.6, help="an 80 GB H100's memory as CUDA reports it")
+    p.add_argument("--kv-budget-gib", type=float, default=0.0, help="0: derived as train_grpo's default derives it")
+    p.add_argument("--hbm-tb-s", type=float, default=3.35, help="memory bandwidth (H100 SXM)")
+    p.add_argument("--bandwidth-fraction", type=float, default=0.7, help="of --hbm-tb-s a decode step achieves")
+    p.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (H100 SXM)")
+    p.add_argument("--mfu", type=float, default=0.4, help="of the peak prefill (and compute-bound decode) achieves")
+    p.add_argument("--check-every", type=int, default=8, help="decode steps between stop checks (CUDA's default)")
+    p.add_argument("--vllm-tok-s", type=float, default=12500, help="vLLM's published output tokens/s, Llama-3.1-8B "
+                   "bf16 on one H100 (morphllm.com/vllm-benchmarks)")
+    p.set_defaults(run=bench_rollout_estimate)
     p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group-size", type=int, default=8)

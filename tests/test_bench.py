@@ -1,8 +1,10 @@
 """bench.py grpo-step on a tiny Qwen2: both sides get the same prompt tokens and run every sample to
 the length cap; our side's time split comes out of the real train_grpo loop. TRL's side runs only
-where requirements-bench.txt is installed."""
+where requirements-bench.txt is installed. bench.py rollout: every engine on the same forced lengths.
+bench.py rollout-estimate: its replay of the engine's schedule against the engine, its 7B sizes by hand."""
 
 import argparse
+import os
 
 import pytest
 from transformers import AutoTokenizer
@@ -74,3 +76,60 @@ def test_rollout_runs_every_engine_on_the_same_forced_lengths(capsys):
         "transformers generate", "today's engine, every row at once", "today's engine, 1 prompt(s) a call", "ours, 4 slots"]
     assert table[6].startswith("ours / today's engine in the same budget:")
     assert table[7].startswith("FSDP2-wrapped / unwrapped decode tokens/s, 2 gloo rank(s)")
+
+
+# ----------------------------------------------------------------------------- rollout-estimate
+
+@pytest.mark.parametrize("slots, check_every", [(5, 3), (2, 1), (12, 8)])
+def test_replay_gives_the_engines_decode_steps_and_prefills(vl_dir, monkeypatch, slots, check_every):
+    """The schedule rollout-estimate costs is the engine's: generate.generate, lengths forced, runs
+    exactly the decode steps (B rows, cached tokens they read) and prefill calls replay_slots predicts."""
+    import generate as G
+
+    model, eos, lens = M.load_model(vl_dir).eval(), 5, [7, 12, 9]
+    prompts = [{"input_ids": list(range(20 + p, 20 + p + n)), "pixel_values": None, "image_grid_thw": None}
+               for p, n in enumerate(lens)]
+    lengths = bench.rollout_lengths(12, 12, seed=slots)
+    seen_steps, seen_prefills, decode_step, prefill = [], [], G.decode_step, G.prefill
+
+    def counted_step(model, pool, B, *rest):
+        seen_steps.append((B, int(pool.lengths[:B].sum()) + B))  # each row reads its lengths + its new token
+        return decode_step(model, pool, B, *rest)
+
+    def counted_prefill(model, batch, *rest):
+        seen_prefills.append([next(i for i, p in enumerate(prompts) if p is q) for q in batch])
+        return prefill(model, batch, *rest)
+    monkeypatch.setattr(G, "decode_step", counted_step)
+    monkeypatch.setattr(G, "prefill", counted_prefill)
+    with bench.forced_lengths_ours(G, lengths, 0, range(3), 4, eos):
+        out = G.generate(model, prompts, eos_ids=[eos], n=4, max_new_tokens=12, kv_budget=slots * (12 + 12),
+                         check_every=check_every)
+    assert [len(c.token_ids) for c in out] == lengths.tolist() and 1 in lengths  # a row stops at its first token
+    assert bench.replay_slots(lens, lengths.tolist(), 4, 12, slots, check_every) == (seen_steps, seen_prefills, [])
+    assert len({B for B, _ in seen_steps}) > 1 and len(seen_prefills) >= (1 if slots == 12 else 2)
+
+
+def test_replay_examples_and_a_paged_cache_with_room_for_every_row_runs_the_slot_schedule():
+    assert bench.replay_slots([2], [2, 3], 2, 3, 1, 1) == ([(1, 3), (1, 3), (1, 4)], [[0]], [])
+    assert bench.replay_paged([2], [3, 3], 2, 3, 8, 1) == ([(2, 6), (1, 4)], [[0], [0]], [(0, 2)])
+    prompt_lens, lengths = [30, 50, 40], bench.rollout_lengths(24, 64, seed=0).tolist()
+    every_row_at_once = bench.replay_slots(prompt_lens, lengths, 8, 64, 24, 8)
+    assert bench.replay_paged(prompt_lens, lengths, 8, 64, 10**6, 8) == every_row_at_once
+    for budget in (120, 200):  # a few rows at a time: the cache never holds more, rows get preempted
+        steps, _, recomputed = bench.replay_paged(prompt_lens, lengths, 8, 64, budget, 8)
+        assert max(cached for _, cached in steps) <= budget and recomputed
+    with pytest.raises(ValueError, match="holds no row"):
+        bench.replay_paged(prompt_lens, lengths, 8, 64, 50, 8)
+
+
+def test_model_sizes_and_rank_state_of_the_7b_config():
+    cfg, sizes = bench.model_sizes(os.path.join(os.path.dirname(bench.__file__), "configs/Qwen2.5-VL-7B-Instruct"))
+    # by hand: per layer q 3584^2 + 3584, k and v 3584 x 512 + 512, o 3584^2, MLP 3 x 3584 x 18944, norms
+    # 2 x 3584 -> 233,057,792; x 28 + final norm 3584 + embedding and head 2 x 152064 x 3584
+    assert sizes["llm"] == 28 * 233_057_792 + 3584 + 2 * 152064 * 3584 == 7_615_616_512
+    # patch embedding 1280 x 1176; per block norms 2 x 1280, qkv 1280 x 3840 + 3840, proj 1280^2 + 1280,
+    # MLP 2 x (1280 x 3420 + 3420) + 3420 x 1280 + 1280 -> 19,702,200; merger 1280 + 5120^2 + 5120 + 5120 x 3584 + 3584
+    assert sizes["vision"] == 1280 * 1176 + 32 * 19_702_200 + 44_574_464 == 676_550_144
+    assert sizes["embed"] == 152064 * 3584 and cfg.head_dim == 128
+    # fp32 parameters (4) + fp32 gradient and two AdamW moments of the LLM (12) + bf16 reference (2), over 8
+    assert bench.resident_bytes(sizes, 8) == (6 * 8_292_166_656 + 12 * 7_615_616_512) / 8
