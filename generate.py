@@ -152,12 +152,16 @@ def kv_bytes_per_token(cfg, dtype):
 
 
 def kv_budget_tokens(cfg, dtype, gib=0.0, device="cpu"):
-    """A cache budget in tokens: `gib` GiB of K/V in `dtype`; gib 0: half the free memory of the GPU
-    `device` now, or CPU_KV_BUDGET tokens on CPU. Example: 7B in bf16, 32 GiB -> 599,186 tokens."""
+    """A cache budget in tokens: `gib` GiB of K/V in `dtype`; gib 0: half the GPU memory `device`
+    has free now, counting as free what PyTorch's allocator holds cached but unused (after an update,
+    the freed gradients and activations stay reserved, and `mem_get_info` alone would see the budget
+    shrink from the second step on); CPU_KV_BUDGET tokens on CPU.
+    Example: 7B in bf16, 32 GiB -> 599,186 tokens."""
     if gib > 0:
         return int(gib * 2**30) // kv_bytes_per_token(cfg, dtype)
     if torch.device(device).type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 2 // kv_bytes_per_token(cfg, dtype)
+        free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free // 2 // kv_bytes_per_token(cfg, dtype)
     return CPU_KV_BUDGET
 
 

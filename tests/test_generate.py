@@ -202,6 +202,18 @@ def test_kv_budget_converts_gib_with_the_configs_shape():
     assert G.kv_budget_tokens(qwen_7b, torch.bfloat16) == G.CPU_KV_BUDGET  # gib 0 on CPU
 
 
+def test_kv_budget_on_cuda_counts_the_allocators_unused_cache_as_free(monkeypatch):
+    """gib 0 on CUDA: half of what the driver reports free plus what PyTorch reserved and no tensor
+    uses (after an update, freed gradients and activations stay reserved): 10 GiB free, 30 reserved,
+    12 allocated -> half of 28 GiB of 56 KiB tokens."""
+    qwen_7b = M.ModelConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                            num_attention_heads=28, num_key_value_heads=4)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 12 * 2**30)
+    assert G.kv_budget_tokens(qwen_7b, torch.bfloat16, device="cuda") == 14 * 2**30 // 57344
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def test_sampling_is_seeded_and_logprobs_are_what_training_recomputes(ours):
