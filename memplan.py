@@ -138,18 +138,24 @@ def head_bytes(rows, vocab, hidden, a, with_entropy=False, backward=False, chunk
     return FP32 * vocab * hidden + max(vocab * (kept * first + logits * second), kept * first * vocab + a * vocab * hidden)
 
 
+def pixel_bytes(vision, patches):
+    """The fp32 pixel values of `patches` patches on the device (the image processor's flattened
+    patches, 3 x 2 x 14 x 14 each): a micro-batch's are held through its forward and backward
+    (train_utils.packed_inputs), a prefill's through the prefill. Example: 2 patches -> 9408."""
+    return FP32 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+
+
 def vision_forward_bytes(vision, patches, a):
     """Bytes the vision tower's forward (no gradient: it is frozen) holds at its peak over `patches`
-    patches: the fp32 pixels and cos/sin tables, and the larger of one block's two peaks, in its
-    attention (block input, normalised input, qkv, rotated q and k, four fp32 temporaries of rope over
-    q or k) or in its MLP (block input, residual, normalised input, silu(gate), up and their product).
-    Example: hidden 4, intermediate 8, 2 heads, 1 patch of 3 x 2 x 14 x 14 pixels, a = 2 ->
-    pixels 4704 + cos/sin 16 + max(attention 4 x (6 x 2 + 16), MLP 3 x 2 x (4 + 8)) = 4832."""
-    pixel_values = FP32 * patches * vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    patches beyond their pixels: the fp32 cos/sin tables and the larger of one block's two peaks, in
+    its attention (block input, normalised input, qkv, rotated q and k, four fp32 temporaries of rope
+    over q or k) or in its MLP (block input, residual, normalised input, silu(gate), up and their
+    product). Example: hidden 4, intermediate 8, 2 heads, 1 patch, a = 2 ->
+    cos/sin 16 + max(attention 4 x (6 x 2 + 16), MLP 3 x 2 x (4 + 8)) = 128."""
     cos_sin = 2 * FP32 * patches * vision.hidden_size // vision.num_heads
     attention = patches * vision.hidden_size * (6 * a + 4 * FP32)
     mlp = 3 * a * patches * (vision.hidden_size + vision.intermediate_size)
-    return pixel_values + cos_sin + max(attention, mlp)
+    return cos_sin + max(attention, mlp)
 
 
 # -----------------------------------------------------------------------------
@@ -164,12 +170,11 @@ def resident_bytes(params, reference_bytes):
             "reference shards": reference_bytes * params.shard}
 
 
-def kv_pool_bytes(cfg, slots, slot_len, max_new_tokens, a):
+def kv_pool_bytes(cfg, slots, slot_len, max_new_tokens, dtype):
     """generate.new_slot_pool: the cache of `slots` slots of `slot_len` positions (kv_bytes_per_token
-    each) and every slot's sampled tokens (int64) and log-probs (fp32). Example: 7B in bf16, 2 slots of
-    10 positions, 4 new tokens -> 2 x 10 x 57,344 + 2 x 4 x 12 = 1,146,976."""
-    per_token = gen.kv_bytes_per_token(cfg, M.PARAM_DTYPES["bfloat16"] if a == 2 else M.PARAM_DTYPES["float32"])
-    return slots * slot_len * per_token + slots * max_new_tokens * (8 + FP32)
+    each, in the compute `dtype`) and every slot's sampled tokens (int64) and log-probs (fp32).
+    Example: 7B in bf16, 2 slots of 10 positions, 4 new tokens -> 2 x 10 x 57,344 + 2 x 4 x 12 = 1,146,976."""
+    return slots * slot_len * gen.kv_bytes_per_token(cfg, dtype) + slots * max_new_tokens * (8 + FP32)
 
 
 def sampling_bytes(rows, vocab, a):
@@ -221,7 +226,8 @@ def update_moments(cfg, params, batch, a, wrapped, checkpointing):
                         gradient of its output and two [tokens, intermediate] gradients of its MLP
       root reduce       the root's gradients (embedding, head) and their fp32 reduce-scatter copy"""
     T, R, V, H = batch.tokens, batch.head_tokens, cfg.vocab_size, cfg.hidden_size
-    root = a * params.root if wrapped else 0  # the root unit, gathered
+    pixels = pixel_bytes(cfg.vision, batch.patches) if batch.patches else 0
+    root = pixels + (a * params.root if wrapped else 0)  # the micro-batch's pixels; the root unit, gathered
     layer = a * params.layer if wrapped else 0  # one decoder layer gathered, or its gradients
     reduce_copy = FP32 * params.layer if wrapped else 0  # the previous layer's fp32 reduce-scatter input
     head_grad = a * params.head if wrapped else 0  # the head's gradient until the root's reduce-scatter
@@ -266,10 +272,6 @@ def training_phases(resident, params, batch, cfg, a, wrapped, checkpointing):
 # -----------------------------------------------------------------------------
 # 4. the trainers' steps
 
-def compute_bytes(param_dtype):
-    return M.compute_dtype(param_dtype).itemsize
-
-
 def shard_group(world, replicate_degree):
     """Ranks a model is sharded over: the world, or one HSDP replica (train_utils.data_parallel_mesh)."""
     if replicate_degree < 1 or world % replicate_degree:
@@ -294,8 +296,8 @@ def grpo_phases(cfg, stage, model, world):
     longest rollout and micro-batches; short responses pack more prompts per micro-batch, whose keys
     each response reads again). A KV budget of 0 takes half of what the resident state leaves of the
     GPU (generate.kv_budget_tokens reads the free memory before the rollout)."""
-    a, shards = compute_bytes(cfg.param_dtype), shard_group(world, cfg.replicate_degree)
-    params, mcfg = count_parameters(model, shards), model.cfg
+    compute, shards = M.compute_dtype(cfg.param_dtype), shard_group(world, cfg.replicate_degree)
+    params, mcfg, a = count_parameters(model, shards), model.cfg, compute.itemsize
     wrapped = is_wrapped(world, a)
     G, L = stage.group_size, stage.max_tokens
     image = image_tokens(model, cfg.max_pixels)
@@ -308,16 +310,18 @@ def grpo_phases(cfg, stage, model, world):
     resident = sum(parts.values())
     phases = [Phase("resident", parts)]
 
-    per_token = gen.kv_bytes_per_token(mcfg, M.compute_dtype(cfg.param_dtype))
+    per_token = gen.kv_bytes_per_token(mcfg, compute)
     budget_bytes = cfg.kv_budget_gib * GIB if cfg.kv_budget_gib > 0 else max(cfg.gpu_memory_gib * GIB - resident, 0) / 2
     slot_len = prompt + L
     slots = min(prompts * G, int(budget_bytes) // per_token // slot_len)
     fresh = min(prompts, -(-slots // G))  # prompts prefilled at once: the first admission fills every slot
-    working = max(prefill_bytes(mcfg, fresh * prompt, a), sampling_bytes(slots, mcfg.vocab_size, a),
-                  vision_forward_bytes(mcfg.vision, fresh * patches, a) if patches else 0)
+    images = (pixel_bytes(mcfg.vision, fresh * patches), vision_forward_bytes(mcfg.vision, fresh * patches, a)) \
+        if patches else (0, 0)
+    working = max(images[0] + max(images[1], prefill_bytes(mcfg, fresh * prompt, a)),
+                  sampling_bytes(slots, mcfg.vocab_size, a))
     phases.append(Phase("rollout", {"resident": resident, "gathered weights": a * shards * params.shard if wrapped else 0,
                                     f"KV pool ({slots} slots x {slot_len} tokens)":
-                                        kv_pool_bytes(mcfg, slots, slot_len, L, a),
+                                        kv_pool_bytes(mcfg, slots, slot_len, L, compute),
                                     "prefill/decode working set": working},
                         problem="" if slots else f"a KV budget of {int(budget_bytes) // per_token} tokens holds no "
                                                  f"sample of {slot_len} tokens (prompt + length cap)"))
@@ -339,16 +343,16 @@ def sft_phases(cfg, model, world):
     as max_pixels allows, or every token an image token when max_pixels is 0 (the checkpoint's bound)."""
     if cfg.train_vision:
         raise SystemExit("--plan does not count a trained vision tower's activations: plan with --train-vision false")
-    a, shards = compute_bytes(cfg.param_dtype), shard_group(world, cfg.replicate_degree)
-    params, mcfg = count_parameters(model, shards), model.cfg
+    shards = shard_group(world, cfg.replicate_degree)
+    params, mcfg, a = count_parameters(model, shards), model.cfg, M.compute_dtype(cfg.param_dtype).itemsize
     parts = resident_bytes(params, 0)
-    parts.pop("reference shards")
     resident = sum(parts.values())
     image = 0 if model.visual is None else min(cfg.max_tokens, image_tokens(model, cfg.max_pixels or 2**62))
     patches = image * mcfg.vision.spatial_merge_size**2 if image else 0
     batch = MicroBatch(tokens=cfg.max_tokens, keys=cfg.max_tokens, head_tokens=cfg.max_tokens, patches=patches,
                        with_entropy=False)
-    lines = [f"micro-batches of {cfg.max_tokens} tokens, {image} of them image tokens"]
+    bound = f"max_pixels {cfg.max_pixels}" if cfg.max_pixels else "max_pixels 0: the whole micro-batch at most"
+    lines = [f"micro-batches of {cfg.max_tokens} tokens, {image} of them image tokens ({bound})"]
     return lines, [Phase("resident", parts)] + training_phases(resident, params, batch, mcfg, a, is_wrapped(world, a),
                                                                cfg.activation_checkpointing)
 
@@ -372,7 +376,7 @@ def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases
            f"compute {param_dtype}", *lines,
            f"{'phase':<10} {'GiB/GPU':>8}  fits  holds (GiB)"]
     for phase in phases:
-        parts = " + ".join(f"{name} {gib(n)}" for name, n in phase.parts.items())
+        parts = " + ".join(f"{name} {gib(n)}" for name, n in phase.parts.items() if n)
         fits = "no" if phase.problem or phase.total > gpu_gib * GIB else "yes"
         out.append(f"{phase.name:<10} {gib(phase.total):>8}  {fits:<4}  {parts}")
     for phase in phases:
