@@ -135,7 +135,8 @@ def head_bytes(rows, vocab, hidden, a, with_entropy=False, backward=False, chunk
     if not backward:
         return vocab * max(FP32 * first + logits * second, (3 * FP32 if with_entropy else logits) * first)
     kept = FP32 + (a if a < FP32 else 0)
-    return FP32 * vocab * hidden + max(vocab * (kept * first + logits * second), kept * first * vocab + a * vocab * hidden)
+    weight_grad, product = FP32 * vocab * hidden, a * vocab * hidden
+    return weight_grad + max(vocab * (kept * first + logits * second), vocab * kept * first + product)
 
 
 def pixel_bytes(vision, patches):
@@ -319,7 +320,8 @@ def grpo_phases(cfg, stage, model, world):
         if patches else (0, 0)
     working = max(images[0] + max(images[1], prefill_bytes(mcfg, fresh * prompt, a)),
                   sampling_bytes(slots, mcfg.vocab_size, a))
-    phases.append(Phase("rollout", {"resident": resident, "gathered weights": a * shards * params.shard if wrapped else 0,
+    gathered = a * shards * params.shard if wrapped else 0  # the padded all-gather outputs of every unit
+    phases.append(Phase("rollout", {"resident": resident, "gathered weights": gathered,
                                     f"KV pool ({slots} slots x {slot_len} tokens)":
                                         kv_pool_bytes(mcfg, slots, slot_len, L, compute),
                                     "prefill/decode working set": working},
@@ -370,7 +372,8 @@ def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases
     params = count_parameters(model, 1)
     frozen = params.total - params.trainable
     shards = shard_group(world, replicate_degree)
-    sharding = f"FSDP over {shards}" if replicate_degree == 1 else f"HSDP: {replicate_degree} replicas x {shards} shards"
+    sharding = f"FSDP over {shards}" if replicate_degree == 1 else \
+        f"HSDP: {replicate_degree} replicas x {shards} shards"
     out = [f"memory plan of {path}: {params.total / 1e9:.2f}B parameters, {params.trainable / 1e9:.2f}B trained, "
            f"{frozen / 1e9:.2f}B frozen (vision tower); {world} GPUs of {gpu_gib:g} GiB, {sharding}, "
            f"compute {param_dtype}", *lines,
@@ -383,7 +386,8 @@ def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases
         if phase.problem:
             out.append(f"warning: {phase.name} cannot run: {phase.problem}")
         elif phase.total > gpu_gib * GIB:
-            out.append(f"warning: {phase.name} needs {gib(phase.total)} GiB per GPU, more than --gpu-memory-gib {gpu_gib:g}")
+            out.append(f"warning: {phase.name} needs {gib(phase.total)} GiB per GPU, "
+                       f"more than --gpu-memory-gib {gpu_gib:g}")
     out.append("not counted: the CUDA context, NCCL buffers and allocator fragmentation (a few GiB)")
     return "\n".join(out)
 
