@@ -762,7 +762,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
-def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=1024, with_entropy=False):
+HEAD_CHUNK = 1024  # rows of [chunk, vocab] logits token_logprobs computes at once (memplan.py counts them)
+
+
+def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=HEAD_CHUNK, with_entropy=False):
     """Per-token log-probs of `targets` [T] under logits = hidden [T, H] @ W^T / temperature.
 
     Same values and gradients as `log_softmax(logits.float(), -1).gather(-1, targets)`, at a peak

@@ -28,6 +28,7 @@ import torch
 
 import data
 import generate as gen
+import memplan
 import model as M
 import ptst
 import rewards
@@ -240,6 +241,10 @@ class GRPOConfig:
     param_dtype: str = "bfloat16"                # compute dtype, any world size (fp32 masters and reduction); the reference's
     attention: str = "flash"                     # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
     seed: int = 0                                # python, numpy and torch seeds; also the sampling stream's
+    # the memory plan (memplan.py): config.json alone, no weights, data or processes
+    plan: bool = False                           # print each phase's memory per GPU for this config and exit
+    world_size: int = 0                          # GPUs the plan is for (0: this launch's WORLD_SIZE)
+    gpu_memory_gib: float = 80.0                 # memory of one GPU: the plan warns of a phase that needs more
     # operations
     log_every: int = 1                           # steps between metrics lines (metrics.jsonl, stdout, wandb)
     table_every: int = 10                        # wandb table of sample completions
@@ -352,6 +357,8 @@ def main(argv=None):
     cfg.init = cfg.init or ptst.init_checkpoint(cfg.out_root, schedule, cfg.stage, cfg.cold_start, cfg.base)
     cfg.ref = cfg.ref or ptst.init_checkpoint(cfg.out_root, schedule, 1, cfg.cold_start, cfg.base)
     exit_if_missing(cfg.init, init_flag, "checkpoint")
+    if cfg.plan:
+        return memplan.print_plan(cfg.init, cfg, lambda model, world: memplan.grpo_phases(cfg, stage, model, world))
     if cfg.kl_coef:
         exit_if_missing(cfg.ref, ref_flag, "checkpoint")
     exit_if_missing(cfg.data, "--data", "file")

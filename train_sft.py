@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import data
+import memplan
 import model as M
 from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
                          load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib, prune_checkpoints,
@@ -52,6 +53,10 @@ class SFTConfig:
     param_dtype: str = "bfloat16"               # compute dtype at any world size (FSDP2); fp32 master weights and reduction
     attention: str = "flash"                    # flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's
     seed: int = 0                               # python, numpy and torch seeds; the data order
+    # the memory plan (memplan.py): config.json alone, no weights, data or processes
+    plan: bool = False                          # print each phase's memory per GPU for this config and exit
+    world_size: int = 0                         # GPUs the plan is for (0: this launch's WORLD_SIZE)
+    gpu_memory_gib: float = 80.0                # memory of one GPU: the plan warns of a phase that needs more
     # operations
     log_every: int = 1                          # steps between metrics lines (metrics.jsonl, stdout, wandb)
     eval_every: int = 0                         # 0: only at start and end
@@ -133,6 +138,8 @@ def eval_loss(model, records, processor, cfg, device):
 def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
+    if cfg.plan:
+        return memplan.print_plan(cfg.model, cfg, lambda model, world: memplan.sft_phases(cfg, model, world))
     exit_if_missing(cfg.data, "--data", "file")
     rank, world, device, mesh, compute = start_run(cfg)
 
