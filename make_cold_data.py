@@ -488,6 +488,9 @@ ANSWER_STATEMENTS = (  # how texts state their answer; the last statement in a t
 )
 
 
+BARE_LABEL = re.compile(r"\**\s*final\s*answer\W{0,4}?:?[\s*]*", re.IGNORECASE)  # a statement with no answer
+
+
 def stated_answer(text):
     """The answer a text states last: its last `\\boxed{X}`, else its last 'Final Answer: X', else its
     last 'the answer is X'; None when it states none.
@@ -507,12 +510,15 @@ def stated_answer(text):
 
 def final_answer(text):
     """The final answer of the text after the reasoning: the `<answer>` block when there is one,
-    else the answer the text states, else the whole text when it is one short line; else None."""
+    else the answer the text states, else the whole text when it is one short line that is not a
+    bare 'Final Answer:' label; else None. 'Final Answer: ' -> None (a format failure, not the
+    answer 'Final Answer:')."""
     if "<answer>" in text:
         return rewards.extract_answer(text)
     answer = stated_answer(text)
-    if answer is None and "\n" not in text.strip() and 0 < len(text.strip()) <= 40:
-        answer = text.strip().rstrip(".")
+    line = text.strip()
+    if answer is None and "\n" not in line and 0 < len(line) <= 40 and not BARE_LABEL.fullmatch(line):
+        answer = line.rstrip(".")
     return answer
 
 
