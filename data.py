@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from train_utils import InputError, command_line
+
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
@@ -52,7 +54,7 @@ CONVERTIBLE_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX")
 MAX_ASPECT_RATIO = 200  # Qwen2-VL's resize refuses anything longer
 
 
-class DataError(Exception):
+class DataError(InputError):
     """A data file has bad records; the message lists `file:line: reason` for every one."""
 
 
@@ -161,17 +163,26 @@ def read_entries(path):
 
     Lines count from 1 (parquet: rows). A malformed entry comes as (line, BadInput). A .json or
     .jsonl file that starts with `[` is one JSON array; any other is JSON lines, blank lines
-    skipped, as Hugging Face's json loader reads both.
+    skipped, as Hugging Face's json loader reads both. A file without a record (0 bytes, blank
+    lines, `[]`, no rows) comes as (1, BadInput("empty file ...")): no job runs on nothing.
     """
     ext = os.path.splitext(path)[1].lower()
+    if ext not in (".parquet", ".json", ".jsonl"):
+        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     if ext == ".parquet":
-        yield from _parquet_entries(path)
-    elif ext in (".json", ".jsonl"):
+        entries = _parquet_entries(path)
+    else:
         with open(path, "rb") as f:
             data = f.read()
-        yield from (_json_array_entries if data.lstrip()[:1] == b"[" else _json_lines_entries)(data)
-    else:
-        raise DataError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
+        entries = (_json_array_entries if data.lstrip()[:1] == b"[" else _json_lines_entries)(data)
+    empty = True
+    for entry in entries:
+        empty = False
+        yield entry
+    if empty:
+        yield 1, BadInput("empty file: no records")
 
 
 def _json_lines_entries(data):
@@ -287,8 +298,9 @@ def conversation_record(obj, base_dir, fallback_id):
     """Normalise a sharegpt or messages record to {id, images, messages} or raise BadInput.
 
     Turns must be an optional system turn, then user and assistant alternating, ending with the
-    assistant (LLaMA-Factory's rule); a top-level `system` string becomes the system turn; the
-    `<image>` placeholders over all turns must match the images one to one.
+    assistant (LLaMA-Factory's rule), no reply empty (nothing to learn, and the model would learn
+    to stop at once); a top-level `system` string becomes the system turn; the `<image>`
+    placeholders over all turns must match the images one to one.
     """
     if not isinstance(obj, dict):
         raise BadInput(f"not a record: expected a JSON object, got {type(obj).__name__}")
@@ -305,8 +317,15 @@ def conversation_record(obj, base_dir, fallback_id):
         messages.append({"role": ROLES[role], "content": content})
     roles = [m["role"] for m in messages]
     dialogue = roles[1:] if roles[0] == "system" else roles
-    if not dialogue or len(dialogue) % 2 or any(r != ("user", "assistant")[i % 2] for i, r in enumerate(dialogue)):
+    alternating = all(r == ("user", "assistant")[i % 2] for i, r in enumerate(dialogue))
+    if alternating and dialogue[-1:] == ["user"]:
+        raise BadInput("no assistant reply: the conversation ends with a user turn")
+    if not dialogue or len(dialogue) % 2 or not alternating:
         raise BadInput(f"bad turns: need [system,] user, assistant, user, assistant, ...; got {', '.join(roles)}")
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    empty = next((k for k, reply in enumerate(replies, 1) if not reply.strip()), None)
+    if empty is not None:
+        raise BadInput(f"empty answer: assistant turn {empty} is empty")
     images = image_sources(obj, base_dir)
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if placeholders != len(images):
@@ -380,7 +399,7 @@ def check_file(path, kind="auto"):
 
 def _load(path, kind, skip_bad):
     report, records = read_records(path, kind)
-    if report.bad and not skip_bad:
+    if report.bad and not (skip_bad and records):
         raise DataError("\n".join([report.summary(), *report.lines()]))
     if report.bad:
         print(f"{path}: skipped {len(report.bad)} of {report.total} records ({report.reasons()})", file=sys.stderr)
@@ -392,7 +411,7 @@ def load_problems(path, skip_bad=False):
     {id, images, question, answer, choices, answer_type, meta}.
 
     Raises DataError listing every bad line; with skip_bad, returns the good records and prints
-    `skipped N of M records (reasons)` to stderr.
+    `skipped N of M records (reasons)` to stderr (no good record at all is still a DataError).
     """
     return _load(path, "problems", skip_bad)
 
@@ -692,6 +711,7 @@ def collate(samples, index):
 
 # ----------------------------------------------------------------------------- command line
 
+@command_line
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Check data files before a job uses them.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -704,8 +724,8 @@ def main(argv=None):
     for path in args.files:
         try:
             report = check_file(path, args.kind)
-        except (DataError, OSError) as e:
-            print(f"{path}: {e}")
+        except (DataError, OSError) as e:  # both name the file
+            print(e)
             failed = True
             continue
         for line in report.lines():

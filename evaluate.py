@@ -61,7 +61,7 @@ import model as M
 import rewards
 import scoring
 import synthetic
-from train_utils import init_distributed
+from train_utils import at_least, command_line, init_distributed
 
 BENCHES = ("synthetic", "mathvista", "mathverse", "mmmath")
 DEFAULT_DATA = {"synthetic": "runs/toy/data/test.jsonl"}
@@ -128,7 +128,8 @@ def load_benchmark(bench, path, skip_bad=False):
     """Problem records of a benchmark file, images checked, as data.load_problems returns them.
 
     Bad rows raise data.DataError listing `file:line: reason` for every one; with skip_bad they are
-    left out and counted on stderr. Rows without an id (MM-Math) get `<bench>-<line>`.
+    left out and counted on stderr (no good row at all is still an error). Rows without an id
+    (MM-Math) get `<bench>-<line>`.
     """
     base_dir = os.path.dirname(os.path.abspath(path))
     records, bad, first_line_of = [], [], {}
@@ -148,7 +149,7 @@ def load_benchmark(bench, path, skip_bad=False):
             continue
         first_line_of[record["id"]] = line
         records.append(record)
-    if bad and not skip_bad:
+    if bad and not (skip_bad and records):
         raise data.DataError("\n".join([f"{path}: {len(bad)} bad of {total} {bench} records", *bad]))
     if bad:
         print(f"{path}: skipped {len(bad)} of {total} {bench} records", file=sys.stderr)
@@ -613,16 +614,16 @@ def parse_args(argv=None):
                                                         "(default: runs/toy/data/test.jsonl for synthetic)")
     parser.add_argument("--out", default="runs/eval")
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (temperature and top-p unused)")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt (pass@n and mean@n when > 1)")
-    parser.add_argument("--max-new-tokens", type=int, default=16000)
+    parser.add_argument("--n", type=at_least(1), default=1, help="samples per prompt (pass@n and mean@n when > 1)")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=16000)
     parser.add_argument("--temperature", type=float, default=0.6)
     parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call on each rank")
-    parser.add_argument("--kv-budget-gib", type=float, default=0.0,
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per generate call on each rank")
+    parser.add_argument("--kv-budget-gib", type=at_least(0, float), default=0.0,
                         help="KV cache of a generate call (0: half the free GPU memory; on CPU 2^18 tokens)")
-    parser.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
+    parser.add_argument("--limit", type=at_least(1), default=None, help="only the first N problems of each benchmark")
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
-    parser.add_argument("--retry-until-answer", type=int, default=0, metavar="K",
+    parser.add_argument("--retry-until-answer", type=at_least(0), default=0, metavar="K",
                         help="redraw a response without </answer> up to K times (authors: 5; inflates scores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", choices=M.ATTENTION_BACKENDS, default="flash",
@@ -647,23 +648,21 @@ def parse_args(argv=None):
         parser.error(f"two checkpoints share a name ({', '.join(names)}); their outputs would collide")
     if bool(args.judge) != bool(args.judge_model):
         parser.error("--judge and --judge-model go together")
-    if args.n < 1 or args.retry_until_answer < 0 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be >= 1, --retry-until-answer >= 0")
     return args
 
 
+@command_line
 def main(argv=None):
     """Evaluate every model on every benchmark; rank 0 prints the tables and returns the summaries."""
     args = parse_args(argv)
+    for path in args.model:
+        M.check_checkpoint(path)
     rank, world, device = init_distributed()
     backend = M.set_attention(args.attention, device)
     if rank == 0:
         print(f"world {world} on {device.type}, attention {backend}", flush=True)
-    try:
-        benchmarks = {bench: load_benchmark(bench, path, args.skip_bad)[:args.limit]
-                      for bench, path in args.data_paths.items()}
-    except (data.DataError, OSError) as e:
-        sys.exit(str(e))
+    benchmarks = {bench: load_benchmark(bench, path, args.skip_bad)[:args.limit]
+                  for bench, path in args.data_paths.items()}
     judge = None
     if args.judge:
         backend = make_cold_data.OpenAIBackend(args.judge, args.judge_model, os.environ.get(args.judge_key_env),

@@ -31,7 +31,6 @@ calls of the layers' forward: no FSDP hook and no vision work in a decode step.
 import argparse
 import functools
 import json
-import sys
 from collections import deque
 from dataclasses import dataclass
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from train_utils import at_least, command_line
 
 try:  # GPU-only kernel; the SDPA path below is its CPU twin
     from flash_attn import flash_attn_with_kvcache
@@ -490,29 +490,28 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
 # -----------------------------------------------------------------------------
 # 4. command line
 
+@command_line
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Sample completions of problem prompts with our Qwen2.5-VL.")
     parser.add_argument("--model", required=True, help="checkpoint directory (weights, tokenizer, image processor)")
     parser.add_argument("--prompts", required=True, help="problem records (.jsonl / .json / .parquet)")
     parser.add_argument("--out", required=True, help="output .jsonl, one line per completion")
-    parser.add_argument("--n", type=int, default=1, help="samples per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--n", type=at_least(1), default=1, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=512)
     parser.add_argument("--greedy", action="store_true", help="argmax decoding (sampling arguments ignored)")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    parser.add_argument("--top-k", type=at_least(0), default=0, help="0: no top-k cut")
     parser.add_argument("--seed", type=int, default=0, help="sample j of record i draws from the stream (seed, i, j)")
     parser.add_argument("--system", default=None, help="system prompt (default: none beyond the chat template's)")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    parser.add_argument("--kv-budget-gib", type=float, default=0.0,
+    parser.add_argument("--batch-size", type=at_least(1), default=16, help="prompts per generate call")
+    parser.add_argument("--kv-budget-gib", type=at_least(0, float), default=0.0,
                         help="KV cache per generate call (0: half the free GPU memory; on CPU 2^18 tokens)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    try:  # every bad line (missing or corrupt image, no question) is reported before any model work
-        problems = data.load_prompts(args.prompts)
-    except data.DataError as e:
-        sys.exit(str(e))
+    problems = data.load_prompts(args.prompts)  # every bad line is reported before any model work
+    M.check_checkpoint(args.model)
     processor = data.ChatProcessor(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = M.load_model(args.model, dtype=dtype, device=args.device).eval()

@@ -57,6 +57,7 @@ from tqdm import tqdm
 import data
 import rewards
 import synthetic
+from train_utils import at_least, command_line
 
 # ----------------------------------------------------------------------------- prompts
 # The paper publishes the description prompt only up to its "...", the reasoning instruction in
@@ -401,6 +402,7 @@ class LocalBackend:
         import generate
         import model
 
+        model.check_checkpoint(model_dir)
         self.generate = generate.generate
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.processor = data.ChatProcessor(model_dir)
@@ -488,6 +490,9 @@ ANSWER_STATEMENTS = (  # how texts state their answer; the last statement in a t
 )
 
 
+BARE_LABEL = re.compile(r"\**\s*final\s*answer\W{0,4}?:?[\s*]*", re.IGNORECASE)  # a statement with no answer
+
+
 def stated_answer(text):
     """The answer a text states last: its last `\\boxed{X}`, else its last 'Final Answer: X', else its
     last 'the answer is X'; None when it states none.
@@ -507,12 +512,15 @@ def stated_answer(text):
 
 def final_answer(text):
     """The final answer of the text after the reasoning: the `<answer>` block when there is one,
-    else the answer the text states, else the whole text when it is one short line; else None."""
+    else the answer the text states, else the whole text when it is one short line that is not a
+    bare 'Final Answer:' label; else None. 'Final Answer: ' -> None (a format failure, not the
+    answer 'Final Answer:')."""
     if "<answer>" in text:
         return rewards.extract_answer(text)
     answer = stated_answer(text)
-    if answer is None and "\n" not in text.strip() and 0 < len(text.strip()) <= 40:
-        answer = text.strip().rstrip(".")
+    line = text.strip()
+    if answer is None and "\n" not in line and 0 < len(line) <= 40 and not BARE_LABEL.fullmatch(line):
+        answer = line.rstrip(".")
     return answer
 
 
@@ -691,19 +699,29 @@ def conversation_responses(path, skip_bad=False):
 
     Only the turns are read: statistics need no images, and other datasets' records (LLaVA-CoT,
     Mulberry) need not satisfy our image checks. Returns (responses, bad count); a record without
-    a list of turns with string content raises DataError unless skip_bad.
+    a list of turns with string content, ending with an assistant reply, none of them empty, raises
+    DataError unless skip_bad (and some record is good).
     """
     responses, bad = [], []
     for line, obj in data.read_entries(path):
         turns = obj.get("conversations", obj.get("messages")) if isinstance(obj, dict) else None
-        texts = [t.get("value", t.get("content")) if isinstance(t, dict) else None for t in turns or []]
-        if not isinstance(turns, list) or not all(isinstance(text, str) for text in texts):
-            reason = obj if isinstance(obj, data.BadInput) else "bad turns: expected a list of turns with text"
-            bad.append(f"{path}:{line}: {reason}")
-            continue
+        turns = turns if isinstance(turns, list) and all(isinstance(t, dict) for t in turns) else []
+        texts = [t.get("value", t.get("content")) for t in turns]
         roles = [data.ROLES.get(t.get("from", t.get("role"))) for t in turns]
-        responses += [text for role, text in zip(roles, texts) if role == "assistant"]
-    if bad and not skip_bad:
+        replies = [text for role, text in zip(roles, texts) if role == "assistant"]
+        if isinstance(obj, data.BadInput):
+            reason = obj
+        elif not turns or not all(isinstance(text, str) for text in texts):
+            reason = "bad turns: expected a list of turns with text"
+        elif roles[-1] != "assistant":
+            reason = "no assistant reply: the conversation does not end with one"
+        elif not all(reply.strip() for reply in replies):
+            reason = "empty answer: an assistant turn is empty"
+        else:
+            responses += replies
+            continue
+        bad.append(f"{path}:{line}: {reason}")
+    if bad and not (skip_bad and responses):
         raise data.DataError("\n".join(bad))
     return responses, len(bad)
 
@@ -871,7 +889,7 @@ def build(args):
     """Run the pipeline over this shard's unfinished records; write OUT, OUT.rejected.jsonl, OUT.summary.json."""
     started = time.time()
     report, problems = data.read_records(args.input, "problems")
-    if report.bad and not args.skip_bad:
+    if report.bad and not (args.skip_bad and problems):
         raise data.DataError("\n".join([report.summary(), *report.lines()]))
     if report.bad:
         print(f"{args.input}: skipped {len(report.bad)} of {report.total} records ({report.reasons()})",
@@ -935,7 +953,7 @@ def rebalance(args):
             continue
         rules[rule or "unchanged"] += 1
         outputs.append(record)
-    if bad and not args.skip_bad:
+    if bad and not (args.skip_bad and outputs):
         raise data.DataError("\n".join(bad))
     os.makedirs(out_dir, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
@@ -962,21 +980,23 @@ def parse_args(argv):
         b.add_argument(f"--{role}-url", help="openai: base URL of the server, e.g. http://localhost:8000/v1")
         b.add_argument(f"--{role}-model", help="openai: the served model name; local: the checkpoint directory")
     b.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
-    b.add_argument("--concurrency", type=int, default=8, help="records in flight at once")
+    b.add_argument("--concurrency", type=at_least(1), default=8, help="records in flight at once")
     b.add_argument("--timeout", type=float, default=900.0, help="seconds per socket operation of a request")
-    b.add_argument("--max-retries", type=int, default=5)
-    b.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, doubling after")
-    b.add_argument("--max-tokens", type=int, default=16384,
+    b.add_argument("--max-retries", type=at_least(0), default=5)
+    b.add_argument("--backoff", type=at_least(0, float), default=1.0,
+                   help="seconds before the first retry, doubling after")
+    b.add_argument("--max-tokens", type=at_least(1), default=16384,
                    help="generation limit per request (prompt + limit must fit the served model's context)")
-    b.add_argument("--temperature", type=float, default=0.6)
+    b.add_argument("--temperature", type=at_least(0, float), default=0.6)
     b.add_argument("--shard", type=parse_shard, default=(0, 1), help="i/N: take records i, i+N, i+2N, ...")
-    b.add_argument("--error-rate", type=float, default=0.0, help="synthetic reasoner: share of CoTs with a mistake")
+    b.add_argument("--error-rate", type=at_least(0, float), default=0.0,
+                   help="synthetic reasoner: share of CoTs with a mistake")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--skip-bad", action="store_true", help="skip and count bad input records instead of failing")
-    b.add_argument("--min-cot-words", type=int, default=Limits.min_words)
-    b.add_argument("--max-cot-words", type=int, default=Limits.max_words)
-    b.add_argument("--repeat-ngram", type=int, default=Limits.ngram)
-    b.add_argument("--max-repeats", type=int, default=Limits.max_repeats)
+    b.add_argument("--min-cot-words", type=at_least(0), default=Limits.min_words)
+    b.add_argument("--max-cot-words", type=at_least(1), default=Limits.max_words)
+    b.add_argument("--repeat-ngram", type=at_least(1), default=Limits.ngram)
+    b.add_argument("--max-repeats", type=at_least(1), default=Limits.max_repeats)
     s = commands.add_parser("stats", help="reflection-word counts and CoT length of a conversation file (Table 2)")
     s.add_argument("file")
     s.add_argument("--skip-bad", action="store_true")
@@ -988,6 +1008,11 @@ def parse_args(argv):
     if not argv or argv[0] not in commands.choices and argv[0] not in ("-h", "--help"):
         argv.insert(0, "build")
     args = parser.parse_args(argv)
+    if args.command in ("build", "rebalance"):
+        written = [args.out, *output_paths(args.out)]
+        if os.path.realpath(args.input) in map(os.path.realpath, written):
+            parser.error(f"--input {args.input} is one of the files --out writes ({', '.join(written)}): "
+                         "give the output its own name")
     if args.command == "build":
         for role in ("describer", "reasoner"):
             kind = getattr(args, role)
@@ -998,20 +1023,16 @@ def parse_args(argv):
     return args
 
 
+@command_line
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        if args.command == "stats":
-            responses, bad = conversation_responses(args.file, args.skip_bad)
-            print(json.dumps({"file": args.file, "bad_input": bad, **cot_stats(responses)}, indent=2))
-        elif args.command == "rebalance":
-            rebalance(args)
-        else:
-            build(args)
-    except FileNotFoundError as e:
-        sys.exit(f"{e.filename}: no such file")
-    except data.DataError as e:
-        sys.exit(str(e))
+    if args.command == "stats":
+        responses, bad = conversation_responses(args.file, args.skip_bad)
+        print(json.dumps({"file": args.file, "bad_input": bad, **cot_stats(responses)}, indent=2))
+    elif args.command == "rebalance":
+        rebalance(args)
+    else:
+        build(args)
     return 0
 
 

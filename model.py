@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
+
+from train_utils import InputError
 
 try:  # GPU-only kernels; every code path has an SDPA twin that the CPU tests exercise.
     from flash_attn import flash_attn_varlen_func
@@ -796,24 +798,74 @@ def _canonical_key(key):
     return key
 
 
+class CheckpointError(InputError):
+    """A checkpoint folder that cannot be loaded: the message names the folder or file, what it
+    holds and what is needed."""
+
+
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # torch.save files: unpickling them can run code
+CONVERT_TO_SAFETENSORS = ("transformers' AutoModelForImageTextToText.from_pretrained(DIR).save_pretrained(NEW_DIR) "
+                          "(AutoModelForCausalLM for a text-only Qwen2)")
+
+
 def _safetensors_files(path):
+    """The weight files of a checkpoint folder: model.safetensors, or the shards its
+    model.safetensors.index.json names; else CheckpointError saying what the folder holds."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
             return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
     single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    return [single]
+    if os.path.exists(single):
+        return [single]
+    pickles = sorted(name for name in os.listdir(path) if name.endswith(PICKLE_WEIGHTS))
+    if pickles:
+        raise CheckpointError(f"{path}: found {', '.join(pickles)}: pickle checkpoints are not loaded; convert to "
+                              f"safetensors with {CONVERT_TO_SAFETENSORS}")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _open_safetensors(file):
+    """safe_open(file); a file that is missing (a shard the index names) or not safetensors (e.g. a
+    pickle renamed model.safetensors) raises CheckpointError naming it."""
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{file}: no such file, though model.safetensors.index.json names it")
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"not a safetensors file: {file} ({e})") from None
+
+
+def read_config(path):
+    """(config.json as read, ModelConfig) of a checkpoint folder; CheckpointError naming the folder
+    when there is no config.json or it is one we do not implement."""
+    file = os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"{path}: no config.json" if os.path.isdir(path) else f"{path}: no such folder")
+    with open(file) as f:
+        raw = json.load(f)
+    try:
+        return raw, ModelConfig.from_hf(raw)
+    except ValueError as e:  # "config.json: model_type 'llava' is not implemented (supported: ...)"
+        raise CheckpointError(f"{path}/{e}") from None
+
+
+def check_checkpoint(path):
+    """Refuse, before any work, a checkpoint folder load_model would refuse (CheckpointError):
+    read_config's and _safetensors_files' reasons, or a weight file that is not safetensors.
+    Reads config.json and the weight files' headers only."""
+    read_config(path)
+    for file in _safetensors_files(path):
+        with _open_safetensors(file):
+            pass
 
 
 def build_model(path):
     """The model of a Hugging Face checkpoint directory on the meta device: config.json parsed, no
     weight read (`load_model` and `load_sharded` fill it in)."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
+    raw, config = read_config(path)
     with torch.device("meta"):
-        model = Qwen25VL(ModelConfig.from_hf(raw))
+        model = Qwen25VL(config)
     model.hf_config, model.source_dir = raw, path
     return model
 
@@ -823,7 +875,7 @@ def _checkpoint_tensors(model, path):
     sharded, either key layout; a tied head's stored copy skipped). A slice reads only what is
     indexed: `tensor[:]` the whole tensor, `tensor[a:b]` rows a..b-1."""
     for file in _safetensors_files(path):
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():
                 name = _canonical_key(key)
                 if not (name == "lm_head.weight" and model.cfg.tie_word_embeddings):
@@ -863,16 +915,16 @@ def load_sharded(path, device, dtype=torch.float32, param_dtype=None, mesh=None,
     with torch.no_grad():
         for name, tensor in _checkpoint_tensors(model, path):
             if name not in unfilled:
-                raise ValueError(f"{path}: {name} is not a parameter of the model, or is stored twice")
+                raise CheckpointError(f"{path}: {name} is not a parameter of the model, or is stored twice")
             param = unfilled.pop(name)
             start, end = _local_rows(param)
             shard, rows = param.to_local(), tensor[start:end]
             if shard.shape != rows.shape:
-                raise ValueError(f"{path}: {name} rows {start}:{end} have shape {tuple(rows.shape)}, "
-                                 f"the shard {tuple(shard.shape)}")
+                raise CheckpointError(f"{path}: {name} rows {start}:{end} have shape {tuple(rows.shape)}, "
+                                      f"the shard {tuple(shard.shape)}")
             shard.copy_(rows)
     if unfilled:
-        raise ValueError(f"{path}: no tensor for {sorted(unfilled)}")
+        raise CheckpointError(f"{path}: no tensor for {sorted(unfilled)}")
     return model
 
 

@@ -32,9 +32,9 @@ import memplan
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, exit_if_missing, full_value,
-                         load_training_state, packed_inputs, parse_config, peak_memory_gib, prune_checkpoints,
-                         save_training_state, sharding_of, start_run)
+from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, command_line, exit_if_missing,
+                         full_value, load_training_state, packed_inputs, parse_config, peak_memory_gib,
+                         prune_checkpoints, refuse_bad_flags, save_training_state, sharding_of, start_run)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -259,6 +259,25 @@ class GRPOConfig:
     run_name: str = ""                           # wandb run name (default: SCHEDULE-stageN)
     out: str = ""                                # filled in: the stage's folder
 
+    def __post_init__(self):
+        """Refuse values the run cannot use, naming the flag (parse_config: a usage error)."""
+        refuse_bad_flags(self, positive=("stage", "prompts_per_rollout", "prompts_per_update", "ppo_epochs",
+                                         "micro_batch_tokens", "temperature", "top_p", "grad_clip", "log_every",
+                                         "max_nonfinite", "replicate_degree", "dist_timeout_minutes"),
+                         non_negative=("clip_low", "clip_high", "dual_clip", "kl_coef", "lr", "weight_decay",
+                                       "kv_budget_gib", "min_pixels", "max_pixels", "table_every", "save_every",
+                                       "keep_last"),
+                         world_multiples=("prompts_per_update",))  # each rank takes its share of an update
+        if self.prompts_per_rollout % self.prompts_per_update:
+            raise ValueError(f"--prompts-per-rollout {self.prompts_per_rollout}: must be a multiple of "
+                             f"--prompts-per-update {self.prompts_per_update}")
+        schedule = resolve_schedule(self)
+        ptst.get_stage(schedule, self.stage)
+        for k, stage in enumerate(schedule.stages, 1):
+            if stage.group_size < 2:
+                raise ValueError(f"--stages {self.stages}: stage {k} has group size {stage.group_size}; GRPO's "
+                                 "advantages compare each response with the others of its group, so it needs >= 2")
+
 
 # The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).
 PRESETS = {
@@ -347,6 +366,7 @@ def frozen_logprobs(model, groups, max_len, cfg, device):
 # -----------------------------------------------------------------------------
 # the loop
 
+@command_line
 def main(argv=None):
     cfg = parse_config(GRPOConfig, PRESETS, argv, description=__doc__)
     schedule = resolve_schedule(cfg)
@@ -364,8 +384,6 @@ def main(argv=None):
     exit_if_missing(cfg.data, "--data", "file")
     cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
     rank, world, device, mesh, compute = start_run(cfg)
-    if cfg.prompts_per_rollout % (world * cfg.prompts_per_update // math.gcd(world, cfg.prompts_per_update)):
-        raise ValueError("prompts_per_rollout must be a multiple of prompts_per_update and of the world size")
 
     # ---------------------------------------------------------------- data (checked before step 1)
     problems = data.load_problems(cfg.data, skip_bad=cfg.skip_bad)

@@ -21,9 +21,10 @@ import torch
 import data
 import memplan
 import model as M
-from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, exit_if_missing, full_value,
-                         load_training_state, lr_at, packed_inputs, parse_config, peak_memory_gib, prune_checkpoints,
-                         save_training_state, sharding_of, start_run)
+from train_utils import (InputError, Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, command_line,
+                         exit_if_missing, full_value, load_training_state, lr_at, packed_inputs, parse_config,
+                         peak_memory_gib, prune_checkpoints, refuse_bad_flags, save_training_state, sharding_of,
+                         start_run)
 
 
 @dataclass
@@ -70,6 +71,14 @@ class SFTConfig:
     wandb_project: str = "vision-r1"            # wandb project (WANDB_MODE=offline/disabled as usual)
     wandb_group: str = ""                       # wandb group: the runs to compare side by side
     run_name: str = "sft"                       # wandb run name
+
+    def __post_init__(self):
+        """Refuse values the run cannot use, naming the flag (parse_config: a usage error)."""
+        refuse_bad_flags(self, positive=("global_batch", "max_tokens", "epochs", "grad_clip", "log_every",
+                                         "max_nonfinite", "replicate_degree", "dist_timeout_minutes"),
+                         non_negative=("lr", "warmup_ratio", "weight_decay", "eval_holdout", "min_pixels", "max_pixels",
+                                       "eval_every", "save_every", "keep_last"),
+                         world_multiples=("global_batch",))
 
 
 # The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).
@@ -135,6 +144,7 @@ def eval_loss(model, records, processor, cfg, device):
     return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
 
 
+@command_line
 def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
@@ -148,11 +158,10 @@ def main(argv=None):
     eval_records = records[len(records) - cfg.eval_holdout:] if cfg.eval_holdout else []
     records = records[:len(records) - cfg.eval_holdout] if cfg.eval_holdout else records
     processor = data.ChatProcessor(cfg.model, cfg.min_pixels or None, cfg.max_pixels or None)
-    if cfg.global_batch % world:
-        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of the world size {world}")
     steps_per_epoch = len(records) // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data}: {len(records)} records is fewer than one global batch of {cfg.global_batch}")
+        raise InputError(f"{cfg.data}: {len(records)} training records are fewer than one --global-batch of "
+                         f"{cfg.global_batch}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
 
     # ---------------------------------------------------------------- model and optimizer

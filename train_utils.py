@@ -1,7 +1,10 @@
 """What train_sft.py and train_grpo.py share: process group, logging, learning rate, checkpoints
-of the training state (exact resume), and the guard against non-finite steps."""
+of the training state (exact resume), and the guard against non-finite steps; and how every
+script's command line ends on bad input (`command_line`)."""
 
+import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -22,14 +25,83 @@ from torch.distributed.tensor import DTensor
 
 
 # -----------------------------------------------------------------------------
+# bad input: one message, no traceback
+
+class InputError(Exception):
+    """Input the user must fix (a data file, a checkpoint, a flag), not a bug: `command_line` ends
+    the script with its message. data.DataError and model.CheckpointError are ones."""
+
+
+def launch_rank():
+    """This process's rank in the launch (torchrun's RANK; 0 alone), known before any process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def command_line(main):
+    """Decorates a script's `main(argv=None)`: the project's expected errors (InputError, and
+    SystemExit with a message) end it as sys.exit(message) does, the message on stderr and exit
+    code 1, said once under torchrun (rank 0; the other ranks exit 1 silently). argparse's usage
+    errors keep their exit code 2, and any other exception (a bug) its traceback.
+    Example: a bad line in --data -> "cold.jsonl:5: missing image: ..." and exit code 1."""
+    @functools.wraps(main)
+    def run(argv=None):
+        try:
+            return main(argv)
+        except InputError as e:
+            message = str(e)
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                raise
+            message = str(e.code)
+        raise SystemExit(message if launch_rank() == 0 else 1) from None
+    return run
+
+
+def at_least(low, kind=int):
+    """An argparse type: the flag's value as `kind`, refused below `low` as a usage error naming
+    the flag. `type=at_least(1)` with `--n 0` -> "error: argument --n: 0 is not >= 1", exit code 2."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'x'"
+    return parse
+
+
+def flag_of(field):
+    """The command-line flag of a config field: "global_batch" -> "--global-batch"."""
+    return "--" + field.replace("_", "-")
+
+
+def refuse_bad_flags(cfg, positive=(), non_negative=(), world_multiples=()):
+    """Raise ValueError naming the flag (parse_config makes it a usage error) of the first field of
+    a trainer's config that is not > 0 (`positive`), is < 0 (`non_negative`) or is not a multiple
+    of the launch's world size (`world_multiples`), or a replicate_degree that does not divide it.
+    Example: global_batch 0 in `positive` -> "--global-batch 0: must be > 0"."""
+    for name in positive:
+        if not getattr(cfg, name) > 0:
+            raise ValueError(f"{flag_of(name)} {getattr(cfg, name)}: must be > 0")
+    for name in non_negative:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{flag_of(name)} {getattr(cfg, name)}: must be >= 0")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for name in world_multiples:
+        if getattr(cfg, name) % world:
+            raise ValueError(f"{flag_of(name)} {getattr(cfg, name)}: must be a multiple of the world size {world}")
+    if world % cfg.replicate_degree:
+        raise ValueError(f"--replicate-degree {cfg.replicate_degree}: must divide the world size {world}")
+
+
+# -----------------------------------------------------------------------------
 # config from the command line
 
 def parse_config(config_cls, presets, argv=None, description=None):
     """argparse over a dataclass: every field becomes a `--flag` (bools take true/false); a preset
     fills in its values first and explicit flags win. Returns the filled dataclass. `--help` lists
     the fields under their section comments, each with its comment (`field_comments`), its default
-    (the paper's run) and the value of every preset that changes it."""
-    import argparse
+    (the paper's run) and the value of every preset that changes it. Values the config refuses (a
+    ValueError from its __post_init__) are a usage error: one line, exit code 2, said by rank 0."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(presets), default=next(iter(presets)),
                         help="a named set of values applied before the flags (default: %(default)s)")
@@ -42,14 +114,17 @@ def parse_config(config_cls, presets, argv=None, description=None):
         changed = "".join(f"; {name}: {preset[f.name]!r}" for name, preset in presets.items() if f.name in preset)
         text = f"{comments.get(f.name, '')} (default: {f.default!r}{changed})".lstrip().replace("%", "%%")
         if kind is bool:
-            group.add_argument(f"--{f.name.replace('_', '-')}", type=lambda v: v.lower() in ("1", "true", "yes"),
+            group.add_argument(flag_of(f.name), type=lambda v: v.lower() in ("1", "true", "yes"),
                                nargs="?", const=True, default=None, metavar="BOOL", help=text)
         else:
-            group.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=kind.__name__.upper(),
+            group.add_argument(flag_of(f.name), type=kind, default=None, metavar=kind.__name__.upper(),
                                help=text)
     args = vars(parser.parse_args(argv))
     values = {**presets[args.pop("preset")], **{k: v for k, v in args.items() if v is not None}}
-    return config_cls(**values)
+    try:
+        return config_cls(**values)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n" if launch_rank() == 0 else None)
 
 
 def field_comments(config_cls):
@@ -88,7 +163,7 @@ def exit_if_missing(path, flag, kind):
     found = os.path.isfile(os.path.join(path, "config.json")) if kind == "checkpoint" else os.path.exists(path)
     if not found:
         what = "no checkpoint (config.json) in that folder" if kind == "checkpoint" else "no such file"
-        sys.exit(f"{flag} {path}: {what}" if int(os.environ.get("RANK", "0")) == 0 else 1)
+        sys.exit(f"{flag} {path}: {what}" if launch_rank() == 0 else 1)
 
 
 # -----------------------------------------------------------------------------

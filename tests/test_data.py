@@ -207,11 +207,15 @@ def test_conversation_check(tmp_path):
             {**good, "conversations": [{"from": "gpt", "value": "A"}, {"from": "human", "value": "<image>Q"}]},
             {**good, "conversations": good["conversations"][:1]},
             {**good, "conversations": [{"from": "robot", "value": "<image>Q"}, {"from": "gpt", "value": "A"}]},
-            {"images": ["a.png"], "question": "Q?", "answer": "1"}]
+            {"images": ["a.png"], "question": "Q?", "answer": "1"},
+            {**good, "conversations": [*good["conversations"], {"from": "human", "value": "Q2"},
+                                       {"from": "gpt", "value": " \n"}]}]
     report = data.check_file(write_jsonl(tmp_path / "sft.jsonl", rows))
     assert report.kind == "conversations"
     assert [(line, reason.split(":")[0]) for line, reason in report.bad] == [
-        (2, "image count mismatch"), (3, "bad turns"), (4, "bad turns"), (5, "bad turns"), (6, "bad turns")]
+        (2, "image count mismatch"), (3, "bad turns"), (4, "no assistant reply"), (5, "bad turns"), (6, "bad turns"),
+        (7, "empty answer")]
+    assert report.bad[-1][1] == "empty answer: assistant turn 2 is empty"
 
 
 # ----------------------------------------------------------------------------- images

@@ -229,6 +229,8 @@ CHOICE = {**QUESTION, "question": "Which color is most frequent?", "answer": "B"
     (M.Reply("x</think>\n\nred"), ("x", "red")),
     (M.Reply("<think> never ends", truncated=True), ("never ends", None)),
     (M.Reply("x</think>I think it is probably three or maybe four, hard to tell."), ("x", None)),
+    (M.Reply("x</think>\n\nFinal Answer: "), ("x", None)),  # a blank answer, not the answer "Final Answer:"
+    (M.Reply("x</think>\n\n**Final Answer:**"), ("x", None)),
 ])
 def test_split_reply(reply, expected):
     assert M.split_reply(reply) == expected
@@ -271,6 +273,23 @@ LOOP = "Row 1, column 2: red square. " * 8
 ])
 def test_filters(problem, cot, answer, truncated, expected):
     assert M.failed_filter(problem, cot, answer, truncated) == expected
+
+
+class Replying:
+    """A backend that gives every request the same reply."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def ask(self, request):
+        return M.Reply(self.text)
+
+
+def test_a_blank_final_answer_is_rejected_for_its_format(tmp_path):
+    status, record = M.process(QUESTION, Replying("Caption: squares."), Replying(
+        "<think>I see 3 red squares, counted twice over.</think>\n\nFinal Answer: "), M.Limits(), str(tmp_path))
+    assert (status, record["filter"]) == ("rejected", "format")
+    assert record["response"].endswith("<answer> Final Answer: </answer>")
 
 
 def test_length_and_repetition_limits():
