@@ -142,6 +142,8 @@ def field_comments(config_cls):
     for tok in tokenize.generate_tokens(iter(lines).__next__):
         text = tok.string.lstrip("#").strip()
         starts_line = tok.line[:tok.start[1]].strip() == ""
+        if tok.type == tokenize.NAME and starts_line and tok.string == "def" and field is not None:
+            break  # the fields end where the methods begin
         if tok.type == tokenize.NAME and starts_line and tok.line[tok.end[1]:].lstrip().startswith(":"):
             field, field_indent = tok.string, tok.start[1]
             if title:

@@ -127,7 +127,7 @@ def write_checkpoint(path):
 def plan_config(path, kv_budget_gib):
     args = ["--preset", "toy", "--init", path, "--param-dtype", "bfloat16", "--activation-checkpointing", "true",
             "--micro-batch-tokens", str(MICRO_BATCH), "--max-pixels", str(16 * memplan.PIXELS_PER_TOKEN),
-            "--prompts-per-rollout", "2", "--kv-budget-gib", repr(kv_budget_gib)]
+            "--prompts-per-rollout", "2", "--prompts-per-update", "2", "--kv-budget-gib", repr(kv_budget_gib)]
     return parse_config(train_grpo.GRPOConfig, train_grpo.PRESETS, args)
 
 
