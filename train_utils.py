@@ -53,8 +53,19 @@ def command_line(main):
             if e.code is None or isinstance(e.code, int):
                 raise
             message = str(e.code)
+        finally:
+            leave_process_group_of_one()
         raise SystemExit(message if launch_rank() == 0 else 1) from None
     return run
+
+
+def leave_process_group_of_one():
+    """Destroy the process group a plain process made for itself (`init_distributed`), however its
+    main ended: a later main in the same process (a notebook, a test) must make its own, with its own
+    timeout, not find this one. Under torchrun the process ends with the job; a rank that failed must
+    not wait here for the others."""
+    if dist.is_initialized() and dist.get_world_size() == 1:
+        dist.destroy_process_group()
 
 
 def at_least(low, kind=int):
