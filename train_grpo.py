@@ -34,7 +34,7 @@ import ptst
 import rewards
 from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, command_line, exit_if_missing,
                          full_value, load_training_state, packed_inputs, parse_config, peak_memory_gib,
-                         prune_checkpoints, refuse_bad_flags, save_training_state, sharding_of, start_run)
+                         refuse_bad_flags, save_checkpoint, sharding_of, start_run)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -514,13 +514,9 @@ def main(argv=None):
                          [[mine[c.prompt_index]["id"], float(r), c.finish_reason, c.text]
                           for c, r in zip(completions[:8], scores["reward"][:8])])
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.steps:
-            M.save_model(policy, os.path.join(cfg.out, f"step_{done}"))
-            save_training_state(cfg.out, done, policy, optimizer, {"stage": cfg.stage})
-            prune_checkpoints(cfg.out, cfg.keep_last)
+            save_checkpoint(cfg.out, done, policy, optimizer, {"stage": cfg.stage}, cfg.keep_last)
 
-    M.save_model(policy, os.path.join(cfg.out, "final"))
-    save_training_state(cfg.out, stage.steps, policy, optimizer, {"stage": cfg.stage})
-    prune_checkpoints(cfg.out, cfg.keep_last)
+    save_checkpoint(cfg.out, stage.steps, policy, optimizer, {"stage": cfg.stage}, cfg.keep_last, final=True)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

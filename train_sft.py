@@ -23,8 +23,7 @@ import memplan
 import model as M
 from train_utils import (InputError, Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, command_line,
                          exit_if_missing, full_value, load_training_state, lr_at, packed_inputs, parse_config,
-                         peak_memory_gib, prune_checkpoints, refuse_bad_flags, save_training_state, sharding_of,
-                         start_run)
+                         peak_memory_gib, refuse_bad_flags, save_checkpoint, sharding_of, start_run)
 
 
 @dataclass
@@ -225,16 +224,12 @@ def main(argv=None):
                 metrics["eval_loss"] = eval_loss(model, eval_records, processor, cfg, device)
             logger.log(done, metrics)
         if cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            M.save_model(model, os.path.join(cfg.out, f"step_{done}"))
-            save_training_state(cfg.out, done, model, optimizer, {"epoch": epoch})
-            prune_checkpoints(cfg.out, cfg.keep_last)
+            save_checkpoint(cfg.out, done, model, optimizer, {"epoch": epoch}, cfg.keep_last)
 
     # ---------------------------------------------------------------- end
     if eval_records:
         logger.log(total_steps, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
-    M.save_model(model, os.path.join(cfg.out, "final"))
-    save_training_state(cfg.out, total_steps, model, optimizer, {"epoch": cfg.epochs})
-    prune_checkpoints(cfg.out, cfg.keep_last)
+    save_checkpoint(cfg.out, total_steps, model, optimizer, {"epoch": cfg.epochs}, cfg.keep_last, final=True)
     logger.finish()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

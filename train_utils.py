@@ -386,6 +386,16 @@ def _set_rng_state(rng):
     random.setstate((3, tuple(rng["python"].tolist()), None))
 
 
+def save_checkpoint(out, step, model, optimizer, extra, keep_last, final=False):
+    """Everything a save point writes: the weights in Hugging Face format (out/step_N, or out/final),
+    the training state --resume continues from (`save_training_state`), then the step checkpoints
+    beyond the newest `keep_last` pruned (`prune_checkpoints`). Under FSDP2 every rank calls it."""
+    import model as M
+    M.save_model(model, os.path.join(out, "final" if final else f"step_{step}"))
+    save_training_state(out, step, model, optimizer, extra)
+    prune_checkpoints(out, keep_last)
+
+
 def save_training_state(out, step, model, optimizer, progress):
     """Write <out>/state/step_<N> atomically (a temp folder renamed at the end) and point
     <out>/state/latest at it. `progress` is a small JSON-able dict (data position etc.)."""

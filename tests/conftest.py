@@ -34,3 +34,15 @@ def flash_attn(monkeypatch):
     from tests import flash_attn_standin
 
     return flash_attn_standin.install(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids oversubscription stalls on the shared cores (a module opts in
+    with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -46,8 +46,7 @@ def main():
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    samples = [tiny.sample(lens, grids, seed=i) for i, (lens, grids) in enumerate(SEQS)]
-    total_tokens = sum(len(s[0]) - 1 for s in samples)
+    samples, total_tokens = tiny.global_batch(SEQS)
 
     sharded = M.apply_fsdp(M.load_model(path), activation_checkpointing=True)
     loss = step(sharded, samples[rank::world], total_tokens, world)

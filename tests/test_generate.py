@@ -18,17 +18,9 @@ from tests.test_fsdp import torchrun
 
 # text only; one image (grid 8x6); two images of different sizes; one image after a long text
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((31, 2), [(1, 4, 4)])]
+pytestmark = pytest.mark.usefixtures("one_thread")
 VISION_IDS = [tiny.IMAGE, tiny.VIDEO, tiny.VISION_START, tiny.VISION_END]
 NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription stalls on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

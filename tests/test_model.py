@@ -232,12 +232,7 @@ def test_shared_prompt_packing_equals_each_response_after_its_own_prompt(ours, m
 
     if not padded_attention:
         monkeypatch.setattr(M, "PADDED_ATTENTION_MAX_SCORES", 0)
-    g = torch.Generator().manual_seed(5)
-    groups = []
-    for (ids, pixels, grid), lengths in zip([samples()[0], samples()[2]], [(7, 0, 3), (5, 9, 4)]):
-        groups.append({"input_ids": ids.tolist(), "pixel_values": pixels, "image_grid_thw": grid,
-                       "continuations": [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths],
-                       "rows": [len(groups) * 3 + i for i in range(3)]})
+    groups = tiny.shared_prompt_groups(samples()[0], samples()[2])
     batches = data.pack_shared_prompts(groups, max_tokens=len(groups[1]["input_ids"]) + 14)
     assert [b["rows"] for b in batches] == [[0, 1, 2], [3, 4], [5]]  # group 2 split: its prompt packed twice
     weight = ours.model.layers[0].self_attn.k_proj.weight

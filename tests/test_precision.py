@@ -23,15 +23,7 @@ from tests.test_fsdp import torchrun
 
 BF16 = torch.bfloat16
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((31, 2), [(1, 4, 4)])]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one thread avoids oversubscription stalls on the shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +131,7 @@ def test_standin_kvcache_writes_in_place_and_reads_rows_pages_alike():
 
 def shared_prompt_batches():
     """Two GRPO groups (text only; two images) with three responses each, one empty."""
-    g = torch.Generator().manual_seed(5)
-    groups = []
-    for (ids, pixels, grid), lengths in zip([samples()[0], samples()[2]], [(7, 0, 3), (5, 9, 4)]):
-        groups.append({"input_ids": ids.tolist(), "pixel_values": pixels, "image_grid_thw": grid,
-                       "continuations": [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths],
-                       "rows": [len(groups) * 3 + i for i in range(3)]})
+    groups = tiny.shared_prompt_groups(samples()[0], samples()[2])
     return data.pack_shared_prompts(groups, max_tokens=len(groups[1]["input_ids"]) + 14)
 
 

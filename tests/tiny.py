@@ -84,3 +84,22 @@ def sample(text_lens, grids, seed):
     pixels = torch.cat([random_pixels(gr, g) for gr in grids]) if grids else None
     grid = torch.tensor(grids) if grids else None
     return torch.tensor(ids), pixels, grid
+
+
+def global_batch(seqs):
+    """The FSDP workers' batch: `sample` of each (text lengths, grids) entry of `seqs`, seeded by its
+    index, and the batch's next-token target count (every sequence's length - 1)."""
+    samples = [sample(lens, grids, seed=i) for i, (lens, grids) in enumerate(seqs)]
+    return samples, sum(len(s[0]) - 1 for s in samples)
+
+
+def shared_prompt_groups(text_only, two_images):
+    """Two GRPO groups for data.pack_shared_prompts, from two `sample`s (ids, pixels, grid): three
+    random responses each (lengths 7, 0, 3 and 5, 9, 4: one empty), rows 0-5."""
+    g = torch.Generator().manual_seed(5)
+    groups = []
+    for (ids, pixels, grid), lengths in zip([text_only, two_images], [(7, 0, 3), (5, 9, 4)]):
+        groups.append({"input_ids": ids.tolist(), "pixel_values": pixels, "image_grid_thw": grid,
+                       "continuations": [torch.randint(0, 300, (n,), generator=g).tolist() for n in lengths],
+                       "rows": [len(groups) * 3 + i for i in range(3)]})
+    return groups
