@@ -544,6 +544,8 @@ def test_cli_before_and_after_on_the_synthetic_world_resumes(tiny_world, tmp_pat
 
     with pytest.raises(SystemExit, match="max_new_tokens: 6 -> 7"):
         E.main([*argv, "--max-new-tokens", "7"])
+    # main() stopped with its 1-process group open: closed here, so later tests in this process open their own
+    torch.distributed.destroy_process_group()
 
 
 def test_two_ranks_share_the_prompts(tiny_world, tmp_path):
