@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 
@@ -23,6 +25,21 @@ def vl_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vl")
     tiny.save_vl(path, seed=1)
     return path
+
+
+# ----------------------------------------------------------------------------- FSDP2 on 2 gloo ranks
+
+@pytest.fixture(scope="session")
+def fsdp_checks(tmp_path_factory):
+    """tests/fsdp_checks.py's results on tests/tiny.py's model, {check: [rank 0's, rank 1's]}: the 2-rank
+    checks of test_fsdp.py and test_generate.py share one torchrun launch."""
+    from tests import tiny
+    from tests.test_fsdp import torchrun
+
+    path = tmp_path_factory.mktemp("fsdp_vl")
+    tiny.save_vl(path)
+    return json.loads(torchrun("tests/fsdp_checks.py", path, timeout=300,
+                               rerun_on_teardown_abort=True).strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- flash-attn's CUDA branches on CPU

@@ -1,8 +1,7 @@
-"""Run under `torchrun --nproc_per_node 2`: one AdamW step of the FSDP2-wrapped model on a packed
+"""One of tests/fsdp_checks.py's 2-rank checks: one AdamW step of the FSDP2-wrapped model on a packed
 batch (each rank takes half of the sequences) against the same step of the unsharded model on the
-whole batch in one process. Prints one JSON line from rank 0."""
+whole batch in one process (rank 0's result; rank 1 returns None)."""
 
-import json
 import sys
 
 import torch
@@ -41,9 +40,7 @@ def step(model, samples, total_tokens, world_size):
     return loss.detach()
 
 
-def main():
-    path = sys.argv[1]
-    dist.init_process_group("gloo")
+def check(path):
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     samples, total_tokens = tiny.global_batch(SEQS)
@@ -52,17 +49,12 @@ def main():
     loss = step(sharded, samples[rank::world], total_tokens, world)
     dist.all_reduce(loss)
     sharded_state = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-    if rank == 0:
-        reference = M.load_model(path)
-        ref_loss = step(reference, samples, total_tokens, 1)
-        diffs = [(name, (sharded_state[name] - p).abs().max().item()) for name, p in reference.state_dict().items()]
-        changed = max((p - q).abs().max().item() for p, q in zip(reference.state_dict().values(),
-                                                                 M.load_model(path).state_dict().values()))
-        print(json.dumps({"loss": loss.item(), "ref_loss": ref_loss.item(), "max_weight_diff": max(d for _, d in diffs),
-                          "worst": sorted(diffs, key=lambda x: -x[1])[:8], "max_update": changed}), flush=True)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    if rank != 0:
+        return None
+    reference = M.load_model(path)
+    ref_loss = step(reference, samples, total_tokens, 1)
+    diffs = [(name, (sharded_state[name] - p).abs().max().item()) for name, p in reference.state_dict().items()]
+    changed = max((p - q).abs().max().item() for p, q in zip(reference.state_dict().values(),
+                                                             M.load_model(path).state_dict().values()))
+    return {"loss": loss.item(), "ref_loss": ref_loss.item(), "max_weight_diff": max(d for _, d in diffs),
+            "worst": sorted(diffs, key=lambda x: -x[1])[:8], "max_update": changed}

@@ -1,10 +1,10 @@
-"""Run under `torchrun --nproc_per_node 2`: generation from the FSDP2-wrapped model, each rank with its
+"""One of tests/fsdp_checks.py's 2-rank checks: generation from the FSDP2-wrapped model, each rank with its
 own prompts (so the ranks decode different numbers of steps) and a cache budget smaller than its
 rows: greedy against the unsharded model on the same prompts, sampled (prompt ids global) against
 one unsharded process sampling every prompt; FSDP hook calls counted during generation; then one
-training forward, which must still work after generation came first. Prints one JSON line from rank 0."""
+training forward, which must still work after generation came first."""
 
-import json
+import contextlib
 import sys
 
 import torch
@@ -19,8 +19,10 @@ from tests import tiny  # noqa: E402
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((11, 2), [(1, 4, 4)])]
 
 
+@contextlib.contextmanager
 def count_calls(module, name):
-    """Wrap module.name so that every call is counted; returns the list the calls are appended to."""
+    """module.name wrapped so that every call in the with block is counted: yields the list the calls
+    are appended to; the original is back after the block."""
     calls, original = [], getattr(module, name)
 
     def counted(*args, **kwargs):
@@ -28,7 +30,10 @@ def count_calls(module, name):
         return original(*args, **kwargs)
 
     setattr(module, name, counted)
-    return calls
+    try:
+        yield calls
+    finally:
+        setattr(module, name, original)
 
 
 def greedy(model, prompts, eos_ids):
@@ -47,9 +52,7 @@ def count_hooks(modules):
     return calls, [m.register_forward_pre_hook(lambda *_: calls.append(1)) for m in modules]
 
 
-def main():
-    path = sys.argv[1]
-    dist.init_process_group("gloo")
+def check(path):
     rank, world = dist.get_rank(), dist.get_world_size()
     everyone = [dict(zip(("input_ids", "pixel_values", "image_grid_thw"), tiny.sample(lens, grids, seed=i)))
                 for i, (lens, grids) in enumerate(SEQS)]
@@ -62,11 +65,10 @@ def main():
     expected = greedy(reference, prompts, eos_ids)
 
     sharded = M.apply_fsdp(M.load_model(path), activation_checkpointing=False)
-    all_gathers = count_calls(dist, "all_gather_single")  # FSDP2's parameter all-gather (torch 2.13)
     layer_hooks, layer_handles = count_hooks(sharded.model.layers)
     vision_hooks, vision_handles = count_hooks(sharded.visual.blocks)
-    got = greedy(sharded, prompts, eos_ids)
-    gathers_in_generation = len(all_gathers)
+    with count_calls(dist, "all_gather_single") as all_gathers:  # FSDP2's parameter all-gather (torch 2.13)
+        got = greedy(sharded, prompts, eos_ids)
     for handle in layer_handles + vision_handles:
         handle.remove()
     got_sampled = sampled(sharded, prompts, prompt_ids, kv_budget=110)  # 2 slots for 6 rows
@@ -79,17 +81,7 @@ def main():
         loss = sharded.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid).sum()
         ref_loss = reference.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid).sum()
 
-    results = [None] * world
-    dist.all_gather_object(results, {"got": got, "expected": expected, "all_gathers": gathers_in_generation,
-                                     "sampled": got_sampled, "sampled_expected": sampled_expected,
-                                     "layer_hooks": len(layer_hooks), "vision_hooks": len(vision_hooks),
-                                     "vision_blocks": len(sharded.visual.blocks), "fsdp_modules": fsdp_modules,
-                                     "resharded": resharded, "loss_diff": abs(loss - ref_loss).item()})
-    if rank == 0:
-        print(json.dumps(results), flush=True)
-    dist.barrier()  # no rank tears gloo down while another still reads from it
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+    return {"got": got, "expected": expected, "all_gathers": len(all_gathers), "sampled": got_sampled,
+            "sampled_expected": sampled_expected, "layer_hooks": len(layer_hooks), "vision_hooks": len(vision_hooks),
+            "vision_blocks": len(sharded.visual.blocks), "fsdp_modules": fsdp_modules, "resharded": resharded,
+            "loss_diff": abs(loss - ref_loss).item()}

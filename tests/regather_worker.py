@@ -1,8 +1,7 @@
-"""Run under `torchrun --nproc_per_node 2`: FSDP2's parameter all-gathers in one training forward +
+"""One of tests/fsdp_checks.py's 2-rank checks: FSDP2's parameter all-gathers in one training forward +
 backward, before and after a `model.gathered_params` block (a rollout), and every FSDP module's
-reshard-after-forward setting before and after it. Prints one JSON line from rank 0."""
+reshard-after-forward setting before and after it."""
 
-import datetime
 import sys
 
 import torch
@@ -13,7 +12,6 @@ sys.path.insert(0, ".")
 import model as M  # noqa: E402
 from tests import tiny  # noqa: E402
 from tests.generate_fsdp_worker import count_calls  # noqa: E402
-from tests.uneven_worker import report  # noqa: E402
 
 
 def reshards_after_forward(model):
@@ -22,29 +20,23 @@ def reshards_after_forward(model):
             for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def main():
-    path = sys.argv[1]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+def check(path):
     ids, pixels, grid = tiny.sample((5, 9), [(1, 8, 6)], seed=dist.get_rank())
     cu = torch.tensor([0, len(ids)], dtype=torch.int32)
     model = M.apply_fsdp(M.load_model(path), activation_checkpointing=False)
-    all_gathers = count_calls(dist, "all_gather_single")  # FSDP2's parameter all-gather (torch 2.13)
+    with count_calls(dist, "all_gather_single") as all_gathers:  # FSDP2's parameter all-gather (torch 2.13)
 
-    def gathers_in_a_training_step():
-        before = len(all_gathers)
-        model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid).sum().backward()
-        return len(all_gathers) - before
+        def gathers_in_a_training_step():
+            before = len(all_gathers)
+            model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid).sum().backward()
+            return len(all_gathers) - before
 
-    gathers_in_a_training_step()  # the first one initialises FSDP (the root and its settings)
-    settings = reshards_after_forward(model)
-    plain = gathers_in_a_training_step()
-    with M.gathered_params(model), torch.no_grad():
-        model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid)  # a rollout's forward
-    after_rollout = gathers_in_a_training_step()
+        gathers_in_a_training_step()  # the first one initialises FSDP (the root and its settings)
+        settings = reshards_after_forward(model)
+        plain = gathers_in_a_training_step()
+        with M.gathered_params(model), torch.no_grad():
+            model.packed_logprobs(ids, cu, torch.roll(ids, -1), pixels, grid)  # a rollout's forward
+        after_rollout = gathers_in_a_training_step()
 
-    report({"plain": plain, "after_rollout": after_rollout, "settings": settings,
-            "settings_after_rollout": reshards_after_forward(model)})
-
-
-if __name__ == "__main__":
-    main()
+    return {"plain": plain, "after_rollout": after_rollout, "settings": settings,
+            "settings_after_rollout": reshards_after_forward(model)}

@@ -2,7 +2,6 @@
 the process group a GPU run asks for."""
 
 import datetime
-import json
 import os
 import signal
 import socket
@@ -14,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 import train_utils
-from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,21 +51,17 @@ def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False)
     return stdout
 
 
-def test_fsdp2_step_equals_single_process(tmp_path):
-    tiny.save_vl(tmp_path)
-    output = torchrun("tests/fsdp_worker.py", tmp_path, rerun_on_teardown_abort=True)
-    result = json.loads(output.strip().splitlines()[-1])
+def test_fsdp2_step_equals_single_process(fsdp_checks):
+    result = fsdp_checks["step"][0]
     assert abs(result["loss"] - result["ref_loss"]) <= 1e-5, result
     assert result["max_update"] > 5e-4  # the step moved the weights ...
     assert result["max_weight_diff"] <= 1e-5, result  # ... identically in both runs
 
 
-def test_ranks_with_1_and_4_micro_batches_equal_one_rank(tmp_path):
+def test_ranks_with_1_and_4_micro_batches_equal_one_rank(fsdp_checks):
     """Frozen log-probs (old policy, reference) and an accumulated gradient when one rank has 1
     packed micro-batch and the other 4: every rank runs 4 passes (train_utils.aligned_passes)."""
-    tiny.save_vl(tmp_path)
-    results = json.loads(torchrun("tests/uneven_worker.py", tmp_path, timeout=240,
-                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+    results = fsdp_checks["uneven"]
     assert [r["micro_batches"] for r in results] == [1, 4]
     for r in results:
         assert r["frozen_abs"] > 1.0 and r["frozen_diff"] <= 1e-5, r
@@ -139,14 +133,11 @@ def test_collectives_on_gpus_use_a_backend_that_serves_their_tensors(simulated_g
     assert list(train_utils.aligned_passes(["a"])) == [("a", 1.0)]
 
 
-def test_a_rollout_leaves_training_with_as_many_all_gathers(tmp_path):
+def test_a_rollout_leaves_training_with_as_many_all_gathers(fsdp_checks):
     """After model.gathered_params (a rollout), a training forward + backward all-gathers as often as
     before it: every FSDP module gets back its reshard-after-forward setting (the root: keep its
     parameters from forward to backward)."""
-    tiny.save_vl(tmp_path)
-    results = json.loads(torchrun("tests/regather_worker.py", tmp_path, timeout=240,
-                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
-    for r in results:
+    for r in fsdp_checks["regather"]:
         assert r["settings"][0] is False and all(r["settings"][1:]), r  # the root (first) keeps its parameters
         assert r["settings_after_rollout"] == r["settings"], r
         assert r["plain"] > 0 and r["after_rollout"] == r["plain"], r

@@ -14,7 +14,6 @@ import data
 import generate as G
 import model as M
 from tests import flash_attn_standin, tiny
-from tests.test_fsdp import torchrun
 
 # text only; one image (grid 8x6); two images of different sizes; one image after a long text
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((31, 2), [(1, 4, 4)])]
@@ -418,10 +417,8 @@ def test_flash_decode_branch_matches_sdpa_in_bf16(vl_dir, monkeypatch):
 
 # ----------------------------------------------------------------------------- FSDP2
 
-def test_fsdp2_generation_equals_unsharded(tmp_path):
-    tiny.save_vl(tmp_path)
-    results = json.loads(torchrun("tests/generate_fsdp_worker.py", tmp_path,
-                                  rerun_on_teardown_abort=True).strip().splitlines()[-1])
+def test_fsdp2_generation_equals_unsharded(fsdp_checks):
+    results = fsdp_checks["generate"]
     for rank in results:
         assert rank["got"] == rank["expected"], rank
         assert rank["sampled"] == rank["sampled_expected"], rank  # the same samples as one unsharded process

@@ -115,9 +115,7 @@ def run(args):
 
 
 def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, reference, tmp_path):
-    straight = run(grpo_args(tiny_world, reference, tmp_path / "straight"))
-    assert straight.wait() == 0, straight.stderr.read()
-
+    straight = run(grpo_args(tiny_world, reference, tmp_path / "straight"))  # on the other core
     args = grpo_args(tiny_world, reference, tmp_path / "x")
     proc = run(args)
     state = tmp_path / "x" / "vision-r1" / "stage1" / "state"
@@ -130,6 +128,7 @@ def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, re
 
     resumed = run(args + ["--resume"])
     assert resumed.wait() == 0, resumed.stderr.read()
+    assert straight.wait() == 0, straight.stderr.read()
     a = M.load_model(tmp_path / "straight" / "vision-r1" / "stage1" / "final").state_dict()
     b = M.load_model(tmp_path / "x" / "vision-r1" / "stage1" / "final").state_dict()
     for name in a:

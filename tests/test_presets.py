@@ -31,31 +31,49 @@ def test_no_preset_is_the_papers_run():
 
 
 def run(script, args, cwd, rank="0"):
+    """`python script args` in `cwd` as rank `rank` of a torchrun job: the whole process, imports included."""
     env = {**os.environ, "RANK": rank, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
-def test_paper_run_without_its_checkpoint_or_data_exits_with_one_line(tmp_path):
-    out = run("train_grpo.py", ["--stage", "1"], tmp_path)
+@pytest.fixture
+def exit_of(tmp_path, monkeypatch, capsys):
+    """`main(args)` in tmp_path as rank `rank`, in this process (a process start costs seconds, the
+    check milliseconds): (exit status, stdout, stderr) as the process would end, sys.exit(message)
+    being status 1 with the message on stderr."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+    def exit_of(main, args, rank="0"):
+        monkeypatch.setenv("RANK", rank)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        out, err = capsys.readouterr()
+        code = stop.value.code
+        return (1, out, err + code + "\n") if isinstance(code, str) else (code, out, err)
+
+    return exit_of
+
+
+def test_paper_run_without_its_checkpoint_or_data_exits_with_one_line(tmp_path, exit_of):
+    out = run("train_grpo.py", ["--stage", "1"], tmp_path)  # one real process: imports print nothing either
     assert out.returncode == 1 and out.stdout == ""
     assert out.stderr == "--cold-start runs/vision-r1-ci/final: no checkpoint (config.json) in that folder\n"
-    out = run("train_grpo.py", ["--stage", "2"], tmp_path)
-    assert out.stderr == ("--out-root (stage 1's final checkpoint) runs/vision-r1/vision-r1/stage1/final: "
-                          "no checkpoint (config.json) in that folder\n")
-    out = run("train_sft.py", [], tmp_path)
-    assert out.returncode == 1 and out.stderr == ("--model checkpoints/Qwen2.5-VL-7B-Instruct: "
+    assert exit_of(train_grpo.main, ["--stage", "2"]) == (1, "", "--out-root (stage 1's final checkpoint) "
+                                                          "runs/vision-r1/vision-r1/stage1/final: "
+                                                          "no checkpoint (config.json) in that folder\n")
+    assert exit_of(train_sft.main, []) == (1, "", "--model checkpoints/Qwen2.5-VL-7B-Instruct: "
                                                   "no checkpoint (config.json) in that folder\n")
-    other_rank = run("train_sft.py", [], tmp_path, rank="3")
-    assert other_rank.returncode == 1 and other_rank.stderr == ""  # 8 ranks print the line once
+    assert exit_of(train_sft.main, [], rank="3") == (1, "", "")  # 8 ranks print the line once
 
 
-def test_missing_data_is_named_after_the_checkpoint_is_found(tiny_world, tmp_path):
+def test_missing_data_is_named_after_the_checkpoint_is_found(tiny_world, exit_of):
     model = os.path.join(tiny_world, "model")
-    out = run("train_grpo.py", ["--init", model, "--ref", model], tmp_path)
-    assert out.returncode == 1 and out.stderr == "--data vision_r1_rl.parquet: no such file\n"
-    out = run("train_sft.py", ["--model", model], tmp_path)
-    assert out.returncode == 1 and out.stderr == "--data vision_r1_cold.json: no such file\n"
+    assert exit_of(train_grpo.main, ["--init", model, "--ref", model]) == (1, "", "--data vision_r1_rl.parquet: "
+                                                                          "no such file\n")
+    assert exit_of(train_sft.main, ["--model", model]) == (1, "", "--data vision_r1_cold.json: no such file\n")
 
 
 @pytest.mark.parametrize("trainer", ["train_sft", "train_grpo"])

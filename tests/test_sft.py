@@ -119,9 +119,7 @@ def run(args):
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_path):
     args = sft_args(tiny_world, cold_file, tmp_path / "x", "--save-every", "1", "--epochs", "2")
-    straight = run(sft_args(tiny_world, cold_file, tmp_path / "straight", "--epochs", "2"))
-    assert straight.wait() == 0, straight.stderr.read()
-
+    straight = run(sft_args(tiny_world, cold_file, tmp_path / "straight", "--epochs", "2"))  # on the other core
     proc = run(args)
     deadline = time.time() + 240
     while not os.path.exists(tmp_path / "x" / "state" / "step_2") and proc.poll() is None and time.time() < deadline:
@@ -134,6 +132,7 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_p
 
     resumed = run(args + ["--resume"])
     assert resumed.wait() == 0, resumed.stderr.read()
+    assert straight.wait() == 0, straight.stderr.read()
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "x")
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-6, name

@@ -1,10 +1,8 @@
-"""Run under `torchrun --nproc_per_node 2`: ranks with 1 and 4 packed micro-batches. The FSDP2 model's
+"""One of tests/fsdp_checks.py's 2-rank checks: ranks with 1 and 4 packed micro-batches. The FSDP2 model's
 frozen log-probs (train_grpo.frozen_logprobs) must equal the unsharded model's, and the gradient of a
 token-mean loss accumulated through train_utils.aligned_passes must equal the unsharded gradient of
-the whole batch. Prints one JSON line from rank 0."""
+the whole batch."""
 
-import datetime
-import json
 import sys
 from types import SimpleNamespace
 
@@ -49,9 +47,7 @@ def full_grads(model):
             for name, p in model.named_parameters() if p.grad is not None}
 
 
-def main():
-    path = sys.argv[1]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
+def check(path):
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = RANK_GROUPS[rank]
     micro_batches = len(data.pack_shared_prompts(mine, CFG.micro_batch_tokens))
@@ -71,19 +67,5 @@ def main():
     grad_diff = max((grads[n] - g).abs().max().item() for n, g in expected_grads.items())
     grad_scale = max(g.abs().max().item() for g in expected_grads.values())
 
-    report({"micro_batches": micro_batches, "frozen_diff": frozen_diff, "frozen_abs": expected.abs().max().item(),
-            "grad_diff": grad_diff, "grad_scale": grad_scale, "same_params": sorted(grads) == sorted(expected_grads)})
-
-
-
-def report(result):
-    """Every rank's `result` as one JSON list printed by rank 0, then the process group's end."""
-    results = [None] * dist.get_world_size()
-    dist.all_gather_object(results, result)
-    if dist.get_rank() == 0:
-        print(json.dumps(results), flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
-
-if __name__ == "__main__":
-    main()
+    return {"micro_batches": micro_batches, "frozen_diff": frozen_diff, "frozen_abs": expected.abs().max().item(),
+            "grad_diff": grad_diff, "grad_scale": grad_scale, "same_params": sorted(grads) == sorted(expected_grads)}
