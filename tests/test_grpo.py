@@ -1,5 +1,5 @@
-"""train_grpo.py end to end: on the tiny world 2 ranks = 1 rank at step 1 and kill-and-resume is exact; on the
-toy world a short run raises held-out reward over its SFT checkpoint."""
+"""train_grpo.py end to end: on the tiny world 2 (uneven) ranks and 2x2 HSDP ranks = 1 rank at step 1 and
+kill-and-resume is exact; a short run raises held-out reward over its SFT checkpoint."""
 
 import datetime
 import json
@@ -42,23 +42,11 @@ def metrics(out):
         return [json.loads(line) for line in f]
 
 
-def test_two_ranks_first_step_loss_equals_one_rank(tiny_world, reference, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    args = ("--stages", "12x4x1")
-    train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
-    torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=600)
-    one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
-    assert one["kl_ref"] > 0.01  # the loss is not trivially zero
-    # the engine samples from the distribution the update differentiates (fp32: equal to rounding)
-    assert 0 < one["rollout_logp_diff"] <= 1e-5 and two["rollout_logp_diff"] <= 1e-5, (one, two)
-    assert one["response_length"] == two["response_length"]  # the same samples on 1 and 2 ranks
-    assert abs(one["loss"]) > 1e-3 and abs(one["loss"] - two["loss"]) <= 1e-4, (one["loss"], two["loss"])
-
-
 def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
-    """Rank 1's prompts are 5 times longer than rank 0's: with 250-token micro-batches it packs each
-    group's prompt with one response, 4 micro-batches per group (8 for the old and reference
-    log-probs), against rank 0's 1. The step's loss, KL and entropy equal the 1-rank run's."""
+    """2 ranks take the 1-rank run's first step: the same samples, loss, KL and entropy, and the loss is
+    not trivially 0. Rank 1's prompts are 5 times longer than rank 0's: with 250-token micro-batches it
+    packs each group's prompt with one response, 4 micro-batches per group (8 for the old and reference
+    log-probs), against rank 0's 1, which packs its groups whole."""
     import data
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
@@ -79,7 +67,7 @@ def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, mo
     train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
     torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=300)
     one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]
-    assert one["response_length"] == two["response_length"] and one["kl_ref"] > 0.01
+    assert one["response_length"] == two["response_length"] and one["kl_ref"] > 0.01 and abs(one["loss"]) > 1e-3
     for name in ("loss", "kl_ref", "entropy", "ppo_kl"):
         assert abs(one[name] - two[name]) <= 1e-4 * max(1.0, abs(one[name])), (name, one[name], two[name])
 
@@ -140,36 +128,60 @@ def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, re
         assert abs(row["loss"] - done[row["step"]]["loss"]) <= 1e-5
 
 
-def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tmp_path, monkeypatch):
-    """The pipeline's CI -> Vision-R1 gain, small (seed 0, ~11 minutes on 2 cores): base SFT -> cold-start
-    SFT (6 epochs, as the pipeline) -> 40 GRPO steps on the RL split's multiple-choice problems. On the 60
-    held-out multiple-choice problems (4 samples each at temperature 0.6) the mean reward rises by at least
-    25 points (measured 27.5 -> 100.0): the policy moves to answering with the option's text, which this
-    model gets right, from letters, which it picks at chance. The reward curve is metrics.jsonl."""
-    import evaluate
-    import make_cold_data
+def color_problems(tiny_world, seed=0):
+    """Held-out-able problems whose answer is in the question: "I see 7 circles, all red. Which color
+    are they?" -> red, each with one of the tiny world's images (the vision tower runs, the answer does
+    not depend on it). 28 counts x 3 shapes x 4 colors = 336 problems: 48 held out, 288 for training."""
+    import random
+
     import synthetic
+
+    images = sorted(os.listdir(os.path.join(tiny_world, "data", "images")))
+    problems = [{"id": f"color-{i}", "question": f"I see {count} {shape}s, all {color}. Which color are they?",
+                 "answer": color, "answer_type": "text",
+                 "images": [os.path.join(tiny_world, "data", "images", images[i % len(images)])]}
+                for i, (count, shape, color) in enumerate((n, s, c) for n in range(2, 30) for s in synthetic.SHAPES
+                                                          for c in synthetic.COLORS)]
+    random.Random(seed).shuffle(problems)
+    return problems[48:], problems[:48]
+
+
+def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tiny_world, tmp_path, monkeypatch):
+    """SFT teaches the tiny model to copy the color from the question, but closes half of its answers
+    in a format the hard reward scores 0 ("The answer is red." instead of the <answer> block): its
+    held-out reward is about 50%. 20 GRPO steps (8 prompts x 8 samples) on the training problems
+    raise it on 48 held-out problems (4 samples each at temperature 0.6) by at least 25 points
+    (measured 51 -> 100 and, with the problems shuffled by seed 1, 53 -> 90): the policy learns the
+    rewarded format from its own samples. (The pipeline shows the same on the synthetic world's
+    questions, at minutes per stage: README, Table 4.)"""
+    import random
+
+    import evaluate
     import train_sft
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    world = synthetic.build(str(tmp_path / "world"), synthetic.Preset(n_train=6000, n_rl=400, n_test=300), seed=0)
-    split = os.path.join(world, "data")
-    for name in ("rl", "test"):
-        with open(os.path.join(split, f"{name}.jsonl")) as f, open(os.path.join(split, f"{name}_mc.jsonl"), "w") as g:
-            g.writelines(line for line in f if json.loads(line)["meta"]["kind"] == "most_frequent")
-    train_sft.main(["--preset", "toy", "--model", os.path.join(world, "model"), "--epochs", "1", "--eval-holdout", "0",
-                    "--data", os.path.join(split, "base_sft.jsonl"), "--out", str(tmp_path / "base")])
-    cold = str(tmp_path / "cold" / "cold.jsonl")
-    make_cold_data.main(["build", "--input", os.path.join(split, "train.jsonl"), "--out", cold, "--error-rate", "0"])
+    train, held_out = color_problems(tiny_world)
+    rng = random.Random(0)
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for i in range(800):
+            problem, color = train[i % len(train)], train[i % len(train)]["answer"]
+            closing = f"<answer> Final Answer:{color} </answer>" if rng.random() < 0.5 else f" The answer is {color}."
+            f.write(json.dumps({"images": problem["images"], "conversations": [
+                {"from": "human", "value": "<image>" + problem["question"]},
+                {"from": "gpt", "value": f"<think> They are {color}. </think>{closing}"}]}) + "\n")
+    for name, rows in (("rl", train), ("test", held_out)):
+        with open(tmp_path / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
     ci = str(tmp_path / "ci" / "final")
-    train_sft.main(["--preset", "toy", "--model", str(tmp_path / "base" / "final"), "--data", cold, "--epochs", "6",
-                    "--eval-holdout", "0", "--out", str(tmp_path / "ci")])
-    train_grpo.main(["--preset", "toy", "--init", ci, "--ref", ci, "--data", os.path.join(split, "rl_mc.jsonl"),
-                     "--out-root", str(tmp_path / "grpo"), "--stages", "128x16x40", "--length-scale", "1",
+    train_sft.main(["--preset", "toy", "--model", os.path.join(tiny_world, "model"), "--data", str(tmp_path / "sft.jsonl"),
+                    "--out", str(tmp_path / "ci"), "--epochs", "6", "--lr", "2e-3", "--schedule", "constant",
+                    "--eval-holdout", "0", "--save-every", "0"])
+    train_grpo.main(["--preset", "toy", "--init", ci, "--ref", ci, "--data", str(tmp_path / "rl.jsonl"), "--lr", "3e-4",
+                     "--out-root", str(tmp_path / "grpo"), "--stages", "48x8x20", "--length-scale", "1",
                      "--prompts-per-rollout", "8", "--prompts-per-update", "8", "--save-every", "0", "--table-every", "0"])
-    assert [row["step"] for row in metrics(tmp_path / "grpo")] == list(range(1, 41))
+    assert [row["step"] for row in metrics(tmp_path / "grpo")] == list(range(1, 21))
     before, after = evaluate.main(["--model", ci, "--model", str(tmp_path / "grpo" / "vision-r1" / "stage1" / "final"),
-                                   "--bench", "synthetic", "--data", os.path.join(split, "test_mc.jsonl"),
-                                   "--out", str(tmp_path / "eval"), "--n", "4", "--max-new-tokens", "160"])
-    assert before["prompts"] == after["prompts"] == 60
+                                   "--bench", "synthetic", "--data", str(tmp_path / "test.jsonl"),
+                                   "--out", str(tmp_path / "eval"), "--n", "4", "--max-new-tokens", "48"])
+    assert before["prompts"] == after["prompts"] == 48
     assert after["accuracy"] >= before["accuracy"] + 0.25, (before["accuracy"], after["accuracy"])

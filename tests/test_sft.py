@@ -219,13 +219,13 @@ def test_sft_teaches_the_cot_format_on_held_out_problems(tmp_path):
     import make_cold_data
     import synthetic
 
-    world = synthetic.build(str(tmp_path / "world"), synthetic.Preset(n_train=960, n_rl=8, n_test=40), seed=0)
+    world = synthetic.build(str(tmp_path / "world"), synthetic.Preset(n_train=480, n_rl=8, n_test=40), seed=0)
     cold = tmp_path / "cold" / "cold.jsonl"
     make_cold_data.main(["build", "--input", os.path.join(world, "data", "train.jsonl"), "--out", str(cold),
                          "--error-rate", "0", "--seed", "0"])
     out = tmp_path / "ci"
     train_sft.main(["--preset", "toy", "--model", os.path.join(world, "model"), "--data", str(cold), "--out", str(out),
-                    "--epochs", "5", "--eval-holdout", "32"])
+                    "--epochs", "6", "--eval-holdout", "32"])
     with open(out / "metrics.jsonl") as f:
         eval_losses = [row["eval_loss"] for row in map(json.loads, f) if "eval_loss" in row]
     assert eval_losses[-1] < 0.1 * eval_losses[0]
