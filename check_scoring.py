@@ -255,6 +255,57 @@ def check_mmmath(count, official_python):
     return agree / len(rows)
 
 
+# ----------------------------------------------------------------------------- MathVerse
+
+def answer_block(answer):
+    return f"<think>Let me work it out.</think><answer> Final Answer:{answer} </answer>"
+
+
+def mathverse_records():
+    with gzip.open(MATHVERSE_DATA, "rt", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def mathverse_choice_forms(record):
+    """(right forms, wrong forms) of a multiple-choice answer: letters, "(B) text", texts; wrong
+    letters and texts, hedges ("A or B") and lists with a wrong option added."""
+    import scoring
+    options = scoring.mathverse_options(record["question"])
+    gold = sorted(scoring.mathverse_named_options(record["answer"], options))
+    if len(gold) > 1:
+        right = [", ".join(gold), " and ".join(gold), "\n".join(gold)]
+    else:
+        right = [gold[0], f"({gold[0]})", f"({gold[0]}) {options[gold[0]]}", f"{gold[0]}. {options[gold[0]]}",
+                 options[gold[0]]]
+    wrong = []
+    for letter, text in options.items():
+        if letter not in gold and text:
+            wrong += [letter, text, f"{gold[0]}. {text}", " or ".join(gold + [letter]), ", ".join(gold + [letter])]
+    return right, wrong
+
+
+def check_mathverse():
+    """Every gold answer given verbatim is correct (the official rule-based match), and the
+    multiple-choice forms of mathverse_choice_forms are scored as they should be."""
+    import scoring
+    records = mathverse_records()
+    exact = [scoring.score_mathverse(r, answer_block(r["answer"])) for r in records]
+    choice = [r for r in records if r["question_type"] == "multi-choice"]
+    right = wrong = right_total = wrong_total = 0
+    for record in choice:
+        right_forms, wrong_forms = mathverse_choice_forms(record)
+        right += sum(scoring.score_mathverse(record, answer_block(form)) for form in right_forms)
+        wrong += sum(scoring.score_mathverse(record, answer_block(form)) for form in wrong_forms)
+        right_total, wrong_total = right_total + len(right_forms), wrong_total + len(wrong_forms)
+    print(f"MathVerse text-only testmini: {len(records)} problems ({len(choice)} multiple choice)")
+    print(f"  gold answer verbatim scored correct: {sum(exact)}/{len(records)}")
+    print(f"  multiple choice: right forms accepted {right}/{right_total}, wrong forms accepted {wrong}/{wrong_total}")
+    for record, verdict in zip(records, exact):
+        if not verdict:
+            print(f"  gold scored 0: {record['sample_index']} {record['answer']!r}")
+    return sum(exact) / len(records)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def main():
@@ -269,6 +320,8 @@ def main():
         return official_worker()
     if "mmmath" in args.what:
         check_mmmath(args.pairs, args.official_python)
+    if "mathverse" in args.what:
+        check_mathverse()
 
 
 if __name__ == "__main__":

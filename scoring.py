@@ -155,40 +155,69 @@ def extract_mathvista_answer(response, record):
 
 # ----------------------------------------------------------------------------- MathVerse
 
+_MATHVERSE_OPTION = re.compile(r"^[ \t]*([A-Z])[ \t]*[:.：][ \t]*(.*?)[ \t]*$", re.MULTILINE)  # "B:" may be empty
+_MATHVERSE_LABEL = re.compile(r"\(?([A-Z])\)?[.:：]?\s*(.*)", re.DOTALL)
+_MATHVERSE_SEPARATOR = re.compile(r"\s*(?:\n|,|;|&|\band\b)\s*")
+
+
 def mathverse_options(question):
-    """Option letter -> option text, from the "Choices:" lines of a MathVerse question.
+    """Option letter -> option text, from the lines after the last "Choices:" (or "Choice:").
 
     mathverse_options("Find x.\\nChoices:\\nA:30\\nB:60") == {"A": "30", "B": "60"}
     """
-    listing = question.split("Choices:", 1)[-1] if "Choices:" in question else ""
-    return dict(re.findall(r"^\s*([A-Z])\s*[:.：]\s*(.*?)\s*$", listing, flags=re.MULTILINE))
+    pieces = re.split(r"\bChoices?\s*:", question)
+    return dict(_MATHVERSE_OPTION.findall(pieces[-1])) if len(pieces) > 1 else {}
 
 
-def mathverse_choice_letter(answer, question):
-    """The option an answer names: a leading letter ("B", "(B) 30°", "B. 30°") or an
-    option's text (by rewards.is_equivalent); None when it names none."""
-    letter = re.match(r"^\s*\(?([A-Z])\)?(?=$|[\s.:：,)])", answer)
-    if letter:
-        return letter.group(1)
-    for option_letter, text in mathverse_options(question).items():
-        if rewards.is_equivalent(answer, text):
-            return option_letter
-    return None
+def mathverse_choice_letter(answer, options):
+    """The option one answer names, or None: a letter alone ("B", "(B)", "B."), a letter with
+    that option's text ("(B) 30°", "B. 30°"), or an option's text (by rewards.is_equivalent).
+    "A or B" and "B. 40°" (B being 30°) name none."""
+    answer = answer.strip()
+    labelled = _MATHVERSE_LABEL.fullmatch(answer)
+    if labelled:
+        letter, rest = labelled.groups()
+        if not rest or (letter in options and rewards.is_equivalent(rest, options[letter])):
+            return letter
+    return next((option for option, text in options.items() if rewards.is_equivalent(answer, text)), None)
+
+
+def mathverse_named_options(answer, options):
+    """The set of options an answer names, None when some part of it names none. Several
+    correct options are written one per line in the gold ("C\\nD"), and as "C, D" or "C and D"
+    in answers; a hedge ("A or B") names none.
+
+    mathverse_named_options("C\\nD", {}) == {"C", "D"}; mathverse_named_options("False",
+    {"A": "True", "B": "False"}) == {"B"}
+    """
+    whole = mathverse_choice_letter(answer, options)
+    if whole is not None:
+        return {whole}
+    parts = _MATHVERSE_SEPARATOR.split(answer.strip())
+    named = {mathverse_choice_letter(part, options) for part in parts} if len(parts) > 1 else {None}
+    return None if None in named else named
 
 
 def score_mathverse(record, response):
     """MathVerse verdict from the `<answer>` block (no block scores 0).
 
-    multi-choice: the named option equals the gold letter; free-form: the answer is
-    symbolically equivalent to the gold answer (rewards.is_equivalent), standing in for
-    the official GPT extraction and GPT consistency judgement.
+    An answer equal to the gold answer (both stripped) is correct: that is the official scorer's
+    rule-based match (score_answer_s2.py, quick_match), the one verdict the official pipeline
+    reaches without GPT. Otherwise rules stand in for the GPT judgement: multi-choice, the
+    answer names the gold's options (mathverse_named_options; "(C)", "C\\nD" and option texts
+    such as "False" are golds too); free-form, the answer is equivalent to the gold
+    (rewards.is_equivalent).
     """
     answer = rewards.extract_answer(response)
     if answer is None:
         return False
     gold = record["answer"].strip()
+    if answer.strip() == gold:
+        return True
     if record["question_type"] == "multi-choice":
-        return mathverse_choice_letter(answer, record["question"]) == gold
+        options = mathverse_options(record["question"])
+        gold_options = mathverse_named_options(gold, options)
+        return gold_options is not None and mathverse_named_options(answer, options) == gold_options
     return rewards.is_equivalent(answer, gold)
 
 

@@ -153,7 +153,8 @@ MATHVERSE_CHOICE = {
 
 @pytest.mark.parametrize("answer, correct", [
     ("B", True), ("(B)", True), ("B. 30°", True), ("B: 30°", True), ("30°", True),
-    ("C", False), ("40°", False), ("35°", False),
+    ("C", False), ("40°", False), ("35°", False), ("B. 40°", False),
+    ("A or B", False), ("B or C", False), ("B, C", False),   # hedges name more than the gold
 ])
 def test_mathverse_multi_choice(answer, correct):
     assert scoring.score_mathverse(MATHVERSE_CHOICE, answer_block(answer)) == correct
@@ -163,6 +164,36 @@ def test_mathverse_options_parse():
     options = scoring.mathverse_options(MATHVERSE_CHOICE["question"])
     assert options == {"A": "25°", "B": "30°", "C": "40°", "D": "50°"}
     assert scoring.mathverse_options("What is x?") == {}
+    # "Choice:" and "A." labels, an empty option line that must not swallow the next
+    assert scoring.mathverse_options("Bearing?\nChoice:\nA. 090^\\circ T\nB. 180^\\circ T") == {
+        "A": "090^\\circ T", "B": "180^\\circ T"}
+    assert scoring.mathverse_options("Which?\nChoices:\nA:x\nB:\nC:y") == {"A": "x", "B": "", "C": "y"}
+
+
+# Multiple-choice golds of the real testmini that are not a bare letter (questions shortened).
+@pytest.mark.parametrize("question, gold, right, wrong", [
+    ("How would you describe the rate?\nChoices:\nA.constant\nB.decreasing\nC.increasing",
+     "(C)", ["(C)", "C", "C.increasing", "increasing"], ["A", "(B)", "B or C"]),
+    ("Which two are OPPOSITE of $\\tan (\\theta)$ ?\nChoose 2 answers:\nChoices:\nA:$\\tan (\\pi+\\theta)$\n"
+     "B:$\\tan (\\frac{\\pi}{2}-\\theta)$\nC:$\\tan (2 \\pi-\\theta)$\nD:$\\tan (\\pi-\\theta)$",
+     "C\nD", ["C\nD", "C, D", "D, C", "C and D"], ["C", "D", "C, D, A", "C or D", "A, D"]),
+    ("True or False : The quickest way is through the playground.\nChoice:\nA. False\nB. True",
+     "False", ["False", "A", "(A) False"], ["True", "B", "false or true"]),
+    ("Find the true bearing of point B from point A.\nChoice:\nA. 090^\\circ T\nB. 180^\\circ T\n"
+     "C. 049^\\circ T\nD. 041^\\circ T", "090^\\circ T", ["090^\\circ T", "A", "A. 090^\\circ T"],
+     ["B", "180^\\circ T", "049^\\circ T"]),
+])
+def test_mathverse_golds_that_are_not_a_letter(question, gold, right, wrong):
+    record = {"question_type": "multi-choice", "answer": gold, "question": question}
+    assert [scoring.score_mathverse(record, answer_block(a)) for a in right] == [True] * len(right)
+    assert [scoring.score_mathverse(record, answer_block(a)) for a in wrong] == [False] * len(wrong)
+
+
+def test_mathverse_every_testmini_gold_given_verbatim_is_correct():
+    """The official rule-based match (answer == extraction) on the real text-only testmini."""
+    records = check_scoring.mathverse_records()
+    assert len(records) == 788
+    assert [r["sample_index"] for r in records if not scoring.score_mathverse(r, answer_block(r["answer"]))] == []
 
 
 @pytest.mark.parametrize("gold, answer, correct", [
@@ -171,8 +202,10 @@ def test_mathverse_options_parse():
     ("3", "3", True),
     ("3", "4", False),
     ("x^2+2x+1", "(x+1)^2", True),
+    ("Area $=113.1 \\mathrm{~cm}^{2}$", "Area $=113.1 \\mathrm{~cm}^{2}$", True),  # verbatim
+    ("777 ", "777", True),
 ])
-def test_mathverse_free_form_symbolic(gold, answer, correct):
+def test_mathverse_free_form(gold, answer, correct):
     record = {"question_type": "free-form", "answer": gold, "question": "Find it."}
     assert scoring.score_mathverse(record, answer_block(answer)) == correct
 
