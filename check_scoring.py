@@ -306,6 +306,159 @@ def check_mathverse():
     return sum(exact) / len(records)
 
 
+# ----------------------------------------------------------------------------- training reward
+
+def _decimal(value, places):
+    return f"{value:.{places}f}"
+
+
+def reward_forms(kind, rng):
+    """(gold, right forms, wrong forms) of one generated answer of `kind` (REWARD_KINDS): bare
+    answers as they appear inside the answer block, right forms equal to the gold, wrong forms
+    the near misses of the same shape."""
+    a, b, c = rng.sample(range(1, 20), 3)
+    if kind == "several boxes":
+        roots = sorted(rng.sample(range(-9, 10), rng.choice([2, 3])))
+        shuffled = rng.sample(roots, len(roots))
+        gold = ", ".join(map(str, roots))
+        boxes = [f"\\boxed{{{r}}}" for r in shuffled]
+        right = [",".join(boxes), ", ".join(boxes), " \\text{ and } ".join(boxes), " ".join(boxes),
+                 ", ".join(f"x_{i + 1}=\\boxed{{{r}}}" for i, r in enumerate(shuffled)),
+                 ", ".join(f"\\boxed{{x={r}}}" for r in shuffled), " \\text{ or } ".join(boxes),
+                 " and ".join(f"${box}$" for box in boxes), ", \\quad ".join(boxes)]
+        wrong = [", ".join(boxes[:-1]), ", ".join(boxes + ["\\boxed{99}"]), ", ".join(boxes[:-1] + ["\\boxed{99}"])]
+        if rng.random() < 0.5:
+            points = [(a, b), (c, a)]
+            gold = "(%d,%d),(%d,%d)" % (*points[0], *points[1])
+            right = [f"\\boxed{{({x}, {y})}} \\text{{ and }} \\boxed{{({u}, {v})}}" for (x, y), (u, v) in
+                     (points, points[::-1])] + [f"\\boxed{{({a},{b})}}, \\boxed{{({c},{a})}}"]
+            wrong = [f"\\boxed{{({b}, {a})}} \\text{{ and }} \\boxed{{({c}, {a})}}", f"\\boxed{{({a}, {b})}}"]
+        return gold, right, wrong
+    if kind == "labelled answers":
+        return rng.choice([
+            (f"({a},{b})", [f"(p,q)=({a},{b})", f"(x, y) = ({a}, {b})", f"P=({a},{b})", f"P({a},{b})"],
+             [f"(p,q)=({b},{a})", f"(x, y) = ({a}, {c})"]),
+            (f"{a}, {b}", [f"AB={a}, CD={b}", f"AB = {a}, CD = {b}", f"x_1={a}, x_2={b}", f"m={a} \\text{{ and }} n={b}",
+                           f"x = {a}, y = {b}"], [f"AB={a}, CD={c}", f"AB={a}"]),
+            (f"{a}", [f"\\angle ABC = {a}^\\circ", f"S_{{\\triangle ABC}}={a}", f"BC = {a}", f"\\text{{Area}} = {a}",
+                      f"f(2)={a}", f"a_{{10}} = {a}", f"\\overline{{AB}} = {a}", f"|AB| = {a}", f"m\\angle A = {a}^\\circ",
+                      f"y_{{max}} = {a}"], [f"\\angle ABC = {b}^\\circ", f"BC = {a}+1", f"2x = {a}"]),
+            (f"-\\frac{{{a}}}{{{b + 20}}}", [f"k=-\\frac{{{a}}}{{{b + 20}}}", f"\\sin A = -\\frac{{{a}}}{{{b + 20}}}"],
+             [f"k=\\frac{{{a}}}{{{b + 20}}}", f"k=-\\frac{{{b + 20}}}{{{a}}}"]),
+            (f"{a}\\sqrt{{3}}", [f"BC={a}\\sqrt{{3}}", f"AC = \\sqrt{{{3 * a * a}}}", f"r={a}\\sqrt{{3}}"],
+             [f"BC={a}\\sqrt{{2}}", f"BC={a + 1}\\sqrt{{3}}"]),
+            (f"{a}\\pi", [f"V = {a}\\pi", f"S={a}\\pi \\text{{ cm}}^2"], [f"V = {a + 1}\\pi", f"V = {a}"]),
+        ])
+    if kind == "sets, intervals, inequalities":
+        lo, hi = sorted(rng.sample(range(-9, 10), 2))
+        return rng.choice([
+            (f"x\\in[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"[{lo}, {hi}]", f"{lo} \\leq x \\leq {hi}"],
+             [f"{lo}<x\\le {hi}", f"[{lo},{hi + 1}]", f"{lo}\\le x<{hi}"]),
+            (f"[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"x\\in [{lo},{hi}]"], [f"({lo},{hi})", f"{lo}<x<{hi}"]),
+            (f"({lo},{hi})", [f"{lo}<f(x)<{hi}", f"{lo}<x<{hi}", f"x\\in({lo},{hi})"], [f"{lo}\\le f(x)<{hi}", f"[{lo},{hi})"]),
+            (f"(-\\infty,{lo})\\cup({hi},+\\infty)", [f"x<{lo} \\text{{ or }} x>{hi}", f"(-\\infty, {lo}) \\cup ({hi}, \\infty)"],
+             [f"x<{lo} \\text{{ or }} x\\ge {hi}", f"(-\\infty,{lo}]\\cup({hi},+\\infty)"]),
+            (f"x>{lo}", [f"({lo},+\\infty)", f"x\\in({lo},\\infty)", f"{lo}<x"], [f"[{lo},+\\infty)", f"x\\geq {lo}", f"x>{hi}"]),
+            (f"[{lo},+\\infty)", [f"x\\geq {lo}", f"x \\ge {lo}", f"{lo} \\le x"], [f"x>{lo}", f"({lo},+\\infty)"]),
+            (f"x\\le {lo}", [f"(-\\infty,{lo}]", f"(-\\infty, {lo}]"], [f"(-\\infty,{lo})", f"x<{lo}"]),
+            (f"\\{{{lo},{hi},{hi + 1}\\}}", [f"\\{{{hi},{lo},{hi + 1}\\}}", f"{lo}, {hi}, {hi + 1}"],
+             [f"\\{{{lo},{hi}\\}}", f"\\{{{lo},{hi},{hi + 2}\\}}"]),
+        ])
+    if kind == "chains, approximations":
+        total = a + b + c
+        return rng.choice([
+            (f"{total}", [f"x = {a}+{b}+{c} = {total}", f"x \\approx {total}", f"\\approx {total}",
+                          f"AB = {a} + {b} + {c} = {total}", f"S = \\frac{{{2 * total}}}{{2}} = {total}"],
+                          [f"x = {a}+{b}+{c} = {total + 1}", f"x \\approx {total + 1}", f"x = {total} + 1 = {total + 1}"]),
+            ("5", ["AB = \\sqrt{3^2+4^2} = 5", "AB=\\sqrt{25}=5", "x \\approx 5.0"], ["AB = \\sqrt{3^2+4^2} = 6", "x \\approx 5.1"]),
+            (f"{a}.{b}", [f"x \\approx {a}.{b}", f"t\\approx {a}.{b} \\text{{ s}}", f"v = {a}.{b}", f"x≈{a}.{b}"],
+             [f"x\\approx {a}.{b + 1}"]),
+            (f"{total}", [f"= {total}", f"x = \\frac{{{2 * total}}}{{2}} = {total}", f"{total} \\text{{ cm}}",
+                          f"S_{{\\triangle ABC}} = \\frac{{1}}{{2}} \\times 2 \\times {total} = {total}"],
+             [f"= {total + 2}", f"x = \\frac{{{2 * total}}}{{2}} = {total + 1}"]),
+        ])
+    if kind == "forms cut off by guards":
+        n = rng.randint(3, 12)
+        points = [(rng.randint(-9, 9), rng.randint(-9, 9)) for _ in range(rng.randint(8, 12))]
+        listing = ", ".join(f"({x}, {y})" for x, y in points)
+        shuffled = ", ".join(f"({x}, {y})" for x, y in rng.sample(points, len(points)))
+        broken = ", ".join(f"({x}, {y})" for x, y in points[:-1] + [(points[-1][0] + 1, points[-1][1])])
+        return rng.choice([
+            (f"\\frac{{{a}}}{{{b}}}", [f"\\cfrac{{{a}}}{{{b}}}", f"\\cfrac{{{2 * a}}}{{{2 * b}}}"], [f"\\cfrac{{{b}}}{{{a}}}"]),
+            ("\\frac{2}{3}", ["\\cfrac{1}{1+\\cfrac{1}{2}}"], ["\\cfrac{1}{1+\\cfrac{1}{3}}"]),
+            (f"\\begin{{pmatrix}}{a}&{b}\\\\{c}&{a + b}\\end{{pmatrix}}",
+             [f"\\begin{{bmatrix}}{a} & {b} \\\\ {c} & {a + b}\\end{{bmatrix}}", f"\\begin{{pmatrix}} {a}&{b}\\\\ {c}&{a + b} \\end{{pmatrix}}"],
+             [f"\\begin{{pmatrix}}{a}&{c}\\\\{b}&{a + b}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
+            (str(n * (n + 1) // 2), [f"\\sum_{{k=1}}^{{{n}}} k", f"\\sum_{{i=1}}^{{{n}}} i"], [f"\\sum_{{k=1}}^{{{n + 1}}} k", f"\\sum_{{k=2}}^{{{n}}} k"]),
+            (f"z={a}-x-y", [f"x+y+z={a}", f"x + y + z - {a} = 0", f"{2 * a}=2x+2y+2z"], [f"x+y+z={a + 1}", f"x+y-z={a}"]),
+            ("x+2y+3z=6", ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{2}=1", "3z=6-x-2y"], ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{3}=1"]),
+            (f"\\frac{{{a}}}{{{b}}}", [f"\\tfrac{{{a}}}{{{b}}}", f"\\dfrac{{{3 * a}}}{{{3 * b}}}"], [f"\\tfrac{{{a + b}}}{{{b}}}"]),
+            (f"\\begin{{pmatrix}}{a}\\\\{b}\\end{{pmatrix}}", [f"\\left(\\begin{{matrix}}{a}\\\\{b}\\end{{matrix}}\\right)",
+                                                         f"\\begin{{bmatrix}} {a} \\\\ {b} \\end{{bmatrix}}"],
+             [f"\\begin{{pmatrix}}{b}\\\\{a}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
+            (f"z={a}x+{b}y-{c}", [f"{a}x+{b}y-z={c}", f"z-{a}x-{b}y+{c}=0"], [f"{a}x+{b}y+z={c}", f"{a}x+{b}y-z={c + 1}"]),
+            (listing, [shuffled, listing.replace(", ", ",")], [broken, ", ".join(listing.split(", ")[:-2])]),
+        ])
+    p, q = rng.choice([(1, 12), (1, 3), (2, 3), (1, 7), (5, 6), (4, 9), (7, 11), (1, 6), (13, 7), (3, 16)])
+    long_decimal = _decimal(p / q, rng.choice([8, 10, 12, 16]))
+    return rng.choice([
+        (f"\\frac{{{p}}}{{{q}}}", [long_decimal, _decimal(p / q, 15), _decimal(p / q, 7), f"x = {long_decimal}"],
+         [_decimal(p / q, 2), _decimal(p / q + 1e-4, 10)] + ([_decimal(p / q, 4)] if p * 10 ** 4 % q else [])),
+        (f"-\\frac{{{p}}}{{{q}}}", ["-" + long_decimal], [long_decimal, "-" + _decimal(p / q, 3)]),
+        (_decimal(p / q, 16), [f"\\frac{{{p}}}{{{q}}}", f"{p}/{q}"], [f"\\frac{{{p + 1}}}{{{q}}}", f"\\frac{{{p}}}{{{q + 1}}}"]),
+    ])
+
+
+REWARD_KINDS = ("several boxes", "labelled answers", "sets, intervals, inequalities", "chains, approximations",
+                "forms cut off by guards", "exact rationals vs long decimals")
+
+
+def reward_cases(per_kind, seed=0):
+    """(kind, gold, answer, right) rows: per_kind generated answers of each kind."""
+    rng = random.Random(seed)
+    rows = []
+    for kind in REWARD_KINDS:
+        made = 0
+        while made < per_kind:
+            gold, right, wrong = reward_forms(kind, rng)
+            if right is None:
+                continue
+            rows += [(kind, gold, answer, True) for answer in right] + [(kind, gold, answer, False) for answer in wrong]
+            made += 1
+    return rows
+
+
+def check_reward(per_kind):
+    """rewards.reward on a Vision-R1 response around each generated answer; math-verify's default
+    verdict (parse of "$answer$", verify) beside it for reference."""
+    import math_verify
+    import rewards
+    rows = reward_cases(per_kind)
+    slowest, results = 0.0, []
+    for kind, gold, answer, right in rows:
+        start = time.thread_time()
+        value = rewards.reward(answer_block(answer), gold)
+        slowest = max(slowest, time.thread_time() - start)
+        reference = math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(f"${answer}$"))
+        results.append((kind, gold, answer, right, value == 1.0, reference))
+    print(f"training reward: {len(rows)} generated answers; slowest call {slowest:.3f} s of CPU time")
+    for kind in REWARD_KINDS:
+        mine = [r for r in results if r[0] == kind]
+        right = [r for r in mine if r[3]]
+        wrong = [r for r in mine if not r[3]]
+        print(f"  {kind}: right forms accepted {sum(r[4] for r in right)}/{len(right)} "
+              f"(math-verify {sum(r[5] for r in right)}), wrong accepted {sum(r[4] for r in wrong)}/{len(wrong)} "
+              f"(math-verify {sum(r[5] for r in wrong)})")
+    right = [r for r in results if r[3]]
+    wrong = [r for r in results if not r[3]]
+    print(f"  all kinds: right forms accepted {sum(r[4] for r in right)}/{len(right)} = "
+          f"{100 * sum(r[4] for r in right) / len(right):.1f}%, wrong accepted {sum(r[4] for r in wrong)}/{len(wrong)}")
+    for kind, gold, answer, is_right, accepted, reference in results:
+        if accepted != is_right:
+            print(f"  {'rejected right' if is_right else 'ACCEPTED WRONG'} ({kind}): {answer!r} for gold {gold!r}")
+    return sum(r[4] for r in right) / len(right), sum(r[4] for r in wrong)
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def main():
@@ -313,6 +466,7 @@ def main():
     parser.add_argument("what", nargs="*", default=["mmmath", "mathverse", "reward"],
                         help="mmmath, mathverse, reward (default: all three)")
     parser.add_argument("--pairs", type=int, default=2000, help="generated MM-Math answer pairs")
+    parser.add_argument("--answers", type=int, default=40, help="generated answers per kind for the reward check")
     parser.add_argument("--official-python", help="interpreter with sympy + antlr4 4.11 to run eval.py unchanged")
     parser.add_argument("--official-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -322,6 +476,8 @@ def main():
         check_mmmath(args.pairs, args.official_python)
     if "mathverse" in args.what:
         check_mathverse()
+    if "reward" in args.what:
+        check_reward(args.answers)
 
 
 if __name__ == "__main__":
