@@ -18,6 +18,8 @@ nesting, exponents and LaTeX commands have been checked first (see _symbolic_saf
 import functools
 import logging
 import re
+import threading
+import time
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
 
@@ -49,6 +51,7 @@ MAX_SYMBOLIC_POWERS = 3  # at most three short exponents (no towers),
 MAX_SYMBOLIC_VARIABLES = 2  # at most two variables (three in linear equations)
 MAX_SYMBOLIC_FUNCTIONS = 2  # and at most two of sin, cos, ..., log, only without variables
 MAX_ITEMS = 32  # values compared one by one in a list answer (or entries of a matrix)
+PARTS_BUDGET_S = 0.25  # CPU seconds one call may spend on the parts of a list, tuple or matrix
 FLOAT_PLACES = 6  # a decimal showing this many places is compared at that many (math-verify's float_rounding)
 
 
@@ -458,20 +461,21 @@ _LONG_DIGIT_RUN = re.compile(r"\d{16}")
 # A sum with small integer or single-letter limits: '\sum_{k=1}^{10}', '\sum_{i=0}^{n}'.
 _SUM = re.compile(r"\\sum_\{\s*([a-z])\s*=\s*(-?\d{1,2}|[a-z])\s*\}\s*\^\s*(?:\{\s*(\d{1,2}|[a-z])\s*\}|(\d|[a-z]))")
 MAX_LINEAR_VARIABLES = 3  # 'x+y+z=6': equations of degree 1 may have three variables
+MAX_SUM_DEGREE = 3  # '\\sum_{k=1}^{n} k^3': sums of polynomials of degree <= 3 only
 # base, then exponent in braces or a single character: '2^{10}' -> ('2', '10', '')
 _POWER = re.compile(r"(.)\^\s*(?:\{\s*([^{}]*?)\s*\}|(.))", re.DOTALL)
 _NUMBER_EXPONENT = re.compile(r"[-+]?\d{1,2}")  # 2^{10}, 10^{-3}
 _SMALL_EXPONENT = re.compile(r"[-+]?[1-3]")  # x^2, (x+1)^{-1}
 
 
-def _nesting_depth(text):
-    """'\\frac{(1+2)}{3}' -> 2."""
-    depth = deepest = 0
+def _nesting_depth(text, floor=False):
+    """'\\frac{(1+2)}{3}' -> 2; with floor, the lowest depth instead: '1), (2' -> -1."""
+    depth = deepest = lowest = 0
     for ch in text:
         depth += ch in "([{"
         depth -= ch in ")]}"
-        deepest = max(deepest, depth)
-    return deepest
+        deepest, lowest = max(deepest, depth), min(lowest, depth)
+    return lowest if floor else deepest
 
 
 def _power_base_start(answer, caret):
@@ -509,8 +513,8 @@ def _symbolic_safe(answer):
     ASCII answers built from whitelisted LaTeX commands go through: nested at most
     MAX_SYMBOLIC_DEPTH deep, literals under 16 digits, at most MAX_SYMBOLIC_VARIABLES variables,
     at most MAX_SYMBOLIC_FUNCTIONS function calls and only in answers without variables, and
-    short exponents (_short_exponents); sums only with limits of two digits or one letter
-    (_SUM); MAX_LINEAR_VARIABLES variables in an equation without powers, which must be linear
+    short exponents (_short_exponents); one sum, of its index alone, with limits of two digits
+    or one letter (_SUM); MAX_LINEAR_VARIABLES variables in an equation without powers, which must be linear
     once parsed. Relations are checked once parsed (_degrees_small).
     '2\\sqrt{3}', 'y=-\\frac{1}{2}x^{2}+2x+6', '\\sin(\\frac{\\pi}{3})', '\\sum_{k=1}^{10} k',
     'x+y+z=6' pass; '2^{2^{9}}', '9^{999}', '(x+y+z)^2', '100!', '\\int_0^1 x dx', '2\\sin x',
@@ -528,8 +532,9 @@ def _symbolic_safe(answer):
         return False
     functions = sum(command in _FUNCTIONS for command in commands)
     variables = set(re.findall(r"[A-Za-z]", _LATEX_COMMAND.sub(" ", answer)))
-    if sums and (len(sums) > 1 or "=" in answer or not variables <= sum_letters):
-        return False  # one sum of its index and limits alone: sympy sums anything else slowly
+    if sums and (len(sums) > 1 or "=" in answer or not variables <= sum_letters
+                 or not set(commands) <= {"frac", "cdot", "times", "{", "}"}):
+        return False  # one sum of its index alone (its degree is checked once parsed, _degrees_small)
     linear_equation = "=" in answer and "^" not in answer and len(variables) <= MAX_LINEAR_VARIABLES
     if (len(variables) > MAX_SYMBOLIC_VARIABLES and not linear_equation) or functions > MAX_SYMBOLIC_FUNCTIONS:
         return False
@@ -542,14 +547,19 @@ def _symbolic_safe(answer):
 
 @functools.lru_cache(maxsize=4096)
 def _parse_symbolic(answer):
-    """math-verify parse of a bounded answer -> tuple of sympy objects (cached: gold answers and
-    a group's samples repeat)."""
-    return tuple(math_verify.parse(
+    """math-verify parse of a bounded answer -> tuple of sympy objects, () when its degrees are
+    not small (_degrees_small), sums worked out (cached: gold answers and a group's samples
+    repeat)."""
+    parsed = tuple(math_verify.parse(
         f"${answer}$",
         extraction_config=[math_verify.LatexExtractionConfig()],
         fallback_mode="no_fallback",
         parsing_timeout=None,
     ))
+    if not _degrees_small(parsed):
+        return ()
+    # a sum of a polynomial has a closed form sympy finds at once; math-verify would also try others
+    return tuple(item.doit() if isinstance(item, sympy.Basic) and item.has(sympy.Sum) else item for item in parsed)
 
 
 def _total_degree(expression):
@@ -563,15 +573,22 @@ def _total_degree(expression):
 
 
 def _degrees_small(parsed):
-    """Are all relations in a parsed answer polynomial of total degree <= 2, and everything of
-    degree <= 1 where there are more than MAX_SYMBOLIC_VARIABLES variables?
+    """Are all relations in a parsed answer polynomial of total degree <= 2, everything of
+    degree <= 1 where there are more than MAX_SYMBOLIC_VARIABLES variables, and every sum of a
+    polynomial of degree <= MAX_SUM_DEGREE?
 
     math-verify compares 'y=2x+1' with '2y=4x+2' by solving both; sympy solves a quadratic at
     once but may spend seconds on '(x+1)^3(x+2)^3=1' (degree 6), which the string bounds allow.
+    It sums a cubic at once, a rational function of k (roots of k^3+7) for minutes.
     """
     for expression in parsed:
         if not isinstance(expression, sympy.Basic):
             continue
+        for summation in expression.atoms(sympy.Sum):
+            summand, symbols = summation.function, summation.function.free_symbols
+            if symbols and not (summand.is_polynomial(*symbols)
+                                and sympy.Poly(summand, *symbols).total_degree() <= MAX_SUM_DEGREE):
+                return False
         relations = [relation for relation in expression.atoms(sympy.core.relational.Relational)
                      if isinstance(relation.lhs, sympy.Expr) and isinstance(relation.rhs, sympy.Expr)]  # not x = [1, 2]
         for relation in relations:
@@ -591,7 +608,7 @@ def _symbolic_equal(pred, gold):
         return False
     try:
         pred_parsed, gold_parsed = _parse_symbolic(pred), _parse_symbolic(gold)
-        if not (pred_parsed and gold_parsed and _degrees_small(pred_parsed) and _degrees_small(gold_parsed)):
+        if not (pred_parsed and gold_parsed):
             return False
         # allow_set_relation_comp: '-2 \le x \le 7' is the set [-2, 7], '0 < f(x) < 1' is (0, 1)
         return math_verify.verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None,
@@ -622,6 +639,29 @@ def _compact(answer):
     return re.sub(r"\s+", "", answer)
 
 
+_call = threading.local()  # .deadline: CPU time (time.thread_time) the running is_equivalent call has
+
+
+def _out_of_time():
+    """Has the running call spent PARTS_BUDGET_S? Each comparison is bounded (_symbolic_safe), the
+    number of parts of a list, tuple or matrix is not: they are compared while this says no."""
+    deadline = getattr(_call, "deadline", None)
+    return deadline is not None and time.thread_time() > deadline
+
+
+def _parts_equal(pairs):
+    """Every (pred part, gold part) equal, in order, within the call's parts budget."""
+    return all(not _out_of_time() and _expressions_equal(pred, gold) for pred, gold in pairs)
+
+
+def _tuple(answer):
+    """(opening, closing, elements) of '(a, b)' or '[a, b)' with two or more elements, else None."""
+    if len(answer) < 2 or answer[0] not in "([" or answer[-1] not in ")]" or _nesting_depth(answer[1:-1], floor=True) < 0:
+        return None
+    elements = _split_items(answer[1:-1])
+    return (answer[0], answer[-1], elements) if len(elements) > 1 else None
+
+
 _MATRIX = re.compile(r"[(\[]?\s*\\begin\{([pbvBV]?matrix|array)\}(?:\{[^{}]*\})?(.*?)\\end\{\1\}\s*[)\]]?", re.DOTALL)
 
 
@@ -645,17 +685,24 @@ def _matrices_equal(pred, gold):
     if pred_kind != gold_kind or [len(row) for row in pred_rows] != [len(row) for row in gold_rows]:
         return False
     entries = [(p, g) for pred_row, gold_row in zip(pred_rows, gold_rows) for p, g in zip(pred_row, gold_row)]
-    return len(entries) <= MAX_ITEMS and all(_expressions_equal(p, g) for p, g in entries)
+    return len(entries) <= MAX_ITEMS and _parts_equal(entries)
 
 
 def _items_equal(pred_items, gold_items):
     """Several values (roots, points, the values of several boxes): the same number of them,
-    paired one to one in any order; '(17, 18), (1, 2)' vs '(1,2),(17,18)' -> True."""
+    paired one to one in any order; '(17, 18), (1, 2)' vs '(1,2),(17,18)' -> True. Pairing
+    that runs past the call's parts budget (_out_of_time) says no."""
     if len(pred_items) != len(gold_items) or len(gold_items) > MAX_ITEMS:
         return False
     unpaired = list(pred_items)
     for gold_item in gold_items:
-        match = next((item for item in unpaired if _expressions_equal(item, gold_item)), None)
+        match = next((item for item in unpaired if _compact(item) == _compact(gold_item)), None)
+        for item in unpaired if match is None else ():
+            if _out_of_time():
+                return False
+            if _expressions_equal(item, gold_item):
+                match = item
+                break
         if match is None:
             return False
         unpaired.remove(match)
@@ -664,8 +711,9 @@ def _items_equal(pred_items, gold_items):
 
 def _expressions_equal(pred, gold):
     """Free-form math, tried in order: the same text; several values (_items_equal); labels
-    dropped (_drop_labels: 'AB = 4' for '4'); matrices entry by entry; numbers (_same_number);
-    math-verify (bounded). '\\frac{1}{2}x^2+3x-4' vs 'x^2/2 + 3x - 4' -> True."""
+    dropped (_drop_labels: 'AB = 4' for '4'); matrices entry by entry; points and intervals
+    element by element; numbers (_same_number); math-verify (bounded).
+    '\\frac{1}{2}x^2+3x-4' vs 'x^2/2 + 3x - 4' -> True."""
     pred, gold = _clean(pred), _clean(gold)
     if _compact(pred) == _compact(gold):
         return True
@@ -679,6 +727,10 @@ def _expressions_equal(pred, gold):
     pred_matrix, gold_matrix = _matrix(pred), _matrix(gold)
     if pred_matrix or gold_matrix:
         return bool(pred_matrix and gold_matrix) and _matrices_equal(pred_matrix, gold_matrix)
+    pred_tuple, gold_tuple = _tuple(pred), _tuple(gold)
+    if pred_tuple and gold_tuple:  # points and intervals: same brackets, elements in order
+        return pred_tuple[:2] == gold_tuple[:2] and len(pred_tuple[2]) == len(gold_tuple[2]) and _parts_equal(
+            zip(pred_tuple[2], gold_tuple[2]))
     if _is_relation(pred) and _is_relation(gold):  # 'y = 2' is not 'x = 2': math-verify compares both sides
         return _symbolic_equal(pred, gold)
     pred_value, gold_value = parse_number(pred), parse_number(gold)
@@ -845,13 +897,20 @@ def is_equivalent(pred, gold, choices=None, answer_type=None, precision=None):
     pred = _as_text(pred).strip()
     if not pred or len(pred) > MAX_ANSWER_CHARS:
         return False
-    answer_type = answer_type or _infer_type(gold, choices)
-    if answer_type == "list":
-        return _lists_equal(pred, gold, precision)
-    gold = _as_text(gold)
-    if answer_type == "choice":
-        return _choices_equal(pred, gold, choices)
-    return _values_equal(pred, gold, answer_type, precision)
+    outermost = getattr(_call, "deadline", None) is None  # a list answer calls this per element
+    if outermost:
+        _call.deadline = time.thread_time() + PARTS_BUDGET_S
+    try:
+        answer_type = answer_type or _infer_type(gold, choices)
+        if answer_type == "list":
+            return _lists_equal(pred, gold, precision)
+        gold = _as_text(gold)
+        if answer_type == "choice":
+            return _choices_equal(pred, gold, choices)
+        return _values_equal(pred, gold, answer_type, precision)
+    finally:
+        if outermost:
+            _call.deadline = None
 
 
 # ----------------------------------------------------------------------------------------------
