@@ -137,8 +137,8 @@ def extract_answer(text, style="vision-r1"):
 
     vision-r1: the body of the first <answer>...</answer> block (first, as the official
       evaluation regex `<answer> Final Answer:(.*?) </answer>` takes), 'Final Answer:' stripped,
-      and if the body holds balanced \\boxed{...}, their non-empty contents joined by ', ' (an
-      answer of several values may box each one).
+      and if the body holds balanced \\boxed{...}, their distinct non-empty contents joined by ', '
+      (an answer of several values may box each one).
       '<answer> Final Answer:\\boxed{12} </answer>' -> '12'; '\\boxed{1},\\boxed{2}' -> '1, 2'.
     r1: the last balanced \\boxed{...} after </think> (or anywhere, when there is no </think>).
     Extraction does not check the format: evaluation scores malformed responses too.
@@ -154,9 +154,9 @@ def extract_answer(text, style="vision-r1"):
         if end < 0:
             return None
         answer = _strip_final_answer(text[start + len("<answer>"):end])
-        boxes = _boxed_contents(answer)
-        if boxes:
-            answer = ", ".join(box.strip() for box in boxes if box.strip())
+        boxes = [box.strip() for box in _boxed_contents(answer)]
+        if boxes:  # the same value boxed twice is one value
+            answer = ", ".join(box for box in dict.fromkeys(boxes) if box)
     answer = None if answer is None else answer.strip()
     return answer or None
 
@@ -175,7 +175,8 @@ _LATEX_CLEANUP = [  # (pattern, replacement), applied in order
     (re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}"), r" \1 "),
     (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\degree"), ""),  # 45^\circ -> 45 (degree signs)
     (re.compile(r"\\?%"), ""),  # 25\% -> 25 (percent signs)
-    (re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\displaystyle|\$"), ""),
+    (re.compile(r",\s*\\!\s*"), ","),  # 11,\! 111 -> 11,111 (a thousands separator)
+    (re.compile(r"\\left(?![A-Za-z])|\\right(?![A-Za-z])|\\displaystyle|\\?\$"), ""),
     (re.compile(r"\*\*(.+?)\*\*"), r"\1"),  # markdown bold, but 2**3 stays
     (re.compile(r"\\[dtc]frac"), r"\\frac"),
     (re.compile(r"(?<!\\)\\[,;:! ]|\\q?quad|~"), " "),  # not the row break of '1 \\\\ 2'
@@ -285,9 +286,11 @@ def _is_hedge(pred, gold):
 
 
 def _strip_set_braces(answer):
-    """'\\{1, 2\\}' -> '1, 2' (a set is compared as its items); anything else unchanged."""
-    inner = answer[2:-2]
-    if answer.startswith("\\{") and answer.endswith("\\}") and "\\}" not in inner:
+    """'\\{1, 2\\}' and '{1, 2}' -> '1, 2' (a set is compared as its items); '{1}{2}' and
+    anything else unchanged."""
+    width = 2 if answer.startswith("\\{") and answer.endswith("\\}") else 1
+    inner = answer[width:-width]
+    if answer[width - 1:width] == "{" and answer.endswith("}") and _nesting_depth(inner, floor=True) >= 0:
         return inner.strip()
     return answer
 
@@ -592,7 +595,8 @@ def _degrees_small(parsed):
         relations = [relation for relation in expression.atoms(sympy.core.relational.Relational)
                      if isinstance(relation.lhs, sympy.Expr) and isinstance(relation.rhs, sympy.Expr)]  # not x = [1, 2]
         for relation in relations:
-            degree = _total_degree(relation.lhs - relation.rhs)
+            difference = relation.lhs - relation.rhs
+            degree = _total_degree(difference) if difference.free_symbols else 0  # '5+5+1 = 11' in a chain
             if degree is None or degree > 2:
                 return False
         if len(expression.free_symbols) > MAX_SYMBOLIC_VARIABLES:
