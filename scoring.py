@@ -9,13 +9,14 @@ replaced by rules (PAPER.md section 4):
   answer string with ==. `score_mathvista` reproduces `normalize_extracted_answer` +
   `safe_equal` exactly; the extraction comes from `extract_mathvista_answer` (the
   `<answer>` block, else the official quick-extract rules; no GPT call).
-- MathVerse: the official GPT extraction + GPT 0/1 judgement is replaced by the
-  `<answer>` block and rule checks: option letter or option text for multiple choice,
-  symbolic equivalence (rewards.is_equivalent) for free form.
-- MM-Math (kge-sun/MM-Math, eval.py, AutoScoringJudge): every `\\boxed{}` (else the
-  `$...$` spans of the last line), the official unit and symbol clean-up, order-free
-  matching of comma-separated parts, numeric equality within 1e-2 (absolute, x1.01,
-  also accepting the gold /100 or x100), else sympy equivalence.
+- MathVerse: the `<answer>` block; an answer equal to the gold answer is correct (the official
+  scorer's rule-based match, score_answer_s2.py --quick_match); otherwise rules stand in for its
+  GPT judgement: the options an answer names for multiple choice, symbolic equivalence
+  (rewards.is_equivalent) for free form.
+- MM-Math (kge-sun/MM-Math, eval.py, AutoScoringJudge.judge at precision 1e-2, as VLMEvalKit
+  calls it): on what Vision-R1's evaluation reads (`<answer> Final Answer:(.*?) </answer>`, else
+  the whole response), every official rule and quirk, with sympy's ANTLR LaTeX parser
+  (check_scoring.py measures the agreement with eval.py itself).
 
 The stricter reward of rewards.py (hedged answers score 0) is the training signal;
 these functions are the benchmarks' own rules.
