@@ -80,10 +80,12 @@ RULES = {
                  "hedged or truncated answers score 0)",
     "mathvista": "MathVista official rules (answer block, else quick extraction; normalised to the answer "
                  "type; exact match), no GPT extraction",
-    "mathverse": "MathVerse answer block judged by rules (option letter or text; symbolic equivalence) unless "
-                 "a model judge is named (the official pipeline: GPT extraction, GPT 0/1 judgement)",
-    "mmmath": "MM-Math official AutoScoringJudge rules (answer block, else \\boxed{} or the last line's $...$; "
-              "1e-2 tolerance; sympy equivalence)",
+    "mathverse": "MathVerse answer block: the official rule-based match (answer == gold), otherwise our rules "
+                 "(the options an answer names; symbolic equivalence) where the official pipeline asks GPT, unless "
+                 "a model judge is named (GPT extraction, GPT 0/1 judgement)",
+    "mmmath": "MM-Math official judge (eval.py AutoScoringJudge.judge, precision 1e-2, its quirks included) on what "
+              "Vision-R1's evaluation reads (`<answer> Final Answer:X </answer>`, else the whole response); "
+              "a response sympy works on for more than 5 s scores 0",
 }
 RETRY_NOTE = "a response without </answer> was redrawn up to {k} times (the authors' protocol; inflates scores)"
 

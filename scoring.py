@@ -9,24 +9,29 @@ replaced by rules (PAPER.md section 4):
   answer string with ==. `score_mathvista` reproduces `normalize_extracted_answer` +
   `safe_equal` exactly; the extraction comes from `extract_mathvista_answer` (the
   `<answer>` block, else the official quick-extract rules; no GPT call).
-- MathVerse: the official GPT extraction + GPT 0/1 judgement is replaced by the
-  `<answer>` block and rule checks: option letter or option text for multiple choice,
-  symbolic equivalence (rewards.is_equivalent) for free form.
-- MM-Math (kge-sun/MM-Math, eval.py, AutoScoringJudge): every `\\boxed{}` (else the
-  `$...$` spans of the last line), the official unit and symbol clean-up, order-free
-  matching of comma-separated parts, numeric equality within 1e-2 (absolute, x1.01,
-  also accepting the gold /100 or x100), else sympy equivalence.
+- MathVerse: the `<answer>` block; an answer equal to the gold answer is correct (the official
+  scorer's rule-based match, score_answer_s2.py --quick_match); otherwise rules stand in for its
+  GPT judgement: the options an answer names for multiple choice, symbolic equivalence
+  (rewards.is_equivalent) for free form.
+- MM-Math (kge-sun/MM-Math, eval.py, AutoScoringJudge.judge at precision 1e-2, as VLMEvalKit
+  calls it): on what Vision-R1's evaluation reads (`<answer> Final Answer:(.*?) </answer>`, else
+  the whole response), every official rule and quirk, with sympy's ANTLR LaTeX parser
+  (check_scoring.py measures the agreement with eval.py itself).
 
 The stricter reward of rewards.py (hedged answers score 0) is the training signal;
 these functions are the benchmarks' own rules.
 """
 
+import math
 import re
 import signal
 from contextlib import contextmanager
 
+import antlr4
 import sympy
-from latex2sympy2_extended import latex2sympy
+from sympy.parsing.latex._antlr.latexlexer import LaTeXLexer
+from sympy.parsing.latex._antlr.latexparser import LaTeXParser
+from sympy.parsing.latex._parse_latex_antlr import MathErrorListener, convert_relation
 
 import rewards
 
@@ -151,50 +156,87 @@ def extract_mathvista_answer(response, record):
 
 # ----------------------------------------------------------------------------- MathVerse
 
+_MATHVERSE_OPTION = re.compile(r"^[ \t]*([A-Z])[ \t]*[:.：][ \t]*(.*?)[ \t]*$", re.MULTILINE)  # "B:" may be empty
+_MATHVERSE_LABEL = re.compile(r"\(?([A-Z])\)?[.:：]?\s*(.*)", re.DOTALL)
+_MATHVERSE_SEPARATOR = re.compile(r"\s*(?:\n|,|;|&|\band\b)\s*")
+
+
 def mathverse_options(question):
-    """Option letter -> option text, from the "Choices:" lines of a MathVerse question.
+    """Option letter -> option text, from the lines after the last "Choices:" (or "Choice:").
 
     mathverse_options("Find x.\\nChoices:\\nA:30\\nB:60") == {"A": "30", "B": "60"}
     """
-    listing = question.split("Choices:", 1)[-1] if "Choices:" in question else ""
-    return dict(re.findall(r"^\s*([A-Z])\s*[:.：]\s*(.*?)\s*$", listing, flags=re.MULTILINE))
+    pieces = re.split(r"\bChoices?\s*:", question)
+    return dict(_MATHVERSE_OPTION.findall(pieces[-1])) if len(pieces) > 1 else {}
 
 
-def mathverse_choice_letter(answer, question):
-    """The option an answer names: a leading letter ("B", "(B) 30°", "B. 30°") or an
-    option's text (by rewards.is_equivalent); None when it names none."""
-    letter = re.match(r"^\s*\(?([A-Z])\)?(?=$|[\s.:：,)])", answer)
-    if letter:
-        return letter.group(1)
-    for option_letter, text in mathverse_options(question).items():
-        if rewards.is_equivalent(answer, text):
-            return option_letter
-    return None
+def mathverse_choice_letter(answer, options):
+    """The option one answer names, or None: a letter alone ("B", "(B)", "B."), a letter with
+    that option's text ("(B) 30°", "B. 30°"), or an option's text (by rewards.is_equivalent).
+    "A or B" and "B. 40°" (B being 30°) name none."""
+    answer = answer.strip()
+    labelled = _MATHVERSE_LABEL.fullmatch(answer)
+    if labelled:
+        letter, rest = labelled.groups()
+        if not rest or (letter in options and rewards.is_equivalent(rest, options[letter])):
+            return letter
+    return next((option for option, text in options.items() if rewards.is_equivalent(answer, text)), None)
+
+
+def mathverse_named_options(answer, options):
+    """The set of options an answer names, None when some part of it names none. Several
+    correct options are written one per line in the gold ("C\\nD"), and as "C, D" or "C and D"
+    in answers; a hedge ("A or B") names none.
+
+    mathverse_named_options("C\\nD", {}) == {"C", "D"}; mathverse_named_options("False",
+    {"A": "True", "B": "False"}) == {"B"}
+    """
+    whole = mathverse_choice_letter(answer, options)
+    if whole is not None:
+        return {whole}
+    parts = _MATHVERSE_SEPARATOR.split(answer.strip())
+    named = {mathverse_choice_letter(part, options) for part in parts} if len(parts) > 1 else {None}
+    return None if None in named else named
 
 
 def score_mathverse(record, response):
     """MathVerse verdict from the `<answer>` block (no block scores 0).
 
-    multi-choice: the named option equals the gold letter; free-form: the answer is
-    symbolically equivalent to the gold answer (rewards.is_equivalent), standing in for
-    the official GPT extraction and GPT consistency judgement.
+    An answer equal to the gold answer (both stripped) is correct: that is the official scorer's
+    rule-based match (score_answer_s2.py, quick_match), the one verdict the official pipeline
+    reaches without GPT. Otherwise rules stand in for the GPT judgement: multi-choice, the
+    answer names the gold's options (mathverse_named_options; "(C)", "C\\nD" and option texts
+    such as "False" are golds too); free-form, the answer is equivalent to the gold
+    (rewards.is_equivalent).
     """
     answer = rewards.extract_answer(response)
     if answer is None:
         return False
     gold = record["answer"].strip()
+    if answer.strip() == gold:
+        return True
     if record["question_type"] == "multi-choice":
-        return mathverse_choice_letter(answer, record["question"]) == gold
+        options = mathverse_options(record["question"])
+        gold_options = mathverse_named_options(gold, options)
+        return gold_options is not None and mathverse_named_options(answer, options) == gold_options
     return rewards.is_equivalent(answer, gold)
 
 
 # ----------------------------------------------------------------------------- MM-Math
+#
+# The official judge is kge-sun/MM-Math eval.py, class AutoScoringJudge, called as VLMEvalKit's
+# MMMath.evaluate calls it (the pipeline Vision-R1 evaluated with): judge(gold solution, prediction)
+# at precision 1e-2. Vision-R1's evaluation (its vlmeval/inference.py) makes the prediction the text
+# of `<answer> Final Answer:(.*?) </answer>` when the response has that block, else the whole
+# response. Each function below names the eval.py function it mirrors, quirks included; the one
+# departure is a time limit (the official judge can run forever on some inputs; here they score 0).
 
-MMMATH_TOLERANCE = 1e-2  # eval.py --precision default; compared absolutely, times 1.01
+MMMATH_PRECISION = 1e-2  # eval.py --precision default; VLMEvalKit's judge default
 MMMATH_TIME_LIMIT_S = 5  # per response: sympy on hostile input must not stall evaluation
-MMMATH_MAX_PART_CHARS = 300  # longer parts are compared as strings only, never parsed
+VISION_R1_ANSWER = re.compile(r"<answer> Final Answer:(.*?) </answer>", re.DOTALL)  # its evaluation's regex
+_PI = sympy.Symbol("pi")  # what the official parser makes of \pi (eval.py `self.pi`)
 
-# eval.py's clean-up, applied in this order (the order matters: "cm" also eats "cm^{2}").
+# eval.py `sepcial_symbol_replace`, applied in this order (the order matters: "cm" also eats "cm^{2}").
 _MMMATH_UNITS = ("\\text{cm}^2", "\\text{cm}", "\\,cm", "\\text{ cm}", "cm", "\\text{分米}^2", "cm^{2}",
                  "60 \\text{ cm}^2", "\\ \\text{m}", "\\text{米}")
 _MMMATH_SYMBOLS = {"\\left": "", "\\right": "", "厘米": "", "，": ",", "$": "", "（": "(", "）": ")",
@@ -222,30 +264,90 @@ def _time_limit(seconds):
         signal.signal(signal.SIGALRM, previous)
 
 
-def mmmath_final_answer(text):
-    """Official answer span: every \\boxed{...} joined by ",", else the $...$ spans of the
-    last line joined by ","; None when there is neither or a \\boxed{ is never closed.
+class _LaTeXLexer(LaTeXLexer):
+    def checkVersion(self, toolVersion):  # noqa: N802 (ANTLR's name); see parse_latex
+        pass
 
-    mmmath_final_answer("so \\\\boxed{\\\\frac{1}{2}}") == "\\\\frac{1}{2}"
+
+class _LaTeXParser(LaTeXParser):
+    def checkVersion(self, toolVersion):  # noqa: N802
+        pass
+
+
+def parse_latex(text):
+    """sympy.parsing.latex.parse_latex, the ANTLR parser eval.py calls, with its readings:
+    parse_latex("1\\\\frac{1}{2}") == 1/2 (a product), "2π" and "−3" do not parse, "\\\\ne" is a
+    product of symbols, "\\\\pi" is the Symbol pi, nothing is evaluated (9^{9^{9}} stays a power).
+
+    sympy ships the parser generated by ANTLR 4.11 and refuses any other runtime; math-verify
+    pins runtime 4.13, which reads the same serialized grammar, so only the version check is
+    skipped (check_scoring.py compares verdicts against eval.py run under runtime 4.11).
     """
-    parts = []
+    text = text.strip()
+    errors = MathErrorListener(text)
+    lexer = _LaTeXLexer(antlr4.InputStream(text))
+    lexer.removeErrorListeners()
+    lexer.addErrorListener(errors)
+    parser = _LaTeXParser(antlr4.CommonTokenStream(lexer))
+    parser.removeErrorListeners()
+    parser.addErrorListener(errors)
+    return convert_relation(parser.math().relation())
+
+
+def vision_r1_prediction(response):
+    """The text Vision-R1's evaluation hands a benchmark judge: the stripped X of the first
+    `<answer> Final Answer:X </answer>` (spaces and case exactly so), else the whole response.
+
+    vision_r1_prediction("<think>..</think><answer> Final Answer:2.5 </answer>") == "2.5";
+    "<answer>Final Answer: 2.5</answer>" (no spaces) is returned whole.
+    """
+    if "<answer>" in response:
+        match = VISION_R1_ANSWER.search(response)
+        if match:
+            return match.group(1).strip()
+    return response
+
+
+def _mmmath_spans(text):
+    """eval.py `extract_boxed_content`: the content of every \\boxed{...}, else the $...$ spans of
+    the last line, else []. An unclosed \\boxed{ raises ValueError, as there."""
+    spans = []
     for match in re.finditer(r"\\boxed{", text):
         depth, end = 1, match.end()
         while depth and end < len(text):
             depth += {"{": 1, "}": -1}.get(text[end], 0)
             end += 1
         if depth:
-            return None
-        parts.append(text[match.end():end - 1])
-    if not parts:
-        parts = re.findall(r"\$(.*?)\$", text.strip().split("\n")[-1])
-    return ",".join(parts) if parts else None
+            raise ValueError("Mismatched braces in LaTeX string.")
+        spans.append(text[match.end():end - 1])
+    return spans or re.findall(r"\$(.*?)\$", text.strip().split("\n")[-1])
+
+
+def mmmath_final_answer(text):
+    """The answer span the official judge reads, for display: the spans joined by ",", None when
+    there is none or a \\boxed{ is never closed.
+
+    mmmath_final_answer("\\\\boxed{1} and \\\\boxed{x^{2}}") == "1,x^{2}"
+    """
+    try:
+        spans = _mmmath_spans(text)
+    except ValueError:
+        return None
+    return ",".join(spans) if spans else None
+
+
+def _mmmath_official_span(text):
+    """eval.py `extract_boxed_content` as the judge uses it: every span followed by "," (so
+    "\\\\boxed{10m}" reads "10m,", and the trailing comma then stops the unit rule of
+    mmmath_clean), or the whole text when there is no span."""
+    spans = _mmmath_spans(text)
+    return "".join(span + "," for span in spans) if spans else text
 
 
 def mmmath_clean(answer):
     """eval.py `sepcial_symbol_replace`: drop units, degree signs and LaTeX spacing.
 
-    mmmath_clean("6\\\\text{cm}") == "6"; mmmath_clean("60^{\\\\circ}") == "60"
+    mmmath_clean("6\\\\text{cm}") == "6"; mmmath_clean("60^{\\\\circ}") == "60"; mmmath_clean("10m,") == "10m"
     """
     for unit in _MMMATH_UNITS:
         answer = answer.replace(unit, "")
@@ -260,7 +362,7 @@ def mmmath_clean(answer):
 
 
 def _split_top_level(answer):
-    """Split at commas outside brackets: "(1,2), 3" -> ["(1,2)", "3"]."""
+    """eval.py `split_by_comma`: split at commas outside brackets: "(1,2), 3" -> ["(1,2)", "3"]."""
     parts, depth, start = [], 0, 0
     for i, char in enumerate(answer):
         depth += (char in "([") - (char in ")]")
@@ -273,59 +375,91 @@ def _split_top_level(answer):
 
 
 def _expand_plus_minus(parts):
-    """"\\pm 2" stands for two answers, "+ 2" and "- 2"."""
+    """eval.py `trans_plus_minus_sign`: "\\\\pm 2" stands for two answers, "+ 2" and "- 2"."""
     expanded = []
     for part in parts:
         expanded += [part.replace("\\pm", "+"), part.replace("\\pm", "-")] if "\\pm" in part else [part]
     return expanded
 
 
-def _numbers_equal(gold, answer):
-    """eval.py `numerical_equal`: floats within the tolerance, also gold/100 or gold*100."""
+def _chain_to_interval(answer):
+    """eval.py `trans_greater_sign_to_interval`, used when there are exactly two "<":
+    "a<x<b" is "(a, b)" (so "0<x\\\\le 1" has one "<" and stays)."""
+    pieces = answer.split("<")
+    return f"({pieces[0]}, {pieces[-1]})"
+
+
+def _numbers_equal(gold, answer, precision):
+    """eval.py `numerical_equal`: Python floats (so "1e3", "inf" read too) within precision x 1.01
+    of the gold, the gold / 100 or the gold x 100."""
     reference, value = float(gold), float(answer)
-    targets = (reference / 100, reference, reference * 100)
-    return any(abs(target - value) <= MMMATH_TOLERANCE * 1.01 for target in targets)
+    return any(abs(target - value) <= precision * 1.01 for target in (reference / 100, reference, reference * 100))
 
 
-def _expressions_equal(gold, answer):
-    """eval.py `expression_equal` on the right of any "=": identical sympy forms, or both
-    constant and within the tolerance, or a symbolic difference below 1e-3."""
-    gold_expr = latex2sympy(gold.split("=")[1] if "=" in gold else gold)
-    answer_expr = latex2sympy(answer.split("=")[1] if "=" in answer else answer)
+def _can_compute_power(expression):
+    """eval.py `can_compute_power`: a top-level number power with an exponent over 1000 is refused;
+    a top-level power of anything but numbers too."""
+    if not isinstance(expression, sympy.Pow):
+        return True
+    base, exponent = expression.as_base_exp()
+    return bool(base.is_number and exponent.is_number and abs(exponent.evalf()) <= 1000)
+
+
+def _expressions_equal(gold, answer, precision):
+    """eval.py `expression_equal`, on what follows the first "=" of each side: identical parses;
+    else, with \\\\pi as a float, both without symbols and within precision x 1.01, or both with
+    symbols and a simplified difference below 1e-3 (a difference that keeps symbols raises
+    TypeError, which the caller reads as "not equal", as eval.py's `is_equal` does)."""
+    gold = (gold.split("=")[1] if "=" in gold else gold).strip()
+    answer = (answer.split("=")[1] if "=" in answer else answer).strip()
+    gold_expr, answer_expr = sympy.sympify(parse_latex(gold)), sympy.sympify(parse_latex(answer))
     if gold_expr == answer_expr:
         return True
-    numeric_pi = sympy.Float(sympy.pi)
-    gold_expr, answer_expr = gold_expr.subs(sympy.pi, numeric_pi), answer_expr.subs(sympy.pi, numeric_pi)
-    gold_free, answer_free = bool(gold_expr.free_symbols), bool(answer_expr.free_symbols)
-    if gold_free != answer_free:
+    gold_expr, answer_expr = gold_expr.subs(_PI, math.pi), answer_expr.subs(_PI, math.pi)
+    gold_symbolic, answer_symbolic = gold_expr.has(sympy.Symbol), answer_expr.has(sympy.Symbol)
+    if gold_symbolic != answer_symbolic:
         return False
-    if not gold_free:
-        return bool(abs(gold_expr.evalf() - answer_expr.evalf()) <= MMMATH_TOLERANCE * 1.01)
-    return bool(abs(sympy.simplify(gold_expr - answer_expr).evalf()) < 1e-3)
+    if not gold_symbolic:
+        try:
+            if not (_can_compute_power(gold_expr) and _can_compute_power(answer_expr)):
+                return False
+            return bool(abs(gold_expr.evalf() - answer_expr.evalf()) <= precision * 1.01)
+        except Exception:  # eval.py: a comparison sympy cannot make is "not equal"
+            return False
+    try:
+        difference = sympy.simplify(gold_expr - answer_expr).evalf()
+    except Exception:
+        return False
+    return bool(abs(difference) < 1e-3)
 
 
 def _equations_equal(gold, answer):
-    """eval.py `equation_equal`: (lhs - rhs) of one is a non-zero integer multiple of the other's."""
+    """eval.py `equation_equal`: each side "lhs = rhs" (exactly one "=") as simplify(lhs - rhs) of
+    Eq(lhs, rhs); equal when one difference is a non-zero integer multiple of the other."""
     def difference(equation):
         lhs, rhs = equation.split("=")
-        return sympy.simplify(latex2sympy(lhs) - latex2sympy(rhs))
+        relation = sympy.Eq(parse_latex(lhs), parse_latex(rhs))
+        return sympy.simplify(relation.lhs - relation.rhs)
 
     gold_diff, answer_diff = difference(gold), difference(answer)
     ratios = (sympy.simplify(gold_diff / answer_diff), sympy.simplify(answer_diff / gold_diff))
     return any(ratio.is_Integer and ratio != 0 for ratio in ratios)
 
 
-def _intervals_equal(gold, answer):
-    """eval.py `interval_equal`: same brackets and equal endpoints, union by union."""
+def _intervals_equal(gold, answer, precision):
+    """eval.py `interval_equal`: identical, or the same number of "\\\\cup" pieces, each with the
+    same first and last character and endpoints equal by _expressions_equal (pieces are not
+    stripped, so "(1,2) \\\\cup (3,4)" fails to parse and raises)."""
+    if gold == answer:
+        return True
     gold_pieces, answer_pieces = gold.split("\\cup"), answer.split("\\cup")
     if len(gold_pieces) != len(answer_pieces):
         return False
     for gold_piece, answer_piece in zip(gold_pieces, answer_pieces):
-        gold_piece, answer_piece = gold_piece.strip(), answer_piece.strip()
         if (gold_piece[0], gold_piece[-1]) != (answer_piece[0], answer_piece[-1]):
             return False
         ends = zip(gold_piece.strip("[]()").split(","), answer_piece.strip("[]()").split(","))
-        if not all(_expressions_equal(g, a) for g, a in ends):
+        if not all(_expressions_equal(g, a, precision) for g, a in ends):
             return False
     return True
 
@@ -334,80 +468,80 @@ def _is_interval(part):
     return part.startswith(("(", "[")) and part.endswith((")", "]"))
 
 
-def _mmmath_parts_equal(gold, answer):
-    """eval.py `is_equal` for one comma-separated part: exact, interval, number,
-    expression, equation; a check that cannot parse its input says no, as in eval.py."""
+def _mmmath_parts_equal(gold, answer, precision):
+    """eval.py `is_equal` for one comma-separated part: identical and non-empty; both intervals
+    (an interval that fails to parse makes the pair unequal); numbers; expressions (unless both
+    sides hold "="); equations. A check that raises says "not equal"."""
     if gold == answer and gold != "":
         return True
-    if max(len(gold), len(answer)) > MMMATH_MAX_PART_CHARS:
-        return False
     if _is_interval(gold) and _is_interval(answer):
         try:
-            if _intervals_equal(gold, answer):
+            if _intervals_equal(gold, answer, precision):
                 return True
-        except Exception:  # eval.py gives up on the pair when interval parsing fails
+        except Exception:
             return False
-    both_equations = "=" in gold and "=" in answer
-    checks = [_numbers_equal, _equations_equal] if both_equations else [_numbers_equal, _expressions_equal]
+    checks = [lambda: _numbers_equal(gold, answer, precision), lambda: _equations_equal(gold, answer)]
+    if not ("=" in gold and "=" in answer):
+        checks.insert(1, lambda: _expressions_equal(gold, answer, precision))
     for check in checks:
         try:
-            if check(gold, answer):
+            if check():
                 return True
         except Exception:  # sympy / float raise on text they cannot read: not equal
             continue
     return False
 
 
-def _chain_to_interval(answer):
-    """"a<x<b" is the interval "(a, b)" (eval.py `trans_greater_sign_to_interval`)."""
-    if answer.count("<") != 2:
-        return answer
-    pieces = answer.split("<")
-    return f"({pieces[0]}, {pieces[-1]})"
+def mmmath_judge(gold, prediction, precision=MMMATH_PRECISION):
+    """eval.py `AutoScoringJudge.judge(gold, prediction, precision)`.
 
+    Both texts are read (_mmmath_official_span) and cleaned (mmmath_clean); identical -> equal.
+    Otherwise Chinese words are dropped unless they are the whole answer, "a<x<b" becomes an
+    interval, the comma-separated parts (with "\\\\pm" expanded) must pair up one to one: gold
+    parts are visited in eval.py's order (index 0, then every next index modulo what is left),
+    each taking the first unpaired predicted part equal to it.
 
-def mmmath_answers_equal(gold, answer):
-    """eval.py `judge` on two cleaned answer spans: the comma-separated parts (with "\\pm"
-    expanded) must pair up one to one, in any order (each gold part takes the first
-    unpaired part equal to it).
-
-    mmmath_answers_equal("1,\\\\frac{1}{2}", "0.5, 1") is True.
+    mmmath_judge("\\\\boxed{1}, \\\\boxed{3}", "\\\\boxed{3} \\\\boxed{1}") is True;
+    mmmath_judge("\\\\boxed{10m}", "10m") is False (the trailing comma of "10m," keeps the "m").
     """
-    if gold == answer:
+    try:
+        gold, prediction = (mmmath_clean(_mmmath_official_span(text)) for text in (gold, prediction))
+    except ValueError:  # an unclosed \boxed{: eval.py's preprocess raises and judge says False
+        return False
+    if gold == prediction:
         return True
-    # Chinese words are dropped unless they are the whole answer (yes / no answers).
     chinese = r"[\u4e00-\u9fff]+"
     gold = gold if re.fullmatch(chinese, gold) else re.sub(chinese, "", gold)
-    answer = answer if re.fullmatch(chinese, answer) else re.sub(chinese, "", answer)
-    gold_parts = _expand_plus_minus(_split_top_level(_chain_to_interval(gold)))
-    answer_parts = _expand_plus_minus(_split_top_level(_chain_to_interval(answer)))
-    if len(gold_parts) != len(answer_parts):
+    prediction = prediction if re.fullmatch(chinese, prediction) else re.sub(chinese, "", prediction)
+    gold = _chain_to_interval(gold) if gold.count("<") == 2 else gold
+    prediction = _chain_to_interval(prediction) if prediction.count("<") == 2 else prediction
+    gold_parts = _expand_plus_minus(_split_top_level(gold))
+    predicted_parts = _expand_plus_minus(_split_top_level(prediction))
+    if len(gold_parts) != len(predicted_parts):
         return False
-    for gold_part in gold_parts:
-        match = next((part for part in answer_parts if _mmmath_parts_equal(gold_part, part)), None)
+    index = -1
+    while gold_parts:
+        index = (index + 1) % len(gold_parts)
+        gold_part = gold_parts[index]
+        match = next((part for part in predicted_parts if _mmmath_parts_equal(gold_part, part, precision)), None)
         if match is None:
             return False
-        answer_parts.remove(match)
+        gold_parts.remove(gold_part)  # list.remove: the first equal string, as eval.py
+        predicted_parts.remove(match)
     return True
 
 
 def score_mmmath(record, response):
-    """MM-Math verdict: the `<answer>` block, else the official answer span of the response
-    (\\boxed{} or the last line's $...$), against the gold solution's span.
+    """MM-Math verdict as the official pipeline gives it: mmmath_judge(record["answer"], the
+    response as vision_r1_prediction reads it).
 
-    record["answer"] is the gold solution (its \\boxed{} part is taken) or a bare answer.
-    Work on one response is capped at MMMATH_TIME_LIMIT_S (SIGALRM, so call it from the
-    main thread); running out of time scores 0.
+    record["answer"] is the gold solution (its \\boxed{} parts are the answer). Work on one
+    response is capped at MMMATH_TIME_LIMIT_S (SIGALRM, so call it from the main thread);
+    running out of time scores 0, where the official judge would not return.
     """
-    answer = rewards.extract_answer(response)
-    if answer is None:
-        answer = mmmath_final_answer(response)
-        if answer is None:
-            return False
-    gold = mmmath_final_answer(record["answer"]) or record["answer"]
-    answer = mmmath_final_answer(answer) or answer
+    prediction = vision_r1_prediction(rewards._as_text(response))
     try:
         with _time_limit(MMMATH_TIME_LIMIT_S):
-            return mmmath_answers_equal(mmmath_clean(gold), mmmath_clean(answer))
+            return mmmath_judge(record["answer"], prediction)
     except _OutOfTime:
         return False

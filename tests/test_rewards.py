@@ -58,7 +58,8 @@ def test_table_is_large_and_covers_the_answer_types():
     rows = [case.values[0] for case in CASES]
     assert len(rows) >= 150
     for prefix in ["multi-choice", "letter gold", "integer", "float, precision 1", "float, precision 2",
-                   "text", "list", "free form", "format", "truncated", "zero", "r1 style", "hostile"]:
+                   "text", "list", "free form", "format", "truncated", "zero", "r1 style", "hostile",
+                   "several boxes", "labelled", "set/interval", "chain", "guard", "long decimal"]:
         assert any(row["why"].startswith(prefix) for row in rows), prefix
     assert {row["expected"] for row in rows} == {0, 0.5, 1}
 
@@ -123,7 +124,24 @@ SLOW_BUT_ALLOWED = [
     "(999999999999999, 2^{99})",
     "((2)(\\sin(1))((3)(\\sqrt{2})(3)(2)(999999999999999))(0.5 0.5)(\\cos{1}))((3)^{3})",
     "((\\frac{3}{999999999999999}+0.5)^{-3}\\cdot ((\\pi)(2)(3))^{3}, \\sqrt{2})",
+    # sums and linear equations in three variables, which the bounds let through since
+    "\\sum_{k=-99}^{99} (k+\\frac{1}{999999999999999})(2k-\\frac{3}{7})(k+99)",
+    "\\sum_{k=1}^{n} \\frac{(3k-1)(k+2)(5k+7)}{999999999999999}",
+    "\\frac{x}{999999999999999}+\\frac{y}{\\sqrt{3}}+\\frac{z}{7}=\\pi(x+y+z+\\sqrt{2})",
 ]
+
+
+def test_lists_and_matrices_of_slow_parts_stay_under_the_limit():
+    """Each part is bounded, their number only by the call's parts budget (rewards.PARTS_BUDGET_S)."""
+    slow = SLOW_BUT_ALLOWED[:3]
+    for count in (2, 5, 16):
+        gold = ", ".join(f"({i}, {slow[i % 3]})" for i in range(count))
+        pred = ", ".join(f"({i}, {slow[(i + 1) % 3]}+1)" for i in range(count))
+        matrix = "\\begin{pmatrix}" + "\\\\".join("&".join(slow[(i + j) % 3] for j in range(4)) for i in range(4))
+        for answer, reference in [(pred, gold), (matrix.replace("3", "2") + "\\end{pmatrix}", matrix + "\\end{pmatrix}")]:
+            start = time.thread_time()
+            assert not is_equivalent(answer, reference)
+            assert time.thread_time() - start < TIME_LIMIT_S, count
 
 
 @pytest.mark.parametrize("answer", SLOW_BUT_ALLOWED)
@@ -163,9 +181,30 @@ def test_random_junk_never_raises_and_stays_fast():
     ("100!", False), ("\\int_0^1 x dx", False), ("y=\\sin x", False),
     ("\\frac{\\frac{\\frac{\\frac{\\frac{1}{2}}{2}}{2}}{2}}{2}", False),
     ("1234567890123456", False), ("x" * 81, False), ("\u03c0", False), ("x^{}", False),
+    ("\\sum_{k=1}^{10} k", True), ("\\sum_{k=1}^{n} k^2", True),  ("\\sum_{k=1}^{100} k", False),
+    ("\\sum_{k=1}^{10} kx", False),  ("\\sum_{k=1}^{9} k+\\sum_{k=1}^{9} k", False), ("\\sum_{k=1}^{9} k=45", False),
+    ("x+y+z=6", True), ("\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{2}=1", True), ("x^2+y+z=6", False), ("x+y+z", False),
+    ("a+b+c+d=1", False),
 ])
 def test_symbolic_gate(answer, safe):
     assert rewards._symbolic_safe(answer) == safe
+
+
+def test_generated_correct_forms_are_accepted_and_near_misses_refused():
+    """check_scoring.py's generated answers of each kind the reward used to refuse (several boxes,
+    labels, sets and inequalities, chains, forms past the old bounds, long decimals): every right
+    form is accepted, every near miss refused, and nothing math-verify's default verdict accepts
+    among the right forms is refused."""
+    import math_verify
+
+    import check_scoring
+    rows = check_scoring.reward_cases(per_kind=3, seed=1)
+    assert {kind for kind, *_ in rows} == set(check_scoring.REWARD_KINDS)
+    verdicts = [(kind, gold, answer, right, reward(_wrap(answer), gold) == 1.0) for kind, gold, answer, right in rows]
+    assert [row[:3] for row in verdicts if row[3] != row[4]] == []
+    reference = [math_verify.verify(math_verify.parse(f"${gold}$"), math_verify.parse(f"${answer}$"))
+                 for _, gold, answer, right, _ in verdicts if right]
+    assert sum(reference) > 0.6 * len(reference)  # the oracle agrees these forms are right
 
 
 def test_reward_from_worker_threads_matches_main_thread():
@@ -195,6 +234,11 @@ def test_reward_from_worker_threads_matches_main_thread():
     ("<think>\\boxed{1}</think> no box here", "r1", None),
     ("\\boxed{\\boxed{4}}", "r1", "\\boxed{4}"),
     (None, "vision-r1", None),
+    # several boxes in the answer block: every value, in order (the r1 style keeps the last box)
+    ("<think>a</think><answer> Final Answer:\\boxed{1},\\boxed{2},\\boxed{3} </answer>", "vision-r1", "1, 2, 3"),
+    ("<think>a</think><answer> Final Answer:\\boxed{(2, 2)} \\text{ and } \\boxed{(6, 2)} </answer>", "vision-r1",
+     "(2, 2), (6, 2)"),
+    ("<think>a</think><answer> Final Answer:x=\\boxed{\\boxed{4}}, \\boxed{} </answer>", "vision-r1", "\\boxed{4}"),
 ])
 def test_extract_answer(text, style, answer):
     assert extract_answer(text, style) == answer
