@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rewards import R1_ZERO_SYSTEM_PROMPT
+from rewards import R1_ZERO_SYSTEM_PROMPT, REWARDS
 
 STARTS = ("cold", "base")  # the cold-start SFT model (Vision-R1-CI) or the base model
-REWARDS = ("hard", "zero")  # rewards.reward or rewards.zero_reward
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Schedule:
     name: str
     stages: tuple[Stage, ...]
     start: str = "cold"
-    reward: str = "hard"
+    reward: str = "hard"  # a name in rewards.REWARDS
     system_prompt: str | None = None  # None: the chat template's default system turn
     release_stage: int | None = None  # the stage whose end is the reported model; None: the last
 
@@ -49,7 +48,8 @@ class Schedule:
         if self.start not in STARTS:
             raise ValueError(f"schedule {self.name!r}: start {self.start!r} is not one of {STARTS}")
         if self.reward not in REWARDS:
-            raise ValueError(f"schedule {self.name!r}: reward {self.reward!r} is not one of {REWARDS}")
+            raise ValueError(f"schedule {self.name!r}: reward {self.reward!r} is not one of rewards.REWARDS: "
+                             f"{', '.join(REWARDS)}")
 
 
 def _stages(spec):

@@ -678,3 +678,29 @@ def zero_reward(text, gold, choices=None, answer_type=None, truncated=False, sty
         return 0.0
     correct = is_equivalent(extract_answer(text, style), gold, choices, answer_type, precision)
     return 0.5 * format_ok(text, style) + 0.5 * correct
+
+
+# ----------------------------------------------------------------------------------------------
+# The training rewards by name: what GRPO pays for (ptst.Schedule.reward, train_grpo.py --reward).
+# Each takes a sampled response (generate.Completion: text, token_ids, finish_reason) and its problem
+# record (answer, choices, answer_type, ...) and returns a float. The logged accuracy and the
+# synthetic benchmark's score stay `reward`, whatever reward is trained.
+
+def response_reward(rule, completion, problem):
+    """`rule` (`reward` or `zero_reward`) of a sampled response to its problem; a response that
+    stopped at the length cap (finish reason 'length') is truncated."""
+    return rule(completion.text, problem["answer"], problem.get("choices"), problem.get("answer_type"),
+                truncated=completion.finish_reason == "length")
+
+
+def hard(completion, problem):
+    """Vision-R1's training reward: the hard formatting result reward (`reward`)."""
+    return response_reward(reward, completion, problem)
+
+
+def zero(completion, problem):
+    """Vision-R1-Zero's training reward: 0.5 x format + 0.5 x accuracy (`zero_reward`)."""
+    return response_reward(zero_reward, completion, problem)
+
+
+REWARDS = {"hard": hard, "zero": zero}
