@@ -36,8 +36,9 @@ Outputs, per benchmark and model, under --out (default runs/eval):
                                   response tokens, settings
   <bench>/<model>/report.md       the same as a markdown table
   <bench>/<model>/settings.json   the protocol the samples were drawn with
-A rerun skips prompts already scored (each rank appends to samples.rank<r>.jsonl, flushed per
-sample; rank 0 folds them into samples.jsonl) and refuses to mix samples drawn with other settings.
+A folder that holds samples is refused unless --resume, which skips the prompts already scored
+(each rank appends to samples.rank<r>.jsonl, flushed per sample; rank 0 folds them into
+samples.jsonl) and refuses to mix samples drawn with other settings.
 """
 
 import argparse
@@ -54,14 +55,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import chat_client
 import data
 import generate
-import make_cold_data
 import model as M
 import rewards
 import scoring
 import synthetic
-from train_utils import at_least, command_line, init_distributed
+from train_utils import at_least, check_run_folder, command_line, init_distributed
 
 BENCHES = ("synthetic", "mathvista", "mathverse", "mmmath")
 DEFAULT_DATA = {"synthetic": "runs/toy/data/test.jsonl"}
@@ -247,14 +248,14 @@ Judgement:"""
 
 class Judge:
     """The GPT steps of the official pipelines (the official scripts call GPT-4o-mini), asked of any
-    OpenAI-compatible chat model through make_cold_data's client: MathVista's answer extraction where
+    OpenAI-compatible chat model (chat_client): MathVista's answer extraction where
     the rules read none (no answer, or one that fails the integer / float cast: "5 cm"), from the
     answer block when there is one, as the authors' patched scorer passes it on; MathVerse's
     extraction where the response has no answer block, and its 0/1 consistency judgement where the
     answer is not the gold answer verbatim. The prompts follow the official ones in structure
     (instruction, worked examples, the case) in our own words.
 
-    `backend` answers `ask(make_cold_data.Request)` with a Reply; `name` is recorded with every
+    `backend` answers `ask(chat_client.Request)` with a Reply; `name` is recorded with every
     sample it scored.
     """
 
@@ -262,7 +263,7 @@ class Judge:
         self.backend, self.name = backend, name
 
     def ask(self, prompt):
-        return self.backend.ask(make_cold_data.Request("judge", prompt, [], {})).text.strip()
+        return self.backend.ask(chat_client.Request("judge", prompt, [], {})).text.strip()
 
     def extract_mathvista(self, query, response):
         return self.ask(MATHVISTA_EXTRACT_PROMPT.format(query=query, response=response))
@@ -629,6 +630,8 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=M.ATTENTION_BACKENDS, default="flash",
                         help="flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad benchmark rows")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --out: sample only the prompts not yet scored")
     parser.add_argument("--judge", metavar="URL", help="OpenAI-compatible server for the official pipelines' GPT "
                                                        "steps (MathVista extraction; MathVerse extraction, judgement)")
     parser.add_argument("--judge-model", metavar="NAME", help="the served judge model, e.g. gpt-4o-mini")
@@ -657,6 +660,8 @@ def main(argv=None):
     args = parse_args(argv)
     for path in args.model:
         M.check_checkpoint(path)
+        for bench in args.bench:
+            check_run_folder(os.path.join(args.out, bench, model_name(path)), args.resume, "--out")
     rank, world, device = init_distributed()
     backend = M.set_attention(args.attention, device)
     if rank == 0:
@@ -665,7 +670,7 @@ def main(argv=None):
                   for bench, path in args.data_paths.items()}
     judge = None
     if args.judge:
-        backend = make_cold_data.OpenAIBackend(args.judge, args.judge_model, os.environ.get(args.judge_key_env),
+        backend = chat_client.OpenAIBackend(args.judge, args.judge_model, os.environ.get(args.judge_key_env),
                                                max_tokens=512, temperature=0.0)
         judge = Judge(backend, args.judge_model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

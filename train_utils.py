@@ -207,10 +207,11 @@ def init_distributed(timeout_minutes=120):
 
 def start_run(cfg, out_flag):
     """What a trainer does once its inputs are found: refuse a run folder that holds a run unless
-    --resume (`check_run_folder`, on every rank before any writes), join the process group
+    --resume (`check_run_folder`, on every rank before any rank writes), join the process group
     (`init_distributed`), build the mesh FSDP shards over (`data_parallel_mesh`), choose the attention
     kernels and the compute dtype and say which (rank 0; `cfg.attention` becomes the backend in use, so
-    config.json and wandb record it), write config.json (`write_run_config`), seed every generator.
+    config.json and wandb record it), create the run folder, seed every generator. Nothing is written
+    into the folder until the Logger starts, after the data and checkpoints have been read.
     Returns (rank, world, device, mesh, compute dtype)."""
     import model as M
     check_run_folder(cfg.out, cfg.resume, out_flag)
@@ -223,18 +224,19 @@ def start_run(cfg, out_flag):
     os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
-        write_run_config(cfg)
     seed_everything(cfg.seed)
     return rank, world, device, mesh, compute
 
 
-def check_run_folder(folder, resume, out_flag):
-    """One rule for every script that writes a run: a folder that holds files is another run's, and
-    only --resume may write into it (to continue that run). Raises InputError naming the folder.
-    Example: runs/toy/ci holding final/ -> "runs/toy/ci holds a run already: --resume continues it,
-    another --out starts a new one"."""
-    if not resume and os.path.isdir(folder) and os.listdir(folder):
-        raise InputError(f"{folder} holds a run already: --resume continues it, another {out_flag} starts a new one")
+def check_run_folder(path, resume, out_flag):
+    """One rule for every script that writes a run (trainers, evaluate.py, make_cold_data.py build):
+    a folder that holds files, or an output file that is not empty, is another run's, and only
+    --resume may write into it (to continue that run). Raises InputError naming it. Example:
+    runs/toy/ci holding final/ -> "runs/toy/ci holds a run already: --resume continues it, another
+    --out starts a new one"."""
+    taken = os.listdir(path) if os.path.isdir(path) else os.path.isfile(path) and os.path.getsize(path) > 0
+    if taken and not resume:
+        raise InputError(f"{path} holds a run already: --resume continues it, another {out_flag} starts a new one")
 
 
 def git_state():
@@ -366,11 +368,14 @@ def peak_memory_gib(device):
 # logging
 
 class Logger:
-    """One stdout line per log step and the same numbers to wandb (rank 0 only). wandb runs
-    offline unless WANDB_MODE says otherwise, so nothing reaches the network by default."""
+    """The run's records, on rank 0: config.json (`write_run_config`) when it starts, then one line
+    per log step in metrics.jsonl and on stdout, and the same numbers to wandb. wandb runs offline
+    unless WANDB_MODE says otherwise, so nothing reaches the network by default."""
 
     def __init__(self, cfg, rank, job_type):
         self.rank, self.run = rank, None
+        if rank == 0:
+            write_run_config(cfg)
         if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
             import wandb
             self.run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None, name=cfg.run_name or None,
