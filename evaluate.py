@@ -1,5 +1,5 @@
 """Benchmark evaluation as the papers score it: MathVista testmini, MathVerse testmini, MM-Math and the
-synthetic world's test split (PAPER.md section 4).
+synthetic world's test split (docs/method.md §4).
 
     python evaluate.py --model runs/toy/base/final --model runs/toy/ci/final --bench synthetic
     torchrun --nproc_per_node 8 evaluate.py --model Vision-R1-7B \\
@@ -439,7 +439,7 @@ def report(summary):
 def sample_until_answer(sample, prompts, n, retries):
     """n completions of each prompt from `sample(prompts, n=...)`; a completion without `</answer>` is
     drawn again, up to `retries` more times, and the last draw is kept (the authors' patched scorer,
-    with 5: PAPER.md section 4). Returns (completions, attempts of each)."""
+    with 5: docs/method.md §4). Returns (completions, attempts of each)."""
     completions = sample(prompts, n=n)
     attempts = [1] * len(completions)
     for _ in range(retries):

@@ -346,8 +346,9 @@ class SlotScheduler:
     `results[prompt, sample]` is (token ids, log-probs, finish reason) of each finished sample."""
 
     def __init__(self, model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids):
-        self.model, self.pool, self.prompts, self.sampler = model, pool, prompts, sampler
-        self.eos, self.eos_ids, self.max_new_tokens, self.seed, self.prompt_ids = eos, eos_ids, max_new_tokens, seed, prompt_ids
+        self.model, self.pool, self.prompts, self.sampler, self.eos, self.eos_ids = (model, pool, prompts, sampler,
+                                                                                     eos, eos_ids)
+        self.max_new_tokens, self.seed, self.prompt_ids = max_new_tokens, seed, prompt_ids
         self.device, self.slots, self.slot_len = pool.kv.device, pool.kv.shape[2], pool.kv.shape[3]
         self.prompt_lens = [len(p["input_ids"]) for p in prompts]
         self.waiting = deque((p, j) for p in range(len(prompts)) for j in range(n))

@@ -1,4 +1,4 @@
-"""Cold-start CoT data by modality bridging (PAPER.md section 1): image-question-answer triples in,
+"""Cold-start CoT data by modality bridging (docs/method.md §1): image-question-answer triples in,
 Vision-R1-cold conversations out, with no human annotation.
 
     python make_cold_data.py build [--input runs/toy/data/train.jsonl] [--out runs/toy/cold/cold.jsonl]
@@ -244,7 +244,7 @@ def match_case(replacement, matched):
 
 
 def rewrite_description_refs(text):
-    """Make a CoT written from a description speak of the image it is paired with (PAPER.md §1.4).
+    """Make a CoT written from a description speak of the image it is paired with (docs/method.md §1, step 4).
 
     'As described, the description says 3.' -> 'As shown, the image shows 3.'
     """
@@ -428,7 +428,7 @@ def conversation_responses(path, skip_bad=False):
     return responses, len(bad)
 
 
-# ----------------------------------------------------------------------------- caption rebalancing (PAPER.md §6)
+# ----------------------------------------------------------------------------- caption rebalancing (docs/method.md §6)
 
 NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
                 "eleven": 11, "twelve": 12}
@@ -674,7 +674,7 @@ def rebalance(args):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Cold-start CoT data by modality bridging (PAPER.md section 1).")
+    parser = argparse.ArgumentParser(description="Cold-start CoT data by modality bridging (docs/method.md §1).")
     commands = parser.add_subparsers(dest="command")
     b = commands.add_parser("build", help="run the modality-bridging pipeline (the default command)")
     b.add_argument("--input", default="runs/toy/data/train.jsonl", help="problem records (.jsonl / .json / .parquet)")

@@ -1,4 +1,4 @@
-"""Progressive Thinking Suppression Training (PTST) schedules (PAPER.md §3, Eq. 2).
+"""Progressive Thinking Suppression Training (PTST) schedules (docs/method.md §3, Eq. 2).
 
 A schedule is a list of GRPO stages; stage s caps the response length at L_s tokens and samples
 G_s responses per prompt, keeping L_s x G_s ~ 64K tokens per prompt. Early stages force short
@@ -56,7 +56,7 @@ def _stages(spec):
     return tuple(Stage(*stage) for stage in spec)
 
 
-# PAPER.md §3 and the PTST ablation of the later paper version. Steps per stage of the later
+# docs/method.md §3 and the PTST ablation of the later paper version. Steps per stage of the later
 # variants are not stated; 100 per stage as in the main schedule.
 SCHEDULES = {
     schedule.name: schedule

@@ -1,4 +1,4 @@
-"""Answer checking and rewards for Vision-R1 (PAPER.md §3, §4).
+"""Answer checking and rewards for Vision-R1 (docs/method.md §3, §4).
 
 One checker serves GRPO and evaluation, because GRPO learns exactly what the reward pays for
 and the benchmark reports exactly what the judge accepts.
@@ -100,7 +100,7 @@ def _last_boxed(text):
 
 
 def format_ok(text, style="vision-r1"):
-    """Does the whole response follow the format the reward pays for (PAPER.md §3)?
+    """Does the whole response follow the format the reward pays for (docs/method.md §3)?
 
     vision-r1: matches `<think>.*?</think>\\s*<answer>.*?</answer>` with each tag exactly once,
       nothing but whitespace outside, and a non-empty answer after 'Final Answer:'.
@@ -655,7 +655,7 @@ def is_equivalent(pred, gold, choices=None, answer_type=None, precision=None):
 # Rewards
 
 def reward(text, gold, choices=None, answer_type=None, truncated=False, style="vision-r1", precision=None):
-    """Hard formatting result reward (PAPER.md §3): 1.0 iff the response has the format and its
+    """Hard formatting result reward (docs/method.md §3): 1.0 iff the response has the format and its
     answer is right, else 0.0. A truncated response (finish reason 'length') scores 0.0 whatever
     it holds: it lost its closing tags by design (repo issue #29).
 
@@ -668,7 +668,7 @@ def reward(text, gold, choices=None, answer_type=None, truncated=False, style="v
 
 
 def zero_reward(text, gold, choices=None, answer_type=None, truncated=False, style="vision-r1", precision=None):
-    """Vision-R1-Zero baseline reward (PAPER.md §3): 0.5 x format + 0.5 x accuracy, where
+    """Vision-R1-Zero baseline reward (docs/method.md §3): 0.5 x format + 0.5 x accuracy, where
     accuracy checks the extracted answer even when the format is broken; truncated -> 0.0.
 
     Right answer in the right format -> 1.0; right answer with text after </answer> -> 0.5;

@@ -1,4 +1,4 @@
-"""GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (PAPER.md §3).
+"""GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (docs/method.md §3).
 
     torchrun --nproc_per_node 8 train_grpo.py --stage 1    # Vision-R1, stage 1: 4K x 16 (the defaults: the paper's run)
     python train_grpo.py --preset toy --stage 1 && python train_grpo.py --preset toy --stage 2   # the synthetic world, CPU
@@ -6,8 +6,10 @@
 
 Read top to bottom: the math as small pure functions (Eq. 1: group advantages, the clipped
 policy loss with the k3 KL term and its aggregation; Eq. 2 only changes the group size and the
-length cap per stage), the config, then the loop: sample prompts -> generate G responses each
--> hard format-result rewards -> advantages -> old/ref log-probs -> PPO updates -> log.
+length cap per stage), the config, then a step's pieces and the loop that calls them:
+`rollout` (this rank's prompts, G responses each) -> `score` (the schedule's reward, a name in
+rewards.REWARDS) -> `group_advantages` -> `ppo_update` (old/ref log-probs, then the updates) ->
+`step_metrics` -> log and checkpoint.
 The log-prob passes pack each prompt (and encode its image) once for its group's responses
 (`data.pack_shared_prompts`): the values and gradients of G separate prompt + response
 sequences, without running G - 1 copies of the prompt.
@@ -15,7 +17,7 @@ sequences, without running G - 1 copies of the prompt.
 The math follows the semantics of verl's `verl/trainer/ppo/core_algos.py`
 (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `kl_penalty` with
 `low_var_kl`, `agg_loss`): same values and gradients for the same inputs and modes.
-Below, * marks settings the paper does not state, which take EasyR1's defaults (PAPER.md §3).
+Below, * marks settings the paper does not state, which take EasyR1's defaults (docs/method.md §3).
 """
 
 import dataclasses
@@ -198,7 +200,7 @@ def policy_loss(
 
 
 # -----------------------------------------------------------------------------
-# config: every hyperparameter in one place (PAPER.md §3; * marks the unconfirmed EasyR1 defaults)
+# config: every hyperparameter in one place (docs/method.md §3; * marks the unconfirmed EasyR1 defaults)
 
 @dataclass
 class GRPOConfig:

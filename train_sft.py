@@ -1,5 +1,5 @@
 """Cold-start supervised fine-tuning: the base model learns the long, self-checking CoT format
-from the modality-bridged data and becomes Vision-R1-CI (PAPER.md section 2).
+from the modality-bridged data and becomes Vision-R1-CI (docs/method.md §2).
 
     torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-VL-7B-Instruct \\
         --data vision_r1_cold.json --out runs/vision-r1-ci   # the defaults: the paper's run
