@@ -607,8 +607,7 @@ def log_to_wandb(run_name, summaries, out):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate checkpoints on MathVista, MathVerse, MM-Math or the "
-                                                 "synthetic test split, scored by each benchmark's own rules.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat: one row each)")
     parser.add_argument("--bench", action="append", required=True, choices=BENCHES)
     parser.add_argument("--data", action="append", help="benchmark file, one per --bench in the same order "

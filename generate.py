@@ -515,7 +515,7 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
 
 @command_line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample completions of problem prompts with our Qwen2.5-VL.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint directory (weights, tokenizer, image processor)")
     parser.add_argument("--prompts", required=True, help="problem records (.jsonl / .json / .parquet)")
     parser.add_argument("--out", required=True, help="output .jsonl, one line per completion")

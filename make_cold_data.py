@@ -674,7 +674,7 @@ def rebalance(args):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Cold-start CoT data by modality bridging (docs/method.md §1).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
     b = commands.add_parser("build", help="run the modality-bridging pipeline (the default command)")
     b.add_argument("--input", default="runs/toy/data/train.jsonl", help="problem records (.jsonl / .json / .parquet)")

@@ -177,7 +177,7 @@ def format_schedule(schedule):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print a PTST schedule.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES))
     parser.add_argument("--stages", help="override the stages, e.g. 4096x16x100,8192x8x100")
     parser.add_argument("--length-scale", default="1", help="scale every length cap, e.g. 1/64")
