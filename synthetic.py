@@ -16,8 +16,9 @@ Triangles: 1.") and then reasons over the ones the question names; what the tiny
 of each step, and what GRPO adds, is measured in the README.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
-and the exact scene `description` a perfect describer would write, which the cold-data
-pipeline's offline backends use in place of a captioning MLLM.
+and the exact scene `description` a perfect describer would write. The world's offline teachers
+(`Teachers`, make_cold_data.py's `synthetic` describer and reasoner) read them in place of a
+captioning MLLM and an R1 reasoner, and make the mistakes the cold-data filters must catch.
 
 One grid cell is 28x28 pixels = one 2x2 group of 14-pixel patches = one merged vision token,
 so a 112x112 image costs 16 image tokens.
