@@ -193,7 +193,7 @@ def todays_engine():
 
 
 def rollout_lengths(rows, cap, seed):
-    """Each row's response length (PAPER.md section 3's profile after the cold start, 75% of outputs
+    """Each row's response length (docs/method.md §3's profile after the cold start, 75% of outputs
     under 4K and 14% over 8K of 16K): 75% short (5-25% of the cap), 11% medium (25-75%), the rest at
     the cap, shuffled. Example: 128 rows -> 96 short, 14 medium, 18 at the cap."""
     g = torch.Generator().manual_seed(seed)
@@ -513,7 +513,7 @@ def resident_bytes(sizes, ranks):
 
 def estimate_workload(prompts, n, cap, seed):
     """(text tokens, image tokens) of each prompt and each row's response length: one square image per
-    prompt, side uniform in 512-2048 px, resized as the processor resizes it within PAPER.md section 3's
+    prompt, side uniform in 512-2048 px, resized as the processor resizes it within docs/method.md §3's
     bounds (512^2-2048^2 pixels), a token per 28 x 28 pixels; 100 text tokens (template and question);
     lengths from `rollout_lengths`."""
     import data
@@ -547,7 +547,7 @@ def rollout_seconds(steps, prefills, recomputed, prompts, cfg, sizes, kv_bytes, 
 
 def bench_rollout_estimate(args):
     """One stage-1 (4K x 16) and one stage-2 (8K x 8) rollout step of a rank, --prompts-per-step /
-    --ranks prompts (PAPER.md section 3), on one GPU: our engine, the same loop with a paged cache,
+    --ranks prompts (docs/method.md §3), on one GPU: our engine, the same loop with a paged cache,
     and vLLM's published throughput. Prints the assumptions, then a markdown table."""
     import generate as G
 

@@ -1,5 +1,5 @@
 """Benchmark evaluation as the papers score it: MathVista testmini, MathVerse testmini, MM-Math and the
-synthetic world's test split (PAPER.md section 4).
+synthetic world's test split (docs/method.md §4).
 
     python evaluate.py --model runs/toy/base/final --model runs/toy/ci/final --bench synthetic
     torchrun --nproc_per_node 8 evaluate.py --model Vision-R1-7B \\
@@ -36,8 +36,9 @@ Outputs, per benchmark and model, under --out (default runs/eval):
                                   response tokens, settings
   <bench>/<model>/report.md       the same as a markdown table
   <bench>/<model>/settings.json   the protocol the samples were drawn with
-A rerun skips prompts already scored (each rank appends to samples.rank<r>.jsonl, flushed per
-sample; rank 0 folds them into samples.jsonl) and refuses to mix samples drawn with other settings.
+A folder that holds samples is refused unless --resume, which skips the prompts already scored
+(each rank appends to samples.rank<r>.jsonl, flushed per sample; rank 0 folds them into
+samples.jsonl) and refuses to mix samples drawn with other settings.
 """
 
 import argparse
@@ -54,14 +55,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import chat_client
 import data
 import generate
-import make_cold_data
 import model as M
 import rewards
 import scoring
 import synthetic
-from train_utils import at_least, command_line, init_distributed
+from train_utils import at_least, check_run_folder, command_line, init_distributed
 
 BENCHES = ("synthetic", "mathvista", "mathverse", "mmmath")
 DEFAULT_DATA = {"synthetic": "runs/toy/data/test.jsonl"}
@@ -249,14 +250,14 @@ Judgement:"""
 
 class Judge:
     """The GPT steps of the official pipelines (the official scripts call GPT-4o-mini), asked of any
-    OpenAI-compatible chat model through make_cold_data's client: MathVista's answer extraction where
+    OpenAI-compatible chat model (chat_client): MathVista's answer extraction where
     the rules read none (no answer, or one that fails the integer / float cast: "5 cm"), from the
     answer block when there is one, as the authors' patched scorer passes it on; MathVerse's
     extraction where the response has no answer block, and its 0/1 consistency judgement where the
     answer is not the gold answer verbatim. The prompts follow the official ones in structure
     (instruction, worked examples, the case) in our own words.
 
-    `backend` answers `ask(make_cold_data.Request)` with a Reply; `name` is recorded with every
+    `backend` answers `ask(chat_client.Request)` with a Reply; `name` is recorded with every
     sample it scored.
     """
 
@@ -264,7 +265,7 @@ class Judge:
         self.backend, self.name = backend, name
 
     def ask(self, prompt):
-        return self.backend.ask(make_cold_data.Request("judge", prompt, [], {})).text.strip()
+        return self.backend.ask(chat_client.Request("judge", prompt, [], {})).text.strip()
 
     def extract_mathvista(self, query, response):
         return self.ask(MATHVISTA_EXTRACT_PROMPT.format(query=query, response=response))
@@ -440,7 +441,7 @@ def report(summary):
 def sample_until_answer(sample, prompts, n, retries):
     """n completions of each prompt from `sample(prompts, n=...)`; a completion without `</answer>` is
     drawn again, up to `retries` more times, and the last draw is kept (the authors' patched scorer,
-    with 5: PAPER.md section 4). Returns (completions, attempts of each)."""
+    with 5: docs/method.md §4). Returns (completions, attempts of each)."""
     completions = sample(prompts, n=n)
     attempts = [1] * len(completions)
     for _ in range(retries):
@@ -608,8 +609,7 @@ def log_to_wandb(run_name, summaries, out):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Evaluate checkpoints on MathVista, MathVerse, MM-Math or the "
-                                                 "synthetic test split, scored by each benchmark's own rules.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, help="checkpoint directory (repeat: one row each)")
     parser.add_argument("--bench", action="append", required=True, choices=BENCHES)
     parser.add_argument("--data", action="append", help="benchmark file, one per --bench in the same order "
@@ -631,6 +631,8 @@ def parse_args(argv=None):
     parser.add_argument("--attention", choices=M.ATTENTION_BACKENDS, default="flash",
                         help="flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's")
     parser.add_argument("--skip-bad", action="store_true", help="skip and count bad benchmark rows")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --out: sample only the prompts not yet scored")
     parser.add_argument("--judge", metavar="URL", help="OpenAI-compatible server for the official pipelines' GPT "
                                                        "steps (MathVista extraction; MathVerse extraction, judgement)")
     parser.add_argument("--judge-model", metavar="NAME", help="the served judge model, e.g. gpt-4o-mini")
@@ -659,6 +661,8 @@ def main(argv=None):
     args = parse_args(argv)
     for path in args.model:
         M.check_checkpoint(path)
+        for bench in args.bench:
+            check_run_folder(os.path.join(args.out, bench, model_name(path)), args.resume, "--out")
     rank, world, device = init_distributed()
     backend = M.set_attention(args.attention, device)
     if rank == 0:
@@ -667,7 +671,7 @@ def main(argv=None):
                   for bench, path in args.data_paths.items()}
     judge = None
     if args.judge:
-        backend = make_cold_data.OpenAIBackend(args.judge, args.judge_model, os.environ.get(args.judge_key_env),
+        backend = chat_client.OpenAIBackend(args.judge, args.judge_model, os.environ.get(args.judge_key_env),
                                                max_tokens=512, temperature=0.0)
         judge = Judge(backend, args.judge_model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -337,6 +337,120 @@ def prefill(model, prompts, slots_of, kv):
     return logits, next_pos
 
 
+class SlotScheduler:
+    """The host side of `generate`: which sample each slot of the pool holds, and the moves between
+    runs of decode steps. `admit` puts waiting samples (prompt-major) into the free slots, lowest
+    first, each with its prompt's keys/values copied from a slot that still holds them or else
+    prefilled, and draws their first tokens; `collect` takes the finished rows out (one host sync);
+    `compact` moves the live rows into slots 0 .. B-1, so that a decode step runs on B rows.
+    `results[prompt, sample]` is (token ids, log-probs, finish reason) of each finished sample."""
+
+    def __init__(self, model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids):
+        self.model, self.pool, self.prompts, self.sampler, self.eos, self.eos_ids = (model, pool, prompts, sampler,
+                                                                                     eos, eos_ids)
+        self.max_new_tokens, self.seed, self.prompt_ids = max_new_tokens, seed, prompt_ids
+        self.device, self.slots, self.slot_len = pool.kv.device, pool.kv.shape[2], pool.kv.shape[3]
+        self.prompt_lens = [len(p["input_ids"]) for p in prompts]
+        self.waiting = deque((p, j) for p in range(len(prompts)) for j in range(n))
+        self.owner = [None] * self.slots  # (prompt, sample) of the live slots
+        self.holds = [None] * self.slots  # the prompt whose keys/values fill positions [0, its length) of a slot
+        self.counts = [0] * self.slots  # tokens each live slot had sampled at the last check
+        self.first = {}  # prompt -> (next-token logits, first response position), while samples of it wait
+        self.results = {}
+
+    def run(self, decode, check_every):
+        """Admit, collect and compact, then `decode(B, span)` for up to `check_every` steps (fewer when
+        a row reaches max_new_tokens first; `span`: the cache positions the rows read), until every
+        sample has finished. Returns `results`."""
+        owner, counts = self.owner, self.counts
+        while True:
+            self.collect()
+            while self.waiting and None in owner:
+                self.admit()
+                self.collect()  # rows whose first token stopped them
+            B = self.compact()
+            if B == 0:
+                return self.results
+            steps = min(check_every, *(self.max_new_tokens - counts[s] for s in range(B)))
+            span = min(self.slot_len, max(self.prompt_lens[owner[s][0]] + counts[s] - 1 for s in range(B)) + steps)
+            for _ in range(steps):
+                decode(B, span)
+
+    def admit(self):
+        """Waiting samples into the free slots, lowest first; the first token of each drawn."""
+        pool, owner, holds, prompt_lens = self.pool, self.owner, self.holds, self.prompt_lens
+        free = [s for s in range(self.slots) if owner[s] is None]
+        taken = [(s, self.waiting.popleft()) for s in free[:len(self.waiting)]]
+        prompt_of = {s: p for s, (p, _) in taken}
+        holders = {}
+        for t, p in enumerate(holds):
+            # a slot keeps its prompt's keys/values unless this admission gives it another prompt
+            if p is not None and prompt_of.get(t, p) == p:
+                holders.setdefault(p, t)
+        copies, fresh = [], {}
+        for s, (p, _) in taken:
+            source = s if holds[s] == p else holders.get(p)
+            if source is None:
+                fresh.setdefault(p, []).append(s)
+            elif source != s:
+                copies.append((s, source))
+        for s, source in copies:  # sources are slots this admission does not write
+            pool.kv[:, :, s, :prompt_lens[prompt_of[s]]].copy_(pool.kv[:, :, source, :prompt_lens[prompt_of[s]]])
+        if fresh:
+            logits, next_pos = prefill(self.model, [self.prompts[p] for p in fresh], list(fresh.values()), pool.kv)
+            self.first.update(zip(fresh, zip(logits, next_pos)))
+        for s, (p, j) in taken:
+            owner[s], holds[s], self.counts[s] = (p, j), p, 1
+        index = torch.tensor([s for s, _ in taken], device=self.device)
+        prompt = [p for _, (p, _) in taken]
+        keys = torch.tensor([stream_key(self.seed, self.prompt_ids[p], j) for _, (p, j) in taken], device=self.device)
+        tokens, logprobs = self.sampler(torch.stack([self.first[p][0] for p in prompt]), keys, torch.zeros_like(keys))
+        pool.tokens[index], pool.keys[index] = tokens, keys
+        pool.out_tokens[index, 0], pool.out_logprobs[index, 0] = tokens, logprobs
+        pool.lengths[index] = torch.tensor([prompt_lens[p] for p in prompt], device=self.device)
+        pool.positions[index] = torch.stack([self.first[p][1] for p in prompt])
+        pool.counts[index] = 1
+        pool.done[index] = (tokens[:, None] == self.eos).any(-1) | (self.max_new_tokens == 1)
+        for p in set(prompt) - {p for p, _ in self.waiting}:
+            del self.first[p]
+
+    def collect(self):
+        """Finished rows leave their slots (one host sync); the live rows' counts are read."""
+        pool, owner = self.pool, self.owner
+        live = [s for s in range(self.slots) if owner[s] is not None]
+        if not live:
+            return
+        index = torch.tensor(live, device=self.device)
+        done, now = torch.stack([pool.done[index].long(), pool.counts[index]]).tolist()
+        finished = [(s, c) for s, d, c in zip(live, done, now) if d]
+        for s, c in zip(live, now):
+            self.counts[s] = c
+        if finished:
+            at = torch.tensor([s for s, _ in finished], device=self.device)
+            width = max(c for _, c in finished)
+            tokens, logprobs = pool.out_tokens[at, :width].tolist(), pool.out_logprobs[at, :width].tolist()
+            for (s, c), row_tokens, row_logprobs in zip(finished, tokens, logprobs):
+                stopped = row_tokens[c - 1] in self.eos_ids
+                self.results[owner[s]] = (row_tokens[:c], row_logprobs[:c], "stop" if stopped else "length")
+                owner[s] = None
+
+    def compact(self):
+        """Move the last live rows into the lower free slots, so that the live ones are 0 .. B-1
+        (a copy of the moved rows' filled positions, never of the whole cache); returns B."""
+        pool, owner, holds, counts = self.pool, self.owner, self.holds, self.counts
+        live = [s for s in range(self.slots) if owner[s] is not None]
+        holes = [s for s in range(len(live)) if owner[s] is None]
+        for dst, src in zip(holes, reversed(live)):
+            filled = self.prompt_lens[owner[src][0]] + counts[src] - 1
+            pool.kv[:, :, dst, :filled].copy_(pool.kv[:, :, src, :filled])
+            for state in (pool.tokens, pool.lengths, pool.positions, pool.keys, pool.counts, pool.done,
+                          pool.out_tokens, pool.out_logprobs):
+                state[dst] = state[src]
+            pool.done[src] = True
+            owner[dst], holds[dst], counts[dst], owner[src] = owner[src], holds[src], counts[src], None
+        return len(live)
+
+
 @torch.no_grad()
 def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.0, top_p=1.0, top_k=0,
              greedy=False, seed=0, prompt_ids=None, kv_budget=None, check_every=None, cuda_graphs=None,
@@ -367,12 +481,12 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
     prompt_ids = list(range(len(prompts))) if prompt_ids is None else list(prompt_ids)
     if len(prompt_ids) != len(prompts):
         raise ValueError(f"{len(prompt_ids)} prompt ids for {len(prompts)} prompts")
-    prompt_lens = [len(p["input_ids"]) for p in prompts]
-    slot_len = max(prompt_lens) + max_new_tokens
+    longest = max(len(p["input_ids"]) for p in prompts)
+    slot_len = longest + max_new_tokens
     slots = len(prompts) * n if kv_budget is None else min(len(prompts) * n, kv_budget // slot_len)
     if slots < 1:
         raise ValueError(f"kv_budget of {kv_budget} tokens holds no sample: one takes {slot_len} "
-                         f"(the longest prompt, {max(prompt_lens)}, + max_new_tokens)")
+                         f"(the longest prompt, {longest}, + max_new_tokens)")
 
     with M.gathered_params(model):
         device, dtype = model.head_weight.device, model.model.embed_tokens.weight.dtype
@@ -381,105 +495,14 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
         sampler = functools.partial(draw, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                                     banned=torch.tensor(vision_token_ids(model), dtype=torch.long, device=device))
         rope = model.rope_cos_sin(torch.arange(slot_len, device=device).expand(3, -1), dtype)
-        if check_every is None:
-            check_every = 8 if device.type == "cuda" else 1
+        scheduler = SlotScheduler(model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids)
         graphs = None
         if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
             graphs = GraphedDecodeSteps(lambda B: decode_step(model, pool, B, sampler, eos, rope, slot_len), slots)
 
-        waiting = deque((p, j) for p in range(len(prompts)) for j in range(n))
-        owner = [None] * slots  # (prompt, sample) of the live slots
-        holds = [None] * slots  # the prompt whose keys/values fill positions [0, its length) of a slot
-        counts = [0] * slots  # tokens each live slot had sampled at the last check
-        first = {}  # prompt -> (next-token logits, first response position), while samples of it wait
-        results = {}
-
-        def admit():
-            """Waiting samples into the free slots, lowest first; the first token of each drawn."""
-            free = [s for s in range(slots) if owner[s] is None]
-            taken = [(s, waiting.popleft()) for s in free[:len(waiting)]]
-            prompt_of = {s: p for s, (p, _) in taken}
-            holders = {}
-            for t, p in enumerate(holds):
-                # a slot keeps its prompt's keys/values unless this admission gives it another prompt
-                if p is not None and prompt_of.get(t, p) == p:
-                    holders.setdefault(p, t)
-            copies, fresh = [], {}
-            for s, (p, _) in taken:
-                source = s if holds[s] == p else holders.get(p)
-                if source is None:
-                    fresh.setdefault(p, []).append(s)
-                elif source != s:
-                    copies.append((s, source))
-            for s, source in copies:  # sources are slots this admission does not write
-                pool.kv[:, :, s, :prompt_lens[prompt_of[s]]].copy_(pool.kv[:, :, source, :prompt_lens[prompt_of[s]]])
-            if fresh:
-                logits, next_pos = prefill(model, [prompts[p] for p in fresh], list(fresh.values()), pool.kv)
-                first.update(zip(fresh, zip(logits, next_pos)))
-            for s, (p, j) in taken:
-                owner[s], holds[s], counts[s] = (p, j), p, 1
-            index = torch.tensor([s for s, _ in taken], device=device)
-            prompt = [p for _, (p, _) in taken]
-            keys = torch.tensor([stream_key(seed, prompt_ids[p], j) for _, (p, j) in taken], device=device)
-            tokens, logprobs = sampler(torch.stack([first[p][0] for p in prompt]), keys, torch.zeros_like(keys))
-            pool.tokens[index], pool.keys[index] = tokens, keys
-            pool.out_tokens[index, 0], pool.out_logprobs[index, 0] = tokens, logprobs
-            pool.lengths[index] = torch.tensor([prompt_lens[p] for p in prompt], device=device)
-            pool.positions[index] = torch.stack([first[p][1] for p in prompt])
-            pool.counts[index] = 1
-            pool.done[index] = (tokens[:, None] == eos).any(-1) | (max_new_tokens == 1)
-            for p in set(prompt) - {p for p, _ in waiting}:
-                del first[p]
-
-        def collect():
-            """Finished rows leave their slots (one host sync); the live rows' counts are read."""
-            live = [s for s in range(slots) if owner[s] is not None]
-            if not live:
-                return
-            index = torch.tensor(live, device=device)
-            done, now = torch.stack([pool.done[index].long(), pool.counts[index]]).tolist()
-            finished = [(s, c) for s, d, c in zip(live, done, now) if d]
-            for s, c in zip(live, now):
-                counts[s] = c
-            if finished:
-                at = torch.tensor([s for s, _ in finished], device=device)
-                width = max(c for _, c in finished)
-                tokens, logprobs = pool.out_tokens[at, :width].tolist(), pool.out_logprobs[at, :width].tolist()
-                for (s, c), row_tokens, row_logprobs in zip(finished, tokens, logprobs):
-                    stopped = row_tokens[c - 1] in eos_ids
-                    results[owner[s]] = (row_tokens[:c], row_logprobs[:c], "stop" if stopped else "length")
-                    owner[s] = None
-
-        def compact():
-            """Move the last live rows into the lower free slots, so that the live ones are 0 .. B-1
-            (a copy of the moved rows' filled positions, never of the whole cache); returns B."""
-            live = [s for s in range(slots) if owner[s] is not None]
-            holes = [s for s in range(len(live)) if owner[s] is None]
-            for dst, src in zip(holes, reversed(live)):
-                filled = prompt_lens[owner[src][0]] + counts[src] - 1
-                pool.kv[:, :, dst, :filled].copy_(pool.kv[:, :, src, :filled])
-                for state in (pool.tokens, pool.lengths, pool.positions, pool.keys, pool.counts, pool.done,
-                              pool.out_tokens, pool.out_logprobs):
-                    state[dst] = state[src]
-                pool.done[src] = True
-                owner[dst], holds[dst], counts[dst], owner[src] = owner[src], holds[src], counts[src], None
-            return len(live)
-
-        while True:
-            collect()
-            while waiting and None in owner:
-                admit()
-                collect()  # rows whose first token stopped them
-            B = compact()
-            if B == 0:
-                break
-            steps = min(check_every, *(max_new_tokens - counts[s] for s in range(B)))
-            span = min(slot_len, max(prompt_lens[owner[s][0]] + counts[s] - 1 for s in range(B)) + steps)
-            for _ in range(steps):
-                if graphs is not None:
-                    graphs(B)
-                else:
-                    decode_step(model, pool, B, sampler, eos, rope, span)
+        def decode(B, span):  # a captured step reads the whole slot length
+            return graphs(B) if graphs is not None else decode_step(model, pool, B, sampler, eos, rope, span)
+        results = scheduler.run(decode, check_every or (8 if device.type == "cuda" else 1))
 
     return [Completion(prompt_index=p, sample=j, token_ids=results[p, j][0], logprobs=results[p, j][1],
                        finish_reason=results[p, j][2],
@@ -492,7 +515,7 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
 
 @command_line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Sample completions of problem prompts with our Qwen2.5-VL.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint directory (weights, tokenizer, image processor)")
     parser.add_argument("--prompts", required=True, help="problem records (.jsonl / .json / .parquet)")
     parser.add_argument("--out", required=True, help="output .jsonl, one line per completion")

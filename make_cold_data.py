@@ -1,11 +1,11 @@
-"""Cold-start CoT data by modality bridging (PAPER.md section 1): image-question-answer triples in,
+"""Cold-start CoT data by modality bridging (docs/method.md §1): image-question-answer triples in,
 Vision-R1-cold conversations out, with no human annotation.
 
     python make_cold_data.py build [--input runs/toy/data/train.jsonl] [--out runs/toy/cold/cold.jsonl]
         [--describer synthetic|openai|local] [--reasoner synthetic|openai|local]
         [--describer-url URL --describer-model NAME] [--reasoner-url URL --reasoner-model NAME]
         [--api-key-env OPENAI_API_KEY] [--concurrency 8] [--timeout 900] [--max-retries 5]
-        [--shard i/N] [--error-rate P] [--seed S] [--skip-bad]
+        [--shard i/N] [--error-rate P] [--seed S] [--skip-bad] [--resume]
     python make_cold_data.py stats FILE          # Table 2 reflection-word counts of any conversation file
     python make_cold_data.py rebalance --input CAPTIONS.jsonl --out OUT.jsonl
 
@@ -21,9 +21,9 @@ Per problem record (data.load_problems layout), `build` runs:
 and appends a sharegpt record with the response `<think> COT </think><answer> Final Answer:X </answer>`
 to OUT (images relative to OUT's folder), or the rejected response with its filter's name to
 STEM.rejected.jsonl beside it (OUT = STEM.jsonl), one flushed line each. A record whose requests
-fail for good is written nowhere. A restart of the same command skips every id already in either
-file, so a killed job loses at most its in-flight requests and never writes a record twice, and
-retries what failed. STEM.summary.json counts every outcome (records = kept + filtered + failed +
+fail for good is written nowhere. Outputs that hold records are refused unless --resume: the same
+command with --resume skips every id already in either file, so a killed job loses at most its
+in-flight requests and never writes a record twice, and retries what failed. STEM.summary.json counts every outcome (records = kept + filtered + failed +
 pending) and gives the CoT statistics of the kept records. Workers that split a dataset run
 `--shard i/N` each with its own --out; their outputs concatenate.
 
@@ -34,22 +34,17 @@ checkpoint run with generate.py; --describer-model / --reasoner-model is its dir
 """
 
 import argparse
-import base64
 import hashlib
-import http.client
 import io
 import json
 import os
-import random
 import re
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from PIL import Image
 from tqdm import tqdm
@@ -57,7 +52,8 @@ from tqdm import tqdm
 import data
 import rewards
 import synthetic
-from train_utils import at_least, command_line
+from chat_client import BackendError, OpenAIBackend, Reply, Request
+from train_utils import at_least, check_run_folder, command_line
 
 # ----------------------------------------------------------------------------- prompts
 # The paper publishes the description prompt only up to its "...", the reasoning instruction in
@@ -90,302 +86,8 @@ REASON_PROMPT = (
 
 
 # ----------------------------------------------------------------------------- backends
-
-class BackendError(Exception):
-    """A request that failed for good (after its retries); the record counts as failed and a restart retries it."""
-
-
-@dataclass
-class Request:
-    """One call of a step: the rendered prompt and its images for chat models, and the record and the
-    template's fields for the synthetic teachers, which read structure instead of pixels."""
-
-    step: str  # "pseudo_cot", "describe" or "reason"
-    prompt: str
-    images: list
-    problem: dict
-    fields: dict = field(default_factory=dict)
-
-
-@dataclass
-class Reply:
-    """A model's answer: `text` (the message content), `reasoning` (the reasoning text when the server
-    returns it separately, as DeepSeek's `reasoning_content`), `truncated` (cut at the token limit)."""
-
-    text: str
-    reasoning: str | None = None
-    truncated: bool = False
-
-
-# -- synthetic teachers: the exact description, and a reasoner that reads it like a text-only model
-
-ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
-RECOUNT_RATE = 0.3  # CoTs that stop at one count, say "Wait" and count it again
-CHECK_RATE = 0.5  # CoTs that re-check before concluding
-# multiple-choice CoTs that conclude with the option's text ("red") instead of its letter, both
-# of which graders accept (rewards.is_equivalent, MathVista's scorer)
-TEXT_ANSWER_RATE = 0.3
-OPENINGS = ("Let me look at the description.", "Let me read the description row by row.")
-CHECKS = ("Let me check again. Yes, that is correct.", "Hmm, let me re-check each row. Yes.",
-          "Double-check: yes, that is right.")
-QUESTION_PATTERNS = {  # synthetic.question_text, read back
-    "count": r"How many (?P<shape>\w+)s are there\?",
-    "sum": r"How many shapes are (?P<first>\w+) or (?P<second>\w+) in total\?",
-    "difference": r"How many more (?P<first>\w+) shapes than (?P<second>\w+) shapes are there\?",
-    "most_frequent": r"Which color appears most often\?\nChoices:\n(?P<options>(?:[A-D]\. \w+\n?)+)",
-    "most_shape": r"Which shape appears most often\?",
-}
-
-
-def parse_description(text):
-    """The scene a synthetic-world description states (synthetic.describe, read back); BackendError if none.
-
-    >>> parse_description("Row 1: empty, red square. Row 2: empty, empty.")["objects"]
-    [{'row': 1, 'col': 2, 'color': 'red', 'shape': 'square'}]
-    """
-    rows = re.findall(r"Row (\d+): ([^.]*)\.", text)
-    if not rows:
-        raise BackendError(f"synthetic reasoner: no 'Row N: ...' in the description {text[:80]!r}")
-    objects = []
-    for row, cells in rows:
-        for col, cell in enumerate(cells.split(", "), 1):
-            if cell == "empty":
-                continue
-            color, _, shape = cell.partition(" ")
-            if color not in synthetic.COLORS or shape not in synthetic.SHAPES:
-                raise BackendError(f"synthetic reasoner: unknown cell {cell!r} in the description")
-            objects.append({"row": int(row), "col": col, "color": color, "shape": shape})
-    return {"grid": len(rows), "objects": objects}
-
-
-def parse_question(question):
-    """The synthetic-world query a question asks (synthetic.question_text, read back); BackendError if none."""
-    for kind, pattern in QUESTION_PATTERNS.items():
-        m = re.fullmatch(pattern, question.strip())
-        if m is None:
-            continue
-        if kind == "count":
-            return {"kind": kind, "shape": m["shape"]}
-        if kind in ("sum", "difference"):
-            return {"kind": kind, "colors": [m["first"], m["second"]]}
-        if kind == "most_frequent":
-            return {"kind": kind, "choices": re.findall(r"[A-D]\. (\w+)", m["options"])}
-        return {"kind": kind}
-    raise BackendError(f"synthetic reasoner: not a synthetic-world question: {question[:80]!r}")
-
-
-def solve(scene, query):
-    """The answer to a query about a scene, or None when it has none (a tie for the most)."""
-    counted = {"most_frequent": synthetic.color_counts, "most_shape": synthetic.shape_counts}.get(query["kind"])
-    if counted and synthetic.unique_top(counted(scene)) is None:
-        return None
-    return synthetic.answer(scene, query)
-
-
-def perturb(scene, query, rng):
-    """A misperceived scene that changes the answer: one object dropped, recolored, reshaped or
-    imagined in an empty cell, or one color or shape mistaken for another throughout (the mistakes
-    a reader of a long description makes); None when none changes it."""
-    objects, right = scene["objects"], solve(scene, query)
-    taken = {(o["row"], o["col"]) for o in objects}
-    cells = [(r, c) for r in range(1, scene["grid"] + 1) for c in range(1, scene["grid"] + 1) if (r, c) not in taken]
-    candidates = [objects[:i] + objects[i + 1:] for i in range(len(objects))]
-    candidates += [objects[:i] + [{**o, "color": color}] + objects[i + 1:]
-                   for i, o in enumerate(objects) for color in synthetic.COLORS if color != o["color"]]
-    candidates += [objects + [{"row": r, "col": c, "color": color, "shape": shape}]
-                   for r, c in cells for color in synthetic.COLORS for shape in synthetic.SHAPES]
-    candidates += [objects[:i] + [{**o, "shape": shape}] + objects[i + 1:]
-                   for i, o in enumerate(objects) for shape in synthetic.SHAPES if shape != o["shape"]]
-    candidates += [[{**o, key: new if o[key] == old else o[key]} for o in objects]
-                   for key, values in (("color", synthetic.COLORS), ("shape", synthetic.SHAPES))
-                   for old in values for new in values if new != old]
-    scenes = [{**scene, "objects": seen} for seen in candidates]
-    wrong = [seen for seen in scenes if solve(seen, query) not in (None, right)]
-    return rng.choice(wrong) if wrong else None
-
-
-def write_steps(scene, query, rng, recount=False, by_text=False):
-    """The reasoning steps and the answer they reach: first every count read off the image in a
-    fixed order (synthetic.tally), then the question's arithmetic over the counts it needs, each
-    restated under its read-out's label.
-
-    With `recount`, one needed count is checked again after a "Wait", R1's self-check (the count
-    stays: a wrong first count would teach the model to misread the image). With `by_text`, a
-    multiple-choice answer is the option's text, not its letter.
-    """
-    kind, answer = query["kind"], solve(scene, query)
-    colors, shapes = synthetic.color_counts(scene), synthetic.shape_counts(scene)
-    steps = [synthetic.tally(scene)]
-    if kind == "count":
-        needed = [(f"{query['shape'].capitalize()}s", shapes[query["shape"]])]
-        steps.append(f"I need the {query['shape']}s: {shapes[query['shape']]}.")
-    elif kind in ("sum", "difference"):
-        first, second = query["colors"]
-        needed = [(first.capitalize(), colors[first]), (second.capitalize(), colors[second])]
-        steps.append(f"I need the {first} and {second} shapes. {first.capitalize()}: {colors[first]}. "
-                     f"{second.capitalize()}: {colors[second]}.")
-        sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
-        steps.append(f"{verb}: {colors[first]} {sign} {colors[second]} = {answer}.")
-    elif kind == "most_frequent":
-        winner = query["choices"]["ABCD".index(answer)]
-        needed = [(winner.capitalize(), colors[winner])]
-        steps.append(f"The most frequent color is {winner}." + ("" if by_text else f" Option {answer} is {winner}."))
-        answer = winner if by_text else answer
-    else:
-        needed = [(f"{answer.capitalize()}s", shapes[answer])]
-        steps.append(f"The most frequent shape is {answer}.")
-    if recount:
-        label, n = rng.choice(needed)
-        steps.insert(1, f"Wait, let me count the {label.lower()} again. {label}: {n}.")
-    return steps, answer
-
-
-def synthetic_pseudo_cot(problem, rng):
-    """The offline describer's pseudo-CoT: a caption and the numbered steps to the gold answer."""
-    scene, query = problem["meta"]["scene"], problem["meta"]["query"]
-    steps, _ = write_steps(scene, query, rng)
-    caption = f"Caption: a {scene['grid']}x{scene['grid']} grid with {len(scene['objects'])} colored shapes."
-    return "\n".join([caption, *(f"Step {i}: {s}" for i, s in enumerate(steps, 1)), f"Answer: {problem['answer']}"])
-
-
-def synthetic_reasoning(description, question, hint, rng, error_rate=0.0):
-    """The offline reasoner: parse the description and question, solve, and think aloud, R1 style.
-
-    The CoT opens on the description, reads every count, reasons over those the question needs
-    (sometimes stopping with "Wait" to count one again), sometimes re-checks, and concludes "So the answer is X."; the
-    reply is `<think>\\nCOT\\n</think>\\n\\nFinal Answer: X`. With probability error_rate it makes one
-    mistake of ERROR_KINDS, each of which one filter catches:
-      miscount         misperceives the scene and reasons consistently to a wrong answer (answer)
-      hint_leak        misperceives, concludes wrongly, then writes the hinted answer (consistency)
-      language_mixing  switches to Chinese mid-sentence, as R1 models do (language_mixing)
-      repetition       gets stuck repeating one sentence (repetition)
-      truncated        never stops thinking and hits the token limit (format)
-    """
-    scene, query = parse_description(description), parse_question(question)
-    if solve(scene, query) is None:
-        raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
-    error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
-    recount, check, by_text = (rng.random() < rate for rate in (RECOUNT_RATE, CHECK_RATE, TEXT_ANSWER_RATE))
-    seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
-    steps, concluded = write_steps(seen, query, rng, recount, by_text)
-    conclusion = f"So the answer is {concluded}."
-    sentences = [rng.choice(OPENINGS), *steps, *([rng.choice(CHECKS)] if check else []), conclusion]
-    if error == "language_mixing":
-        sentences[-1] = f"所以 the answer is {concluded}."
-    elif error == "repetition":
-        i = rng.randrange(len(sentences) - 1)
-        sentences[i:i + 1] = [sentences[i]] * rng.randint(8, 12)
-    cot = " ".join(sentences)
-    if error == "truncated":
-        return Reply("<think>\n" + cot[:rng.randint(len(cot) // 3, 2 * len(cot) // 3)], truncated=True)
-    final = hint if error == "hint_leak" else concluded
-    return Reply(f"<think>\n{cot}\n</think>\n\nFinal Answer: {final}")
-
-
-class SyntheticBackend:
-    """The synthetic world's offline teachers: the describer returns the record's exact scene
-    description, the reasoner is synthetic_reasoning. Deterministic per (seed, record, step)."""
-
-    def __init__(self, seed=0, error_rate=0.0):
-        self.seed, self.error_rate = seed, error_rate
-
-    def ask(self, request):
-        rng = random.Random(f"{self.seed}:{request.problem['id']}:{request.step}")
-        if request.step == "pseudo_cot":
-            return Reply(synthetic_pseudo_cot(request.problem, rng))
-        if request.step == "describe":
-            return Reply(request.problem["meta"]["description"])
-        return synthetic_reasoning(request.fields["description"], request.fields["question"],
-                                   request.fields["answer"], rng, self.error_rate)
-
-
-# -- OpenAI-compatible chat-completions client
-
-def image_data_url(source):
-    """A path or raw bytes as a `data:image/<format>;base64,...` URL, the way chat servers take images."""
-    if isinstance(source, bytes):
-        raw = source
-    else:
-        with open(source, "rb") as f:
-            raw = f.read()
-    image_format = Image.open(io.BytesIO(raw)).format.lower()
-    return f"data:image/{image_format};base64,{base64.b64encode(raw).decode()}"
-
-
-def retry_after(headers):
-    """Seconds a 429 / 503 response asks us to wait (`Retry-After: 7`), or None."""
-    value = (headers or {}).get("Retry-After", "")
-    return float(value) if value.strip().replace(".", "", 1).isdigit() else None
-
-
-class OpenAIBackend:
-    """A client of one OpenAI-compatible server (POST {url}/chat/completions), safe to call from threads.
-
-    Each request is retried on timeouts, dropped connections, 429 and 5xx (and on unreadable bodies)
-    up to max_retries times, waiting Retry-After when the server says so, else an exponential
-    backoff with jitter: attempt k waits d/2 + uniform(0, d/2), d = min(60, backoff * 2**k), so
-    clients that failed together do not retry together. Other 4xx (a bad request, a wrong key) fail
-    at once. `timeout` bounds each socket operation (connect, and every read of the response).
-    """
-
-    max_backoff = 60.0
-
-    def __init__(self, url, model, api_key=None, timeout=900.0, max_retries=5, backoff=1.0, max_tokens=16384,
-                 temperature=0.6, seed=0):
-        url = url.rstrip("/")
-        self.url = url if url.endswith("/chat/completions") else url + "/chat/completions"
-        self.model, self.timeout, self.max_retries, self.backoff = model, timeout, max_retries, backoff
-        self.max_tokens, self.temperature = max_tokens, temperature
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
-        self.rng = random.Random(seed)
-
-    def ask(self, request):
-        content = request.prompt
-        if request.images:
-            content = [*({"type": "image_url", "image_url": {"url": image_data_url(s)}} for s in request.images),
-                       {"type": "text", "text": request.prompt}]
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "max_tokens": self.max_tokens, "temperature": self.temperature}
-        return self.post(json.dumps(body).encode())
-
-    def post(self, body):
-        request = urllib.request.Request(self.url, body, self.headers)  # a malformed URL fails here, at once
-        for attempt in range(self.max_retries + 1):
-            wait = None
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return parse_completion(response.read())
-            except urllib.error.HTTPError as e:
-                e.close()
-                if e.code != 429 and e.code < 500:
-                    raise BackendError(f"{self.url}: HTTP {e.code} {e.reason}") from None
-                error, wait = f"HTTP {e.code}", retry_after(e.headers)
-            except (TimeoutError, ConnectionError, urllib.error.URLError, http.client.HTTPException, ValueError) as e:
-                error = f"{type(e).__name__}: {e}"
-            if attempt == self.max_retries:
-                raise BackendError(f"{self.url}: gave up after {attempt + 1} attempts, last: {error}")
-            delay = min(self.max_backoff, self.backoff * 2 ** attempt)
-            time.sleep(min(wait, self.max_backoff) if wait is not None else delay / 2 + self.rng.uniform(0, delay / 2))
-
-
-def parse_completion(body):
-    """A chat-completions response body as a Reply; ValueError when it is not one.
-
-    Reasoning servers return the reasoning apart: `reasoning_content` (DeepSeek API, vLLM and SGLang
-    reasoning parsers) or `reasoning` (newer vLLM).
-    """
-    try:
-        choice = json.loads(body)["choices"][0]
-        message = choice["message"]
-        return Reply(message.get("content") or "", message.get("reasoning_content") or message.get("reasoning"),
-                     choice.get("finish_reason") == "length")
-    except (KeyError, IndexError, TypeError, AttributeError) as e:
-        raise ValueError(f"not a chat completion: {body[:120]!r}") from e
-
-
-# -- local checkpoint through generate.py
+# Each answers `ask(chat_client.Request)` with a chat_client.Reply: synthetic.Teachers (the synthetic
+# world's offline teachers), chat_client.OpenAIBackend (a served model), LocalBackend (a checkpoint).
 
 def stable_seed(*parts):
     """A 63-bit seed from strings, the same in every process (unlike hash())."""
@@ -425,7 +127,7 @@ def make_backend(role, args):
     """The backend of one role ("describer" or "reasoner") from the command-line flags."""
     kind, url, name = getattr(args, role), getattr(args, f"{role}_url"), getattr(args, f"{role}_model")
     if kind == "synthetic":
-        return SyntheticBackend(args.seed, args.error_rate if role == "reasoner" else 0.0)
+        return synthetic.Teachers(args.seed, args.error_rate if role == "reasoner" else 0.0)
     if kind == "local":
         return LocalBackend(name, args.max_tokens, args.temperature, args.seed)
     return OpenAIBackend(url, name, os.environ.get(args.api_key_env), args.timeout, args.max_retries, args.backoff,
@@ -542,7 +244,7 @@ def match_case(replacement, matched):
 
 
 def rewrite_description_refs(text):
-    """Make a CoT written from a description speak of the image it is paired with (PAPER.md §1.4).
+    """Make a CoT written from a description speak of the image it is paired with (docs/method.md §1, step 4).
 
     'As described, the description says 3.' -> 'As shown, the image shows 3.'
     """
@@ -726,7 +428,7 @@ def conversation_responses(path, skip_bad=False):
     return responses, len(bad)
 
 
-# ----------------------------------------------------------------------------- caption rebalancing (PAPER.md §6)
+# ----------------------------------------------------------------------------- caption rebalancing (docs/method.md §6)
 
 NUMBER_WORDS = {"two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
                 "eleven": 11, "twelve": 12}
@@ -888,6 +590,9 @@ def check_synthetic_meta(problems, path):
 def build(args):
     """Run the pipeline over this shard's unfinished records; write OUT, OUT.rejected.jsonl, OUT.summary.json."""
     started = time.time()
+    rejected_path, summary_path = output_paths(args.out)
+    for path in (args.out, rejected_path, summary_path):
+        check_run_folder(path, args.resume, "--out")
     report, problems = data.read_records(args.input, "problems")
     if report.bad and not (args.skip_bad and problems):
         raise data.DataError("\n".join([report.summary(), *report.lines()]))
@@ -900,7 +605,6 @@ def build(args):
         check_synthetic_meta(problems, args.input)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
-    rejected_path, summary_path = output_paths(args.out)
     finished = {r["id"] for r in data.read_append_only(args.out) + data.read_append_only(rejected_path)}
     todo = [p for p in problems if p["id"] not in finished]
     describer, reasoner = make_backend("describer", args), make_backend("reasoner", args)
@@ -970,11 +674,12 @@ def rebalance(args):
 # ----------------------------------------------------------------------------- command line
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="Cold-start CoT data by modality bridging (PAPER.md section 1).")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
     b = commands.add_parser("build", help="run the modality-bridging pipeline (the default command)")
     b.add_argument("--input", default="runs/toy/data/train.jsonl", help="problem records (.jsonl / .json / .parquet)")
-    b.add_argument("--out", default="runs/toy/cold/cold.jsonl", help="conversation records, appended to")
+    b.add_argument("--out", default="runs/toy/cold/cold.jsonl", help="conversation records (STEM.jsonl; also "
+                                                                     "writes STEM.rejected.jsonl, STEM.summary.json)")
     for role in ("describer", "reasoner"):
         b.add_argument(f"--{role}", default="synthetic", choices=["synthetic", "openai", "local"])
         b.add_argument(f"--{role}-url", help="openai: base URL of the server, e.g. http://localhost:8000/v1")
@@ -993,6 +698,8 @@ def parse_args(argv):
                    help="synthetic reasoner: share of CoTs with a mistake")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--skip-bad", action="store_true", help="skip and count bad input records instead of failing")
+    b.add_argument("--resume", action="store_true", help="continue the outputs of an earlier run: skip the ids "
+                                                         "they hold, retry what failed")
     b.add_argument("--min-cot-words", type=at_least(0), default=Limits.min_words)
     b.add_argument("--max-cot-words", type=at_least(1), default=Limits.max_words)
     b.add_argument("--repeat-ngram", type=at_least(1), default=Limits.ngram)

@@ -18,7 +18,9 @@ runs them:
                      summary files
   plot.py            reward and response-length curves of the GRPO runs
 
-All runs log to one wandb group (offline unless WANDB_MODE says otherwise).
+All runs log to one wandb group (offline unless WANDB_MODE says otherwise). An --out that holds
+files is refused; --resume continues a pipeline that stopped: every step continues its own run
+(each script's --resume), and the synthetic world is built only when it is not there yet.
 """
 
 import argparse
@@ -27,6 +29,8 @@ import os
 import subprocess
 import sys
 from fractions import Fraction
+
+from train_utils import check_run_folder, command_line
 
 SIZES = {
     # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
@@ -48,13 +52,17 @@ def run(args, log):
         subprocess.run([sys.executable, *args], check=True, stdout=f, stderr=subprocess.STDOUT)
 
 
-def main():
+@command_line
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    args = parser.parse_args()
+    parser.add_argument("--resume", action="store_true", help="continue the pipeline run in --out")
+    args = parser.parse_args(argv)
     size, out, seed = SIZES[args.size], args.out, str(args.seed)
+    check_run_folder(out, args.resume, "--out")
+    resume = ["--resume"] if args.resume else []
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "pipeline.log")
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -63,19 +71,20 @@ def main():
     grpo_common = ["--preset", "toy", "--length-scale", size["length_scale"], "--cold-start", f"{out}/ci/final",
                    "--base", f"{out}/base/final", "--out-root", f"{out}/grpo", "--data", f"{out}/data/rl.jsonl",
                    "--prompts-per-rollout", str(size["prompts"]), "--prompts-per-update", str(size["prompts"]),
-                   "--seed", seed, *group]
+                   "--seed", seed, *group, *resume]
     s1, s2 = size["stage_steps"]
 
-    run(["synthetic.py", "--out", out, "--seed", seed, "--preset", size["world"]], log)
+    if not (args.resume and os.path.exists(f"{out}/model/model.safetensors")):  # written last
+        run(["synthetic.py", "--out", out, "--seed", seed, "--preset", size["world"]], log)
     run(["train_sft.py", "--preset", "toy", "--model", f"{out}/model", "--data", f"{out}/data/base_sft.jsonl",
          "--out", f"{out}/base", "--epochs", str(size["base_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "base", *group],
+         "--seed", seed, "--run-name", "base", *group, *resume],
         log)
     run(["make_cold_data.py", "build", "--input", f"{out}/data/train.jsonl", "--out", f"{out}/cold/cold.jsonl",
-         "--describer", "synthetic", "--reasoner", "synthetic", "--error-rate", "0.2", "--seed", seed], log)
+         "--describer", "synthetic", "--reasoner", "synthetic", "--error-rate", "0.2", "--seed", seed, *resume], log)
     run(["train_sft.py", "--preset", "toy", "--model", f"{out}/base/final", "--data", f"{out}/cold/cold.jsonl",
          "--out", f"{out}/ci", "--epochs", str(size["ci_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "ci", *group], log)
+         "--seed", seed, "--run-name", "ci", *group, *resume], log)
     run(["train_grpo.py", *grpo_common, "--schedule", "vision-r1", "--stage", "1",
          "--stages", f"4Kx16x{s1},8Kx8x{s2}"], log)
     run(["train_grpo.py", *grpo_common, "--schedule", "vision-r1", "--stage", "2",
@@ -86,7 +95,7 @@ def main():
     models = {"Vision-R1-Zero": f"{out}/grpo/zero/stage1/final", "Vision-R1-CI": f"{out}/ci/final",
               "Vision-R1-Long": f"{out}/grpo/long/stage1/final", "Vision-R1": f"{out}/grpo/vision-r1/stage2/final"}
     # the paper's protocol (temperature 0.6, top-p 0.95: evaluate.py's defaults), 4 samples per problem
-    sampling = ["--n", str(size["samples"])]
+    sampling = ["--n", str(size["samples"]), *resume]
     # Zero is asked with the prompt it was trained with; the others with the template's default
     zero_prompt = ["--system", _r1_zero_prompt()]
     run(["evaluate.py", "--model", models["Vision-R1-Zero"], "--bench", "synthetic", "--data", f"{out}/data/test.jsonl",
@@ -124,4 +133,4 @@ def _eval_name(path):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

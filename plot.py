@@ -1,5 +1,5 @@
 """Reward and response-length curves of GRPO runs, the picture for PTST's length behaviour
-(PAPER.md §3, Fig. 1): suppression in stage 1, growth again in stage 2.
+(docs/method.md §3, Fig. 1): suppression in stage 1, growth again in stage 2.
 
     python plot.py --runs runs/toy/grpo/vision-r1/stage1 runs/toy/grpo/vision-r1/stage2 \\
         runs/toy/grpo/long/stage1 --out curves.png

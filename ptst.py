@@ -1,4 +1,4 @@
-"""Progressive Thinking Suppression Training (PTST) schedules (PAPER.md §3, Eq. 2).
+"""Progressive Thinking Suppression Training (PTST) schedules (docs/method.md §3, Eq. 2).
 
 A schedule is a list of GRPO stages; stage s caps the response length at L_s tokens and samples
 G_s responses per prompt, keeping L_s x G_s ~ 64K tokens per prompt. Early stages force short
@@ -16,10 +16,9 @@ import os
 from dataclasses import dataclass
 from fractions import Fraction
 
-from rewards import R1_ZERO_SYSTEM_PROMPT
+from rewards import R1_ZERO_SYSTEM_PROMPT, REWARDS
 
 STARTS = ("cold", "base")  # the cold-start SFT model (Vision-R1-CI) or the base model
-REWARDS = ("hard", "zero")  # rewards.reward or rewards.zero_reward
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,7 @@ class Schedule:
     name: str
     stages: tuple[Stage, ...]
     start: str = "cold"
-    reward: str = "hard"
+    reward: str = "hard"  # a name in rewards.REWARDS
     system_prompt: str | None = None  # None: the chat template's default system turn
     release_stage: int | None = None  # the stage whose end is the reported model; None: the last
 
@@ -49,14 +48,15 @@ class Schedule:
         if self.start not in STARTS:
             raise ValueError(f"schedule {self.name!r}: start {self.start!r} is not one of {STARTS}")
         if self.reward not in REWARDS:
-            raise ValueError(f"schedule {self.name!r}: reward {self.reward!r} is not one of {REWARDS}")
+            raise ValueError(f"schedule {self.name!r}: reward {self.reward!r} is not one of rewards.REWARDS: "
+                             f"{', '.join(REWARDS)}")
 
 
 def _stages(spec):
     return tuple(Stage(*stage) for stage in spec)
 
 
-# PAPER.md §3 and the PTST ablation of the later paper version. Steps per stage of the later
+# docs/method.md §3 and the PTST ablation of the later paper version. Steps per stage of the later
 # variants are not stated; 100 per stage as in the main schedule.
 SCHEDULES = {
     schedule.name: schedule
@@ -177,7 +177,7 @@ def format_schedule(schedule):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Print a PTST schedule.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=list(SCHEDULES))
     parser.add_argument("--stages", help="override the stages, e.g. 4096x16x100,8192x8x100")
     parser.add_argument("--length-scale", default="1", help="scale every length cap, e.g. 1/64")

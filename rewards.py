@@ -1,4 +1,4 @@
-"""Answer checking and rewards for Vision-R1 (PAPER.md §3, §4).
+"""Answer checking and rewards for Vision-R1 (docs/method.md §3, §4).
 
 One checker serves GRPO and evaluation, because GRPO learns exactly what the reward pays for
 and the benchmark reports exactly what the judge accepts.
@@ -109,7 +109,7 @@ def _boxed_contents(text):
 
 
 def format_ok(text, style="vision-r1"):
-    """Does the whole response follow the format the reward pays for (PAPER.md §3)?
+    """Does the whole response follow the format the reward pays for (docs/method.md §3)?
 
     vision-r1: matches `<think>.*?</think>\\s*<answer>.*?</answer>` with each tag exactly once,
       nothing but whitespace outside, and a non-empty answer after 'Final Answer:'.
@@ -921,7 +921,7 @@ def is_equivalent(pred, gold, choices=None, answer_type=None, precision=None):
 # Rewards
 
 def reward(text, gold, choices=None, answer_type=None, truncated=False, style="vision-r1", precision=None):
-    """Hard formatting result reward (PAPER.md §3): 1.0 iff the response has the format and its
+    """Hard formatting result reward (docs/method.md §3): 1.0 iff the response has the format and its
     answer is right, else 0.0. A truncated response (finish reason 'length') scores 0.0 whatever
     it holds: it lost its closing tags by design (repo issue #29).
 
@@ -934,7 +934,7 @@ def reward(text, gold, choices=None, answer_type=None, truncated=False, style="v
 
 
 def zero_reward(text, gold, choices=None, answer_type=None, truncated=False, style="vision-r1", precision=None):
-    """Vision-R1-Zero baseline reward (PAPER.md §3): 0.5 x format + 0.5 x accuracy, where
+    """Vision-R1-Zero baseline reward (docs/method.md §3): 0.5 x format + 0.5 x accuracy, where
     accuracy checks the extracted answer even when the format is broken; truncated -> 0.0.
 
     Right answer in the right format -> 1.0; right answer with text after </answer> -> 0.5;
@@ -944,3 +944,29 @@ def zero_reward(text, gold, choices=None, answer_type=None, truncated=False, sty
         return 0.0
     correct = is_equivalent(extract_answer(text, style), gold, choices, answer_type, precision)
     return 0.5 * format_ok(text, style) + 0.5 * correct
+
+
+# ----------------------------------------------------------------------------------------------
+# The training rewards by name: what GRPO pays for (ptst.Schedule.reward, train_grpo.py --reward).
+# Each takes a sampled response (generate.Completion: text, token_ids, finish_reason) and its problem
+# record (answer, choices, answer_type, ...) and returns a float. The logged accuracy and the
+# synthetic benchmark's score stay `reward`, whatever reward is trained.
+
+def response_reward(rule, completion, problem):
+    """`rule` (`reward` or `zero_reward`) of a sampled response to its problem; a response that
+    stopped at the length cap (finish reason 'length') is truncated."""
+    return rule(completion.text, problem["answer"], problem.get("choices"), problem.get("answer_type"),
+                truncated=completion.finish_reason == "length")
+
+
+def hard(completion, problem):
+    """Vision-R1's training reward: the hard formatting result reward (`reward`)."""
+    return response_reward(reward, completion, problem)
+
+
+def zero(completion, problem):
+    """Vision-R1-Zero's training reward: 0.5 x format + 0.5 x accuracy (`zero_reward`)."""
+    return response_reward(zero_reward, completion, problem)
+
+
+REWARDS = {"hard": hard, "zero": zero}

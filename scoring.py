@@ -1,7 +1,7 @@
 """Benchmark scoring rules for MathVista, MathVerse and MM-Math, as pure functions.
 
 Each benchmark is scored the way its own evaluation code scores it, with the GPT steps
-replaced by rules (PAPER.md section 4):
+replaced by rules (docs/method.md §4):
 
 - MathVista (lupantech/MathVista, evaluation/calculate_score.py): the extraction is
   normalised to the answer type (option letter -> option text, nearest option by edit

@@ -16,8 +16,9 @@ Triangles: 1.") and then reasons over the ones the question names; what the tiny
 of each step, and what GRPO adds, is measured in the README.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
-and the exact scene `description` a perfect describer would write, which the cold-data
-pipeline's offline backends use in place of a captioning MLLM.
+and the exact scene `description` a perfect describer would write. The world's offline teachers
+(`Teachers`, make_cold_data.py's `synthetic` describer and reasoner) read them in place of a
+captioning MLLM and an R1 reasoner, and make the mistakes the cold-data filters must catch.
 
 One grid cell is 28x28 pixels = one 2x2 group of 14-pixel patches = one merged vision token,
 so a 112x112 image costs 16 image tokens.
@@ -35,10 +36,13 @@ import argparse
 import json
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
+
+from chat_client import BackendError, Reply
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ("square", "circle", "triangle")
@@ -358,6 +362,190 @@ def write_data(data_dir, splits):
         write_jsonl(os.path.join(data_dir, f"{split}.jsonl"), records[split])
     write_jsonl(os.path.join(data_dir, "base_sft.jsonl"), [c for r in records["train"] for c in base_conversations(r)])
     return records
+
+
+# ----------------------------------------------------------------------------- the cold-data pipeline's teachers
+# make_cold_data.py's `synthetic` describer and reasoner: the exact description, and a reasoner that
+# reads it like a text-only R1 model, thinks aloud and sometimes makes the mistakes the filters catch
+
+ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
+RECOUNT_RATE = 0.3  # CoTs that stop at one count, say "Wait" and count it again
+CHECK_RATE = 0.5  # CoTs that re-check before concluding
+# multiple-choice CoTs that conclude with the option's text ("red") instead of its letter, both
+# of which graders accept (rewards.is_equivalent, MathVista's scorer)
+TEXT_ANSWER_RATE = 0.3
+OPENINGS = ("Let me look at the description.", "Let me read the description row by row.")
+CHECKS = ("Let me check again. Yes, that is correct.", "Hmm, let me re-check each row. Yes.",
+          "Double-check: yes, that is right.")
+QUESTION_PATTERNS = {  # question_text, read back
+    "count": r"How many (?P<shape>\w+)s are there\?",
+    "sum": r"How many shapes are (?P<first>\w+) or (?P<second>\w+) in total\?",
+    "difference": r"How many more (?P<first>\w+) shapes than (?P<second>\w+) shapes are there\?",
+    "most_frequent": r"Which color appears most often\?\nChoices:\n(?P<options>(?:[A-D]\. \w+\n?)+)",
+    "most_shape": r"Which shape appears most often\?",
+}
+
+
+def parse_description(text):
+    """The scene a description states (`describe`, read back); BackendError if none.
+
+    >>> parse_description("Row 1: empty, red square. Row 2: empty, empty.")["objects"]
+    [{'row': 1, 'col': 2, 'color': 'red', 'shape': 'square'}]
+    """
+    rows = re.findall(r"Row (\d+): ([^.]*)\.", text)
+    if not rows:
+        raise BackendError(f"synthetic reasoner: no 'Row N: ...' in the description {text[:80]!r}")
+    objects = []
+    for row, cells in rows:
+        for col, cell in enumerate(cells.split(", "), 1):
+            if cell == "empty":
+                continue
+            color, _, shape = cell.partition(" ")
+            if color not in COLORS or shape not in SHAPES:
+                raise BackendError(f"synthetic reasoner: unknown cell {cell!r} in the description")
+            objects.append({"row": int(row), "col": col, "color": color, "shape": shape})
+    return {"grid": len(rows), "objects": objects}
+
+
+def parse_question(question):
+    """The query a question asks (`question_text`, read back); BackendError if none."""
+    for kind, pattern in QUESTION_PATTERNS.items():
+        m = re.fullmatch(pattern, question.strip())
+        if m is None:
+            continue
+        if kind == "count":
+            return {"kind": kind, "shape": m["shape"]}
+        if kind in ("sum", "difference"):
+            return {"kind": kind, "colors": [m["first"], m["second"]]}
+        if kind == "most_frequent":
+            return {"kind": kind, "choices": re.findall(r"[A-D]\. (\w+)", m["options"])}
+        return {"kind": kind}
+    raise BackendError(f"synthetic reasoner: not a synthetic-world question: {question[:80]!r}")
+
+
+def solve(scene, query):
+    """The answer to a query about a scene, or None when it has none (a tie for the most)."""
+    counted = {"most_frequent": color_counts, "most_shape": shape_counts}.get(query["kind"])
+    if counted and unique_top(counted(scene)) is None:
+        return None
+    return answer(scene, query)
+
+
+def perturb(scene, query, rng):
+    """A misperceived scene that changes the answer: one object dropped, recolored, reshaped or
+    imagined in an empty cell, or one color or shape mistaken for another throughout (the mistakes
+    a reader of a long description makes); None when none changes it."""
+    objects, right = scene["objects"], solve(scene, query)
+    taken = {(o["row"], o["col"]) for o in objects}
+    cells = [(r, c) for r in range(1, scene["grid"] + 1) for c in range(1, scene["grid"] + 1) if (r, c) not in taken]
+    candidates = [objects[:i] + objects[i + 1:] for i in range(len(objects))]
+    candidates += [objects[:i] + [{**o, "color": color}] + objects[i + 1:]
+                   for i, o in enumerate(objects) for color in COLORS if color != o["color"]]
+    candidates += [objects + [{"row": r, "col": c, "color": color, "shape": shape}]
+                   for r, c in cells for color in COLORS for shape in SHAPES]
+    candidates += [objects[:i] + [{**o, "shape": shape}] + objects[i + 1:]
+                   for i, o in enumerate(objects) for shape in SHAPES if shape != o["shape"]]
+    candidates += [[{**o, key: new if o[key] == old else o[key]} for o in objects]
+                   for key, values in (("color", COLORS), ("shape", SHAPES))
+                   for old in values for new in values if new != old]
+    scenes = [{**scene, "objects": seen} for seen in candidates]
+    wrong = [seen for seen in scenes if solve(seen, query) not in (None, right)]
+    return rng.choice(wrong) if wrong else None
+
+
+def write_steps(scene, query, rng, recount=False, by_text=False):
+    """The reasoning steps and the answer they reach: first every count read off the image in a
+    fixed order (tally), then the question's arithmetic over the counts it needs, each
+    restated under its read-out's label.
+
+    With `recount`, one needed count is checked again after a "Wait", R1's self-check (the count
+    stays: a wrong first count would teach the model to misread the image). With `by_text`, a
+    multiple-choice answer is the option's text, not its letter.
+    """
+    kind, answer = query["kind"], solve(scene, query)
+    colors, shapes = color_counts(scene), shape_counts(scene)
+    steps = [tally(scene)]
+    if kind == "count":
+        needed = [(f"{query['shape'].capitalize()}s", shapes[query["shape"]])]
+        steps.append(f"I need the {query['shape']}s: {shapes[query['shape']]}.")
+    elif kind in ("sum", "difference"):
+        first, second = query["colors"]
+        needed = [(first.capitalize(), colors[first]), (second.capitalize(), colors[second])]
+        steps.append(f"I need the {first} and {second} shapes. {first.capitalize()}: {colors[first]}. "
+                     f"{second.capitalize()}: {colors[second]}.")
+        sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
+        steps.append(f"{verb}: {colors[first]} {sign} {colors[second]} = {answer}.")
+    elif kind == "most_frequent":
+        winner = query["choices"]["ABCD".index(answer)]
+        needed = [(winner.capitalize(), colors[winner])]
+        steps.append(f"The most frequent color is {winner}." + ("" if by_text else f" Option {answer} is {winner}."))
+        answer = winner if by_text else answer
+    else:
+        needed = [(f"{answer.capitalize()}s", shapes[answer])]
+        steps.append(f"The most frequent shape is {answer}.")
+    if recount:
+        label, n = rng.choice(needed)
+        steps.insert(1, f"Wait, let me count the {label.lower()} again. {label}: {n}.")
+    return steps, answer
+
+
+def teacher_pseudo_cot(problem, rng):
+    """The offline describer's pseudo-CoT: a caption and the numbered steps to the gold answer."""
+    scene, query = problem["meta"]["scene"], problem["meta"]["query"]
+    steps, _ = write_steps(scene, query, rng)
+    caption = f"Caption: a {scene['grid']}x{scene['grid']} grid with {len(scene['objects'])} colored shapes."
+    return "\n".join([caption, *(f"Step {i}: {s}" for i, s in enumerate(steps, 1)), f"Answer: {problem['answer']}"])
+
+
+def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
+    """The offline reasoner: parse the description and question, solve, and think aloud, R1 style.
+
+    The CoT opens on the description, reads every count, reasons over those the question needs
+    (sometimes stopping with "Wait" to count one again), sometimes re-checks, and concludes "So the answer is X."; the
+    reply is `<think>\\nCOT\\n</think>\\n\\nFinal Answer: X`. With probability error_rate it makes one
+    mistake of ERROR_KINDS, each of which one filter catches:
+      miscount         misperceives the scene and reasons consistently to a wrong answer (answer)
+      hint_leak        misperceives, concludes wrongly, then writes the hinted answer (consistency)
+      language_mixing  switches to Chinese mid-sentence, as R1 models do (language_mixing)
+      repetition       gets stuck repeating one sentence (repetition)
+      truncated        never stops thinking and hits the token limit (format)
+    """
+    scene, query = parse_description(description), parse_question(question)
+    if solve(scene, query) is None:
+        raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
+    error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
+    recount, check, by_text = (rng.random() < rate for rate in (RECOUNT_RATE, CHECK_RATE, TEXT_ANSWER_RATE))
+    seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
+    steps, concluded = write_steps(seen, query, rng, recount, by_text)
+    conclusion = f"So the answer is {concluded}."
+    sentences = [rng.choice(OPENINGS), *steps, *([rng.choice(CHECKS)] if check else []), conclusion]
+    if error == "language_mixing":
+        sentences[-1] = f"所以 the answer is {concluded}."
+    elif error == "repetition":
+        i = rng.randrange(len(sentences) - 1)
+        sentences[i:i + 1] = [sentences[i]] * rng.randint(8, 12)
+    cot = " ".join(sentences)
+    if error == "truncated":
+        return Reply("<think>\n" + cot[:rng.randint(len(cot) // 3, 2 * len(cot) // 3)], truncated=True)
+    final = hint if error == "hint_leak" else concluded
+    return Reply(f"<think>\n{cot}\n</think>\n\nFinal Answer: {final}")
+
+
+class Teachers:
+    """The synthetic world's offline teachers: the describer returns the record's exact scene
+    description, the reasoner is teacher_reasoning. Deterministic per (seed, record, step)."""
+
+    def __init__(self, seed=0, error_rate=0.0):
+        self.seed, self.error_rate = seed, error_rate
+
+    def ask(self, request):
+        rng = random.Random(f"{self.seed}:{request.problem['id']}:{request.step}")
+        if request.step == "pseudo_cot":
+            return Reply(teacher_pseudo_cot(request.problem, rng))
+        if request.step == "describe":
+            return Reply(request.problem["meta"]["description"])
+        return teacher_reasoning(request.fields["description"], request.fields["question"],
+                                   request.fields["answer"], rng, self.error_rate)
 
 
 # ----------------------------------------------------------------------------- tokenizer, processor, model

@@ -1,4 +1,4 @@
-"""GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (PAPER.md §3).
+"""GRPO with Progressive Thinking Suppression Training: the RL stage of Vision-R1 (docs/method.md §3).
 
     torchrun --nproc_per_node 8 train_grpo.py --stage 1    # Vision-R1, stage 1: 4K x 16 (the defaults: the paper's run)
     python train_grpo.py --preset toy --stage 1 && python train_grpo.py --preset toy --stage 2   # the synthetic world, CPU
@@ -6,8 +6,10 @@
 
 Read top to bottom: the math as small pure functions (Eq. 1: group advantages, the clipped
 policy loss with the k3 KL term and its aggregation; Eq. 2 only changes the group size and the
-length cap per stage), the config, then the loop: sample prompts -> generate G responses each
--> hard format-result rewards -> advantages -> old/ref log-probs -> PPO updates -> log.
+length cap per stage), the config, then a step's pieces and the loop that calls them:
+`rollout` (this rank's prompts, G responses each) -> `score` (the schedule's reward, a name in
+rewards.REWARDS) -> `group_advantages` -> `ppo_update` (old/ref log-probs, then the updates) ->
+`step_metrics` -> log and checkpoint.
 The log-prob passes pack each prompt (and encode its image) once for its group's responses
 (`data.pack_shared_prompts`): the values and gradients of G separate prompt + response
 sequences, without running G - 1 copies of the prompt.
@@ -15,13 +17,12 @@ sequences, without running G - 1 copies of the prompt.
 The math follows the semantics of verl's `verl/trainer/ppo/core_algos.py`
 (`compute_grpo_outcome_advantage`, `compute_policy_loss_vanilla`, `kl_penalty` with
 `low_var_kl`, `agg_loss`): same values and gradients for the same inputs and modes.
-Below, * marks settings the paper does not state, which take EasyR1's defaults (PAPER.md §3).
+Below, * marks settings the paper does not state, which take EasyR1's defaults (docs/method.md §3).
 """
 
+import dataclasses
 import math
-import os
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,9 @@ import memplan
 import model as M
 import ptst
 import rewards
-from train_utils import (Logger, NonFiniteGuard, aligned_passes, all_reduce, command_line, exit_if_missing,
-                         full_value, load_training_state, packed_inputs, parse_config, peak_memory_gib,
-                         refuse_bad_flags, save_checkpoint, sharding_of, start_run)
+from train_utils import (Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, command_line, exit_if_missing,
+                         full_value, packed_inputs, parse_config, peak_memory_gib, refuse_bad_flags, resumed_step,
+                         save_checkpoint, sharding_of, start_run)
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -199,12 +200,13 @@ def policy_loss(
 
 
 # -----------------------------------------------------------------------------
-# config: every hyperparameter in one place (PAPER.md §3; * marks the unconfirmed EasyR1 defaults)
+# config: every hyperparameter in one place (docs/method.md §3; * marks the unconfirmed EasyR1 defaults)
 
 @dataclass
 class GRPOConfig:
     # PTST stage and checkpoints
     schedule: str = "vision-r1"                  # ptst.SCHEDULES name
+    reward: str = ""                             # override the schedule's reward: a rewards.REWARDS name (hard, zero)
     stages: str = ""                             # override: 'LxGxSTEPS,...' (ptst.parse_schedule)
     stage: int = 1                               # which stage of the schedule this run trains (1-based)
     length_scale: str = "1"                      # e.g. 1/64: the paper's lengths scaled to a small world
@@ -290,10 +292,12 @@ PRESETS = {
 
 
 def resolve_schedule(cfg):
-    """The schedule with command-line overrides and the length scale applied."""
+    """The schedule with command-line overrides (--stages, --reward) and the length scale applied."""
     schedule = ptst.get_schedule(cfg.schedule)
     if cfg.stages:
         schedule = ptst.parse_schedule(cfg.stages, like=schedule, name=cfg.schedule)
+    if cfg.reward:
+        schedule = dataclasses.replace(schedule, reward=cfg.reward)  # Schedule refuses an unknown name
     return ptst.scale_schedule(schedule, cfg.length_scale)
 
 
@@ -306,19 +310,80 @@ def start_flag(schedule, k):
 
 
 # -----------------------------------------------------------------------------
-# rollout pieces
+# start-up
 
-def score(completions, problems, schedule):
-    """Rewards [N] (hard format-result, or Zero's 0.5 format + 0.5 accuracy) plus the per-sample
-    facts the logs need. A response cut at the length cap scores 0 (PAPER.md §3)."""
-    reward_fn = rewards.reward if schedule.reward == "hard" else rewards.zero_reward
+def find_inputs(cfg, schedule):
+    """Fill in the stage's folder (OUT_ROOT/SCHEDULE/stageN), its start and reference checkpoints
+    (--init / --ref, else where the schedule puts them: ptst.init_checkpoint) and the wandb run name;
+    stop with one line naming the flag when an input is missing (a memory plan reads the start's
+    config.json alone)."""
+    cfg.out = ptst.stage_dir(cfg.out_root, schedule.name, cfg.stage)
+    init_flag = "--init" if cfg.init else start_flag(schedule, cfg.stage)
+    ref_flag = "--ref" if cfg.ref else start_flag(schedule, 1)
+    cfg.init = cfg.init or ptst.init_checkpoint(cfg.out_root, schedule, cfg.stage, cfg.cold_start, cfg.base)
+    cfg.ref = cfg.ref or ptst.init_checkpoint(cfg.out_root, schedule, 1, cfg.cold_start, cfg.base)
+    cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
+    exit_if_missing(cfg.init, init_flag, "checkpoint")
+    if cfg.plan:
+        return
+    if cfg.kl_coef:
+        exit_if_missing(cfg.ref, ref_flag, "checkpoint")
+    exit_if_missing(cfg.data, "--data", "file")
+
+
+def load_models(cfg, device, mesh, compute):
+    """(policy, reference, trained parameters, optimizer): the policy sharded over `mesh`, its LLM
+    trained and its vision tower frozen (as in SFT), AdamW over what it trains, and the frozen KL
+    reference (None without a KL term), kept in host memory between uses with --ref-cpu-offload."""
+    policy = M.load_sharded(cfg.init, device, param_dtype=compute, mesh=mesh,
+                            activation_checkpointing=cfg.activation_checkpointing)
+    if policy.visual is not None:
+        policy.visual.requires_grad_(False)
+    reference = M.load_sharded(cfg.ref, device, dtype=compute, param_dtype=compute, mesh=mesh,
+                               activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload) if cfg.kl_coef else None
+    if reference is not None:
+        reference.eval().requires_grad_(False)
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+    return policy, reference, params, optimizer
+
+
+# -----------------------------------------------------------------------------
+# one step: rollout -> rewards and advantages -> PPO updates -> metrics
+
+def rollout(policy, processor, problems, step, schedule, stage, cfg, rank, world, compute, device):
+    """This rank's share of step `step`'s prompts and G = stage.group_size responses to each, at most
+    stage.max_tokens long: (its problems, their encoded prompts, the completions).
+
+    An epoch is a shuffle of the problems seeded by (seed, epoch), cut into steps of
+    prompts_per_rollout; rank r takes the step's prompts r, r + world, ... (a group stays on one
+    rank). Sample j of the step's i-th prompt draws from the stream (seed, step, i, j): the same
+    samples whatever the world size or the cache budget."""
+    epoch_len = len(problems) // cfg.prompts_per_rollout
+    epoch, within = divmod(step, max(epoch_len, 1))
+    order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    step_ids = order[within * cfg.prompts_per_rollout:(within + 1) * cfg.prompts_per_rollout].tolist()
+    mine = [problems[i] for i in step_ids[rank::world]]
+    prompts = [processor.encode_problem(p, system=schedule.system_prompt) for p in mine]
+    policy.eval()
+    kv_budget = gen.kv_budget_tokens(policy.cfg, compute, cfg.kv_budget_gib, device)  # the cache is in `compute`
+    completions = gen.generate(policy, prompts, n=stage.group_size, max_new_tokens=stage.max_tokens,
+                               temperature=cfg.temperature, top_p=cfg.top_p, eos_ids=processor.eos_token_ids,
+                               seed=cfg.seed * 1_000_003 + step, prompt_ids=range(len(step_ids))[rank::world],
+                               kv_budget=kv_budget, tokenizer=processor.tokenizer)
+    return mine, prompts, completions
+
+
+def score(completions, problems, reward_fn):
+    """Rewards [N] by `reward_fn` (a rewards.REWARDS entry) plus the per-sample facts the logs need:
+    `correct` (rewards.reward, the answer right in the format, whatever is trained), `format` and
+    `truncated`. A response cut at the length cap scores 0 under both paper rewards (docs/method.md §3)."""
     out = {"reward": [], "correct": [], "format": [], "truncated": []}
     for c in completions:
         p = problems[c.prompt_index]
         truncated = c.finish_reason == "length"
-        args = (c.text, p["answer"], p.get("choices"), p.get("answer_type"))
-        out["reward"].append(reward_fn(*args, truncated=truncated))
-        out["correct"].append(rewards.reward(*args, truncated=truncated))
+        out["reward"].append(reward_fn(c, p))
+        out["correct"].append(rewards.response_reward(rewards.reward, c, p))
         out["format"].append(float(rewards.format_ok(c.text) and not truncated))
         out["truncated"].append(float(truncated))
     return {k: torch.tensor(v) for k, v in out.items()}
@@ -363,6 +428,103 @@ def frozen_logprobs(model, groups, max_len, cfg, device):
     return out
 
 
+@dataclass
+class Samples:
+    """A step's responses on this rank as the updates read them: the `prompt_groups`, and per
+    response row its advantage [N] and log-probs [N, L] under the old policy (None when the update
+    is on-policy: its own forward, detached), the reference (None without a KL term) and the
+    sampling engine (as sampled)."""
+    groups: list
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    rollout_logp: torch.Tensor
+
+
+TOKEN_STATS = ("entropy", "kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl", "rollout_logp_diff")
+
+
+def ppo_update(policy, reference, optimizer, params, guard, prompts, completions, advantages, L, cfg, device, world):
+    """The step's PPO updates: ppo_epochs passes over the rollout, each cut into updates of
+    prompts_per_update prompts (this rank: its share), one optimizer step each, skipped by `guard`
+    when the loss or gradient is not finite. Old-policy log-probs are computed first unless every
+    update is on-policy (one epoch, one update). Returns the sums the step's metrics average: loss
+    and grad_norm over updates (and their count), TOKEN_STATS over this rank's response tokens."""
+    groups = prompt_groups(prompts, completions)
+    on_policy = cfg.ppo_epochs == 1 and cfg.prompts_per_update == cfg.prompts_per_rollout
+    samples = Samples(groups, advantages,
+                      old_logp=None if on_policy else frozen_logprobs(policy, groups, L, cfg, device),
+                      ref_logp=frozen_logprobs(reference, groups, L, cfg, device) if reference is not None else None,
+                      rollout_logp=torch.tensor([c.logprobs + [0.0] * (L - len(c.logprobs)) for c in completions],
+                                                device=device).view(-1, L))
+    policy.train()
+    per_update = cfg.prompts_per_update // world  # this rank's prompts per optimizer update
+    stats = {"loss": 0.0, **dict.fromkeys(TOKEN_STATS, 0.0), "grad_norm": 0.0, "updates": 0}
+    for _ in range(cfg.ppo_epochs):
+        for first in range(0, len(groups), per_update):
+            loss = accumulate_gradients(policy, samples, groups[first:first + per_update], L, cfg, device, world, stats)
+            grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+            if guard.ok(loss, grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["loss"] += loss
+            stats["grad_norm"] += grad_norm
+            stats["updates"] += 1
+    return stats
+
+
+def accumulate_gradients(policy, samples, groups, L, cfg, device, world, stats):
+    """Forward and backward of one update's `groups` (this rank's share), micro-batch by micro-batch,
+    as many passes on every rank (`aligned_passes`). Each micro-batch's loss is normalised by the
+    whole update's response tokens (or sequences) over all ranks, so the summed gradients are the
+    update's whatever the split (`aggregate_loss`). Adds this rank's TOKEN_STATS (token sums) to
+    `stats`; returns the update's loss summed over ranks."""
+    responses = [r for g in groups for r in g["continuations"]]
+    global_tokens = float(all_reduce(sum(len(r) for r in responses)))
+    global_seqs = float(all_reduce(sum(len(r) > 0 for r in responses)))
+    loss_total = 0.0
+    for batch, weight in aligned_passes(data.pack_shared_prompts(groups, cfg.micro_batch_tokens)):
+        index, logp, entropy, mask = response_logprobs(policy, batch, L, cfg.temperature, device, with_entropy=True)
+        rows = torch.tensor(index, device=device)
+        old = logp.detach() if samples.old_logp is None else samples.old_logp[rows]
+        loss, metrics = policy_loss(
+            logp, old, samples.advantages[rows], mask, cfg.clip_low, cfg.clip_high,
+            ref_logp=None if samples.ref_logp is None else samples.ref_logp[rows], kl_coef=cfg.kl_coef, agg=cfg.agg,
+            dual_clip=cfg.dual_clip or None, global_tokens=global_tokens, global_seqs=global_seqs)
+        (loss * weight * world).backward()  # FSDP averages gradients over ranks
+        loss_total += weight * loss.item()
+        if weight:
+            n_tok = mask.sum().item()
+            stats["entropy"] += entropy.sum().item()
+            for name in ("kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
+                stats[name] += metrics.get(name, torch.tensor(0.0)).item() * n_tok
+            # the sampler's distribution against the one trained on (both the step's start policy)
+            stats["rollout_logp_diff"] += ((old - samples.rollout_logp[rows]).abs() * mask).sum().item()
+    return float(all_reduce(loss_total))
+
+
+def step_metrics(completions, scores, stats, group_size, ppo_epochs):
+    """(metrics, response tokens): the step's numbers over all ranks, per response (reward mean and
+    std, accuracy, format and truncation rates, length, the share in all-equal groups), per response
+    token (TOKEN_STATS) and per update (loss, grad_norm); and the step's response tokens."""
+    lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
+    group_std = scores["reward"].view(-1, group_size).std(-1)
+    total_tokens = float(all_reduce(lengths.sum()))
+    local = {"reward": scores["reward"].sum(), "reward_sq": (scores["reward"] ** 2).sum(),
+             "accuracy": scores["correct"].sum(),
+             "format_rate": scores["format"].sum(), "truncation_rate": scores["truncated"].sum(),
+             "response_length": lengths.sum(), "zero_std_groups": (group_std == 0).float().sum() * group_size}
+    n = float(all_reduce(len(completions)))
+    metrics = {k: float(all_reduce(v)) / n for k, v in local.items()}
+    metrics["reward_std"] = math.sqrt(max(metrics.pop("reward_sq") - metrics["reward"] ** 2, 0.0))
+    metrics["response_length_max"] = float(all_reduce(lengths.max(), torch.distributed.ReduceOp.MAX))
+    metrics["clipped_fraction"] = metrics["truncation_rate"]
+    for name in TOKEN_STATS:
+        metrics[name] = float(all_reduce(stats[name])) / max(total_tokens * ppo_epochs, 1)
+    metrics.update(loss=stats["loss"] / stats["updates"], grad_norm=stats["grad_norm"] / stats["updates"])
+    return metrics, total_tokens
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -371,142 +533,39 @@ def main(argv=None):
     cfg = parse_config(GRPOConfig, PRESETS, argv, description=__doc__)
     schedule = resolve_schedule(cfg)
     stage = ptst.get_stage(schedule, cfg.stage)
-    cfg.out = ptst.stage_dir(cfg.out_root, schedule.name, cfg.stage)
-    init_flag = "--init" if cfg.init else start_flag(schedule, cfg.stage)
-    ref_flag = "--ref" if cfg.ref else start_flag(schedule, 1)
-    cfg.init = cfg.init or ptst.init_checkpoint(cfg.out_root, schedule, cfg.stage, cfg.cold_start, cfg.base)
-    cfg.ref = cfg.ref or ptst.init_checkpoint(cfg.out_root, schedule, 1, cfg.cold_start, cfg.base)
-    exit_if_missing(cfg.init, init_flag, "checkpoint")
+    G, L = stage.group_size, stage.max_tokens
+    find_inputs(cfg, schedule)
     if cfg.plan:
         return memplan.print_plan(cfg.init, cfg, lambda model, world: memplan.grpo_phases(cfg, stage, model, world))
-    if cfg.kl_coef:
-        exit_if_missing(cfg.ref, ref_flag, "checkpoint")
-    exit_if_missing(cfg.data, "--data", "file")
-    cfg.run_name = cfg.run_name or f"{schedule.name}-stage{cfg.stage}"
-    rank, world, device, mesh, compute = start_run(cfg)
-
-    # ---------------------------------------------------------------- data (checked before step 1)
-    problems = data.load_problems(cfg.data, skip_bad=cfg.skip_bad)
+    rank, world, device, mesh, compute = start_run(cfg, "--out-root")
+    problems = data.load_problems(cfg.data, skip_bad=cfg.skip_bad)  # every record checked before step 1
     processor = data.ChatProcessor(cfg.init, cfg.min_pixels, cfg.max_pixels)
-
-    # ---------------------------------------------------------------- policy, reference, optimizer
-    policy = M.load_sharded(cfg.init, device, param_dtype=compute, mesh=mesh,
-                            activation_checkpointing=cfg.activation_checkpointing)
-    if policy.visual is not None:
-        policy.visual.requires_grad_(False)  # as in SFT: the LLM learns, the vision tower stays
-    reference = M.load_sharded(cfg.ref, device, dtype=compute, param_dtype=compute, mesh=mesh,
-                               activation_checkpointing=False, cpu_offload=cfg.ref_cpu_offload) if cfg.kl_coef else None
-    if reference is not None:
-        reference.eval().requires_grad_(False)
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    start_step = 0
-    if cfg.resume:
-        progress = load_training_state(cfg.out, policy, optimizer)
-        start_step = progress["step"] if progress else 0
+    policy, reference, params, optimizer = load_models(cfg, device, mesh, compute)
+    start_step = resumed_step(cfg, policy, optimizer)
     logger = Logger(cfg, rank, job_type=f"grpo-stage{cfg.stage}")
     guard = NonFiniteGuard(cfg.max_nonfinite)
-    G, L = stage.group_size, stage.max_tokens
     if rank == 0:
         print(ptst.format_schedule(schedule), flush=True)
         print(f"stage {cfg.stage}: {L} tokens x {G} samples, {stage.steps} steps, from {cfg.init}, "
               f"ref {cfg.ref}, start at step {start_step}, world {world} ({sharding_of(policy)})", flush=True)
 
     for step in range(start_step, stage.steps):
-        t0 = time.perf_counter()
-        # ------------------------------------------------------------ sample prompts (groups stay on one rank)
-        epoch_len = len(problems) // cfg.prompts_per_rollout
-        epoch, within = divmod(step, max(epoch_len, 1))
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        step_ids = order[within * cfg.prompts_per_rollout:(within + 1) * cfg.prompts_per_rollout].tolist()
-        mine = [problems[i] for i in step_ids[rank::world]]
-        prompts = [processor.encode_problem(p, system=schedule.system_prompt) for p in mine]
-
-        # ------------------------------------------------------------ generate G responses per prompt
-        policy.eval()
-        kv_budget = gen.kv_budget_tokens(policy.cfg, compute, cfg.kv_budget_gib, device)  # the cache is in `compute`
-        # sample j of the step's i-th prompt draws from the stream (seed, step, i, j): the same samples
-        # whatever the world size or the cache budget
-        completions = gen.generate(policy, prompts, n=G, max_new_tokens=L, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, eos_ids=processor.eos_token_ids, seed=cfg.seed * 1_000_003 + step,
-                                   prompt_ids=range(len(step_ids))[rank::world], kv_budget=kv_budget,
-                                   tokenizer=processor.tokenizer)
-        t_generate = time.perf_counter() - t0
-
-        # ------------------------------------------------------------ rewards and advantages
-        scores = score(completions, mine, schedule)
+        timer = Timer()
+        mine, prompts, completions = rollout(policy, processor, problems, step, schedule, stage, cfg, rank, world,
+                                             compute, device)
+        time_generate = timer.lap()
+        scores = score(completions, mine, rewards.REWARDS[schedule.reward])
         advantages = group_advantages(scores["reward"], G, scale=cfg.scale_advantages).to(device)
-        t_score = time.perf_counter() - t0 - t_generate
-
-        # ------------------------------------------------------------ old and reference log-probs
-        groups = prompt_groups(prompts, completions)
-        on_policy = cfg.ppo_epochs == 1 and cfg.prompts_per_update == cfg.prompts_per_rollout
-        old_logp = None if on_policy else frozen_logprobs(policy, groups, L, cfg, device)
-        ref_logp = frozen_logprobs(reference, groups, L, cfg, device) if reference is not None else None
-        rollout_logp = torch.tensor([c.logprobs + [0.0] * (L - len(c.logprobs)) for c in completions],
-                                    device=device).view(-1, L)  # the engine's, as sampled
-
-        # ------------------------------------------------------------ PPO updates
-        policy.train()
-        per_update = cfg.prompts_per_update // world  # this rank's prompts per optimizer update
-        stats = {"loss": 0.0, "entropy": 0.0, "kl_ref": 0.0, "clip_frac_high": 0.0, "clip_frac_low": 0.0,
-                 "ppo_kl": 0.0, "rollout_logp_diff": 0.0, "grad_norm": 0.0}
-        updates = 0
-        for _ in range(cfg.ppo_epochs):
-            for first in range(0, len(groups), per_update):
-                update_groups = groups[first:first + per_update]
-                responses = [r for g in update_groups for r in g["continuations"]]
-                global_tokens = float(all_reduce(sum(len(r) for r in responses)))
-                global_seqs = float(all_reduce(sum(len(r) > 0 for r in responses)))
-                loss_total = 0.0
-                for batch, weight in aligned_passes(data.pack_shared_prompts(update_groups, cfg.micro_batch_tokens)):
-                    index, logp, entropy, mask = response_logprobs(policy, batch, L, cfg.temperature, device,
-                                                                   with_entropy=True)
-                    rows = torch.tensor(index, device=device)
-                    old = logp.detach() if old_logp is None else old_logp[rows]
-                    loss, metrics = policy_loss(
-                        logp, old, advantages[rows], mask, cfg.clip_low, cfg.clip_high,
-                        ref_logp=None if ref_logp is None else ref_logp[rows], kl_coef=cfg.kl_coef, agg=cfg.agg,
-                        dual_clip=cfg.dual_clip or None, global_tokens=global_tokens, global_seqs=global_seqs)
-                    (loss * weight * world).backward()  # FSDP averages gradients over ranks
-                    loss_total += weight * loss.item()
-                    if weight:
-                        n_tok = mask.sum().item()
-                        stats["entropy"] += entropy.sum().item()
-                        for name in ("kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl"):
-                            stats[name] += metrics.get(name, torch.tensor(0.0)).item() * n_tok
-                        # the sampler's distribution against the one trained on (both the step's start policy)
-                        stats["rollout_logp_diff"] += ((old - rollout_logp[rows]).abs() * mask).sum().item()
-                grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-                loss_value = float(all_reduce(loss_total))
-                if guard.ok(loss_value, grad_norm):
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                stats["loss"] += loss_value
-                stats["grad_norm"] += grad_norm
-                updates += 1
-        t_train = time.perf_counter() - t0 - t_generate - t_score
-
-        # ------------------------------------------------------------ log and checkpoint
+        time_score = timer.lap()
+        stats = ppo_update(policy, reference, optimizer, params, guard, prompts, completions, advantages, L, cfg,
+                           device, world)
+        time_train = timer.lap()
+        metrics, tokens = step_metrics(completions, scores, stats, G, cfg.ppo_epochs)
+        metrics.update(lr=cfg.lr, time_generate=time_generate, time_score=time_score, time_train=time_train,
+                       tokens_per_s=tokens / (time_generate + time_score + time_train + timer.lap()),
+                       skipped_steps=guard.total, peak_mem_gib=peak_memory_gib(device), stage=cfg.stage,
+                       max_tokens=L, group_size=G)
         done = step + 1
-        lengths = torch.tensor([float(len(c.token_ids)) for c in completions])
-        group_std = scores["reward"].view(-1, G).std(-1)
-        total_tokens = float(all_reduce(lengths.sum()))
-        local = {"reward": scores["reward"].sum(), "reward_sq": (scores["reward"] ** 2).sum(),
-                 "accuracy": scores["correct"].sum(),
-                 "format_rate": scores["format"].sum(), "truncation_rate": scores["truncated"].sum(),
-                 "response_length": lengths.sum(), "zero_std_groups": (group_std == 0).float().sum() * G}
-        n = float(all_reduce(len(completions)))
-        metrics = {k: float(all_reduce(v)) / n for k, v in local.items()}
-        metrics["reward_std"] = math.sqrt(max(metrics.pop("reward_sq") - metrics["reward"] ** 2, 0.0))
-        metrics["response_length_max"] = float(all_reduce(lengths.max(), torch.distributed.ReduceOp.MAX))
-        metrics["clipped_fraction"] = metrics["truncation_rate"]
-        for name in ("entropy", "kl_ref", "clip_frac_high", "clip_frac_low", "ppo_kl", "rollout_logp_diff"):
-            metrics[name] = float(all_reduce(stats[name])) / max(total_tokens * cfg.ppo_epochs, 1)
-        metrics.update(loss=stats["loss"] / updates, grad_norm=stats["grad_norm"] / updates, lr=cfg.lr,
-                       time_generate=t_generate, time_score=t_score, time_train=t_train,
-                       tokens_per_s=total_tokens / (time.perf_counter() - t0), skipped_steps=guard.total,
-                       peak_mem_gib=peak_memory_gib(device), stage=cfg.stage, max_tokens=L, group_size=G)
         if done % cfg.log_every == 0 or done == stage.steps:
             logger.log(done, metrics)
         if cfg.table_every and done % cfg.table_every == 0:

@@ -1,5 +1,5 @@
 """Cold-start supervised fine-tuning: the base model learns the long, self-checking CoT format
-from the modality-bridged data and becomes Vision-R1-CI (PAPER.md section 2).
+from the modality-bridged data and becomes Vision-R1-CI (docs/method.md §2).
 
     torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-VL-7B-Instruct \\
         --data vision_r1_cold.json --out runs/vision-r1-ci   # the defaults: the paper's run
@@ -12,7 +12,6 @@ by shard), HF-format checkpoints plus a torch.distributed.checkpoint training st
 """
 
 import math
-import os
 import sys
 from dataclasses import dataclass
 
@@ -22,8 +21,8 @@ import data
 import memplan
 import model as M
 from train_utils import (InputError, Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, command_line,
-                         exit_if_missing, full_value, load_training_state, lr_at, packed_inputs, parse_config,
-                         peak_memory_gib, refuse_bad_flags, save_checkpoint, sharding_of, start_run)
+                         exit_if_missing, full_value, lr_at, packed_inputs, parse_config, peak_memory_gib,
+                         refuse_bad_flags, resumed_step, save_checkpoint, sharding_of, start_run)
 
 
 @dataclass
@@ -143,6 +142,42 @@ def eval_loss(model, records, processor, cfg, device):
     return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
 
 
+def load_model(cfg, device, mesh, compute):
+    """(model, trained parameters, optimizer): the model sharded over `mesh` in training mode, its
+    vision tower frozen unless --train-vision, and AdamW over what it trains."""
+    model = M.load_sharded(cfg.model, device, param_dtype=compute, mesh=mesh,
+                           activation_checkpointing=cfg.activation_checkpointing)
+    if model.visual is not None and not cfg.train_vision:
+        model.visual.requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.weight_decay, foreach=True)
+    return model, params, optimizer
+
+
+def train_step(model, optimizer, params, guard, batches, lr, cfg, device, world):
+    """One optimizer step at learning rate `lr` over this rank's micro-batches of the global batch,
+    as many passes on every rank (`aligned_passes`), skipped by `guard` when the loss or gradient is
+    not finite. The loss is the global batch's token mean: each micro-batch's sum of -log p divided
+    by the labelled tokens over all ranks (exact whatever the split). Returns (loss, grad_norm)."""
+    global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = 0.0
+    for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
+        micro_loss, _ = microbatch_loss(model, batch, device)
+        # FSDP averages gradients over ranks, so scale by world to get the global token mean
+        (micro_loss * (weight * world / float(global_tokens))).backward()
+        loss_sum += weight * micro_loss.item()
+    loss = float(all_reduce(loss_sum) / global_tokens)
+    grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
+    if guard.ok(loss, grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 @command_line
 def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
@@ -150,7 +185,7 @@ def main(argv=None):
     if cfg.plan:
         return memplan.print_plan(cfg.model, cfg, lambda model, world: memplan.sft_phases(cfg, model, world))
     exit_if_missing(cfg.data, "--data", "file")
-    rank, world, device, mesh, compute = start_run(cfg)
+    rank, world, device, mesh, compute = start_run(cfg, "--out")
 
     # ---------------------------------------------------------------- data (checked before step 1)
     records = data.load_conversations(cfg.data, skip_bad=cfg.skip_bad)
@@ -163,19 +198,9 @@ def main(argv=None):
                          f"{cfg.global_batch}")
     total_steps = math.ceil(cfg.epochs * steps_per_epoch)
 
-    # ---------------------------------------------------------------- model and optimizer
-    model = M.load_sharded(cfg.model, device, param_dtype=compute, mesh=mesh,
-                           activation_checkpointing=cfg.activation_checkpointing)
-    if model.visual is not None and not cfg.train_vision:
-        model.visual.requires_grad_(False)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  weight_decay=cfg.weight_decay, foreach=True)
-    start_step = 0
-    if cfg.resume:
-        progress = load_training_state(cfg.out, model, optimizer)
-        start_step = progress["step"] if progress else 0
+    # ---------------------------------------------------------------- model, optimizer, logs
+    model, params, optimizer = load_model(cfg, device, mesh, compute)
+    start_step = resumed_step(cfg, model, optimizer)
     logger = Logger(cfg, rank, job_type="sft")
     if rank == 0:
         print(f"{len(records)} train / {len(eval_records)} held-out records, {total_steps} steps, world {world} "
@@ -194,22 +219,8 @@ def main(argv=None):
         batch_indices = order[within * cfg.global_batch:(within + 1) * cfg.global_batch].tolist()
         batches, too_long = microbatches(records, batch_indices[rank::world], processor, cfg.max_tokens)
         skipped_too_long += int(all_reduce(too_long))
-        global_tokens = all_reduce(sum(int((shifted_targets(b) != -100).sum()) for b in batches))
-
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup_ratio, cfg.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = 0.0
-        for batch, weight in aligned_passes(batches, filler=IDLE_BATCH):
-            micro_loss, _ = microbatch_loss(model, batch, device)
-            # FSDP averages gradients over ranks, so scale by world to get the global token mean
-            (micro_loss * (weight * world / float(global_tokens))).backward()
-            loss_sum += weight * micro_loss.item()
-        loss = float(all_reduce(loss_sum) / global_tokens)
-        grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
-        if guard.ok(loss, grad_norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(model, optimizer, params, guard, batches, lr, cfg, device, world)
 
         done = step + 1
         interval_tokens += float(all_reduce(sum(len(b["input_ids"]) for b in batches)))

@@ -205,22 +205,74 @@ def init_distributed(timeout_minutes=120):
     return dist.get_rank(), world, device
 
 
-def start_run(cfg):
-    """What a trainer does once its inputs are found: join the process group (`init_distributed`),
-    build the mesh FSDP shards over (`data_parallel_mesh`), choose the attention kernels and the
-    compute dtype and say which (rank 0; `cfg.attention` becomes the backend in use, so wandb's
-    config records it), create the output folder, seed every generator.
+def start_run(cfg, out_flag):
+    """What a trainer does once its inputs are found: refuse a run folder that holds a run unless
+    --resume (`check_run_folder`, on every rank before any rank writes), join the process group
+    (`init_distributed`), build the mesh FSDP shards over (`data_parallel_mesh`), choose the attention
+    kernels and the compute dtype and say which (rank 0; `cfg.attention` becomes the backend in use, so
+    config.json and wandb record it), create the run folder, seed every generator. Nothing is written
+    into the folder until the Logger starts, after the data and checkpoints have been read.
     Returns (rank, world, device, mesh, compute dtype)."""
     import model as M
+    check_run_folder(cfg.out, cfg.resume, out_flag)
     rank, world, device = init_distributed(cfg.dist_timeout_minutes)
+    if world > 1:
+        dist.barrier()  # every rank has looked at the folder before rank 0 writes into it
     mesh = data_parallel_mesh(world, cfg.replicate_degree, device)
     cfg.attention = M.set_attention(cfg.attention, device)
     compute = M.compute_dtype(cfg.param_dtype)
+    os.makedirs(cfg.out, exist_ok=True)
     if rank == 0:
         print(f"world {world} on {device.type}, attention {cfg.attention}, compute {cfg.param_dtype}", flush=True)
-    os.makedirs(cfg.out, exist_ok=True)
     seed_everything(cfg.seed)
     return rank, world, device, mesh, compute
+
+
+def check_run_folder(path, resume, out_flag):
+    """One rule for every script that writes a run (trainers, evaluate.py, make_cold_data.py build):
+    a folder that holds files, or an output file that is not empty, is another run's, and only
+    --resume may write into it (to continue that run). Raises InputError naming it. Example:
+    runs/toy/ci holding final/ -> "runs/toy/ci holds a run already: --resume continues it, another
+    --out starts a new one"."""
+    taken = os.listdir(path) if os.path.isdir(path) else os.path.isfile(path) and os.path.getsize(path) > 0
+    if taken and not resume:
+        raise InputError(f"{path} holds a run already: --resume continues it, another {out_flag} starts a new one")
+
+
+def git_state():
+    """(commit, uncommitted diff) of the checkout this code runs from: the commit's hash, or None
+    outside a git checkout; the diff of tracked files against it ("" when clean)."""
+    import subprocess
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None, ""
+    return commit.stdout.strip(), diff.stdout
+
+
+def write_run_config(cfg):
+    """<out>/config.json: the resolved config (presets and defaults applied, paths filled in) and
+    the git commit the run was made with; with uncommitted changes to tracked files (a fork's ablation
+    diff) also <out>/uncommitted.diff. A resumed run keeps the config.json its first start wrote."""
+    path = os.path.join(cfg.out, "config.json")
+    if cfg.resume and os.path.exists(path):
+        return
+    commit, diff = git_state()
+    with open(path, "w") as f:
+        json.dump({"git_commit": commit, "uncommitted_changes": bool(diff),
+                   "config": asdict(cfg)}, f, indent=2)
+    if diff:
+        with open(os.path.join(cfg.out, "uncommitted.diff"), "w") as f:
+            f.write(diff)
+
+
+def resumed_step(cfg, model, optimizer):
+    """The step a trainer starts at: under --resume, that of the latest training state in its run
+    folder (loaded into `model` and `optimizer`; 0 when there is none yet), else 0."""
+    progress = load_training_state(cfg.out, model, optimizer) if cfg.resume else None
+    return progress["step"] if progress else 0
 
 
 def process_group_backend(device):
@@ -316,11 +368,14 @@ def peak_memory_gib(device):
 # logging
 
 class Logger:
-    """One stdout line per log step and the same numbers to wandb (rank 0 only). wandb runs
-    offline unless WANDB_MODE says otherwise, so nothing reaches the network by default."""
+    """The run's records, on rank 0: config.json (`write_run_config`) when it starts, then one line
+    per log step in metrics.jsonl and on stdout, and the same numbers to wandb. wandb runs offline
+    unless WANDB_MODE says otherwise, so nothing reaches the network by default."""
 
     def __init__(self, cfg, rank, job_type):
         self.rank, self.run = rank, None
+        if rank == 0:
+            write_run_config(cfg)
         if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
             import wandb
             self.run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None, name=cfg.run_name or None,

@@ -1,6 +1,6 @@
 """A small OpenAI-compatible chat-completions server for the cold-data tests, on 127.0.0.1.
 
-It answers as the synthetic world's teachers (make_cold_data.SyntheticBackend): it finds the record
+It answers as the synthetic world's teachers (synthetic.Teachers): it finds the record
 by the image it is sent (describer steps) or by the description in the prompt (reasoner step), and
 returns the reasoning apart in `reasoning_content`, as the DeepSeek API does. A seeded share of
 attempts fails: the handler sleeps past the client's timeout, or answers 429 or 500. Whether
@@ -17,7 +17,9 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import chat_client
 import make_cold_data
+import synthetic
 
 ALWAYS_SUCCEED_FROM_ATTEMPT = 4
 
@@ -34,7 +36,7 @@ class FlakyChatServer:
                  delay=0.0, max_requests=1000, api_key=None, error_rate=0.0):
         self.by_image = {base64.b64encode(open(p["images"][0], "rb").read()).decode(): p for p in problems}
         self.by_description = {p["meta"]["description"]: p for p in problems}
-        self.teacher = make_cold_data.SyntheticBackend(seed, error_rate)
+        self.teacher = synthetic.Teachers(seed, error_rate)
         self.failure_rate, self.seed, self.failure_kinds = failure_rate, seed, failure_kinds
         self.hang, self.delay, self.max_requests, self.api_key = hang, delay, max_requests, api_key
         self.attempts, self.outcomes, self.unmatched = Counter(), Counter(), 0
@@ -85,7 +87,7 @@ class FlakyChatServer:
             return None
         fields = {"description": problem["meta"]["description"], "answer": problem["answer"],
                   "question": make_cold_data.question_with_choices(problem)}
-        reply = self.teacher.ask(make_cold_data.Request(step, prompt, [], problem, fields))
+        reply = self.teacher.ask(chat_client.Request(step, prompt, [], problem, fields))
         message = {"role": "assistant", "content": reply.text}
         if step == "reason":
             cot, answer = make_cold_data.split_reply(reply)

@@ -1,7 +1,8 @@
 """Bad input at every entry point (data.py check, train_sft.py, train_grpo.py, evaluate.py,
 make_cold_data.py, generate.py): each bad data file, checkpoint and flag x each script that reads it
 ends with its message (the file, and for data the line, named), exit code 1 (2 for a flag), no
-traceback, and the files an earlier good run left in the output folder unchanged.
+traceback, and the files an earlier good run left in the output folder unchanged, even where the
+script continues that run (--resume; without it the folder is refused before any input is read).
 
 Scripts run in-process through their main (as their command line calls it); one subprocess case
 shows the real command line prints no traceback either."""
@@ -154,7 +155,7 @@ READERS = {
             "--model", ckpt, "--bench", "synthetic", "--data", path, "--out", out, "--max-new-tokens", "4",
             "--attention", "sdpa"]),
         "make_cold_data.py build": (make_cold_data.main, lambda path, out, ckpt: [
-            "build", "--input", path, "--out", os.path.join(out, "cold.jsonl")]),
+            "build", "--input", path, "--out", os.path.join(out, "cold.jsonl"), "--resume"]),
         "generate.py": (generate.main, lambda path, out, ckpt: [
             "--model", ckpt, "--prompts", path, "--out", os.path.join(out, "completions.jsonl"),
             "--max-new-tokens", "4"]),
@@ -163,7 +164,7 @@ READERS = {
         "data.py check": (data.main, lambda path, out, ckpt: ["check", path]),
         "train_sft.py": (train_sft.main, lambda path, out, ckpt: [
             "--preset", "toy", "--model", ckpt, "--data", path, "--out", out, "--global-batch", "2",
-            "--eval-holdout", "0", "--epochs", "1"]),
+            "--eval-holdout", "0", "--epochs", "1", "--resume"]),
         "make_cold_data.py stats": (make_cold_data.main, lambda path, out, ckpt: ["stats", path]),
     },
 }
@@ -227,7 +228,7 @@ CHECKPOINT_READERS = {
     "generate.py": ("problems", READERS["problems"]["generate.py"]),
     "make_cold_data.py build --describer local": ("problems", (make_cold_data.main, lambda path, out, ckpt: [
         "build", "--input", path, "--out", os.path.join(out, "cold.jsonl"), "--describer", "local",
-        "--describer-model", ckpt])),
+        "--describer-model", ckpt, "--resume"])),
 }
 CHECKPOINT_TABLE = [(case, entry) for case in CHECKPOINT_CASES for entry in CHECKPOINT_READERS]
 

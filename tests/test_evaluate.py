@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
+import chat_client
 import data
 import evaluate as E
 import generate as G
-import make_cold_data
 import model as M
 from tests.test_fsdp import torchrun
 
@@ -356,14 +356,14 @@ def test_sample_until_answer_redraws_only_missing_answers():
 
 
 class FakeJudgeServer:
-    """make_cold_data's client as the Judge uses it: `ask(Request) -> Reply`, replies by a rule."""
+    """chat_client's OpenAIBackend as the Judge uses it: `ask(Request) -> Reply`, replies by a rule."""
 
     def __init__(self, reply):
         self.reply, self.prompts = reply, []
 
     def ask(self, request):
         self.prompts.append(request.prompt)
-        return make_cold_data.Reply(self.reply(request.prompt))
+        return chat_client.Reply(self.reply(request.prompt))
 
 
 def test_judge_extracts_mathvista_answers_only_where_the_rules_find_none(bench_dir):
@@ -475,7 +475,7 @@ def test_cli_records_the_judge(tiny_world, bench_dir, tmp_path, monkeypatch):
         clients.append((url, model, api_key, options))
         return FakeJudgeServer(lambda prompt: "1")  # judges every answer consistent
 
-    monkeypatch.setattr(make_cold_data, "OpenAIBackend", client)
+    monkeypatch.setattr(chat_client, "OpenAIBackend", client)
     monkeypatch.setenv("OPENAI_API_KEY", "key")
     (summary,) = E.main(["--model", os.path.join(tiny_world, "model"), "--bench", "mathverse", "--data",
                          str(bench_dir / "mathverse.json"), "--out", str(tmp_path), "--judge",
@@ -517,13 +517,19 @@ def test_cli_before_and_after_on_the_synthetic_world_resumes(tiny_world, tmp_pat
                         eos_ids=processor.eos_token_ids, max_new_tokens=6, greedy=True, tokenizer=processor.tokenizer)
     assert [row["response"] for row in rows[:2]] == [c.text for c in direct]
 
-    # a rerun generates nothing and changes nothing
+    # a rerun is refused before any work; with --resume it generates nothing and changes nothing
     content = samples.read_text(encoding="utf-8")
 
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished evaluation sampled again")
 
     monkeypatch.setattr(G, "generate", must_not_run)
+    files = sorted(path for path in out.rglob("*") if path.is_file())
+    before = [path.read_bytes() for path in files]
+    with pytest.raises(SystemExit, match=f"^{out / 'synthetic' / 'model'} holds a run already: --resume continues"):
+        E.main(argv)
+    assert [path.read_bytes() for path in files] == before
+    argv.append("--resume")
     assert E.main(argv)[0] == summary
     assert samples.read_text(encoding="utf-8") == content
 

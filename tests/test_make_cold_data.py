@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 
+import chat_client
 import data
 import make_cold_data as M
 import rewards
@@ -119,10 +120,16 @@ def test_synthetic_run_keeps_only_correct_trainable_records(tiny_world, tmp_path
             assert M.stated_answer(M.cot_text(r["response"])) != answer
     assert summary["cot"]["samples"] == len(kept) and summary["cot"]["words"]["wait"]["total"] > 0
 
-    # the same command again finds everything finished and writes nothing
-    before = out.read_bytes()
-    M.main(["build", "--input", train_file(tiny_world), "--out", str(out), "--error-rate", "0.2", "--seed", "0"])
-    assert out.read_bytes() == before and outputs(out)[2]["resumed"] == 20
+    # the same command again is refused, every output untouched; with --resume it finds everything
+    # finished and writes nothing
+    command = ["build", "--input", train_file(tiny_world), "--out", str(out), "--error-rate", "0.2", "--seed", "0"]
+    files = sorted(p for p in out.parent.iterdir() if p.is_file())
+    before = [p.read_bytes() for p in files]
+    with pytest.raises(SystemExit, match=f"^{out} holds a run already: --resume continues it, another --out"):
+        M.main(command)
+    assert [p.read_bytes() for p in files] == before
+    M.main(command + ["--resume"])
+    assert out.read_bytes() == before[0] and outputs(out)[2]["resumed"] == 20
 
     # the same file at another concurrency; another seed makes other CoTs
     again, other = tmp_path / "b" / "cold.jsonl", tmp_path / "c" / "cold.jsonl"
@@ -164,7 +171,7 @@ def test_every_mistake_is_caught_by_its_filter(tiny_world):
     problems = [p for split in ("train", "rl", "test") for p in data.load_problems(split_file(tiny_world, split))]
     rejected_by = {}
     for error_rate in (0.0, 1.0):
-        teacher = M.SyntheticBackend(seed=0, error_rate=error_rate)
+        teacher = synthetic.Teachers(seed=0, error_rate=error_rate)
         for p in problems:
             cot, answer, truncated = M.reason(teacher, p, M.describe(teacher, p, M.pseudo_cot(teacher, p)))
             rejected_by[error_rate, p["id"]] = M.failed_filter(p, M.rewrite_description_refs(cot), answer, truncated)
@@ -177,7 +184,7 @@ def test_synthetic_cot_is_short_human_like_and_right(tiny_world):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "model"))
-    teacher = M.SyntheticBackend(seed=0)
+    teacher = synthetic.Teachers(seed=0)
     lengths, corrections = [], 0
     for p in data.load_problems(split_file(tiny_world, "rl")) + data.load_problems(train_file(tiny_world)):
         cot, answer, _ = M.reason(teacher, p, p["meta"]["description"])
@@ -191,25 +198,25 @@ def test_synthetic_cot_is_short_human_like_and_right(tiny_world):
 
 def test_synthetic_teacher_reads_the_world_back(tiny_world):
     for p in data.load_problems(train_file(tiny_world)):
-        assert M.parse_description(p["meta"]["description"]) == p["meta"]["scene"]
-        assert M.parse_question(p["question"]) == p["meta"]["query"]
+        assert synthetic.parse_description(p["meta"]["description"]) == p["meta"]["scene"]
+        assert synthetic.parse_question(p["question"]) == p["meta"]["query"]
     scene = {"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"},
                                     {"row": 2, "col": 1, "color": "red", "shape": "circle"}]}
     readout = "Red: 2. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 1. Triangles: 0."
-    assert M.write_steps(scene, {"kind": "count", "shape": "square"}, None) == (
+    assert synthetic.write_steps(scene, {"kind": "count", "shape": "square"}, None) == (
         [readout, "I need the squares: 1."], "1")
-    assert M.write_steps(scene, {"kind": "difference", "colors": ["red", "blue"]}, None) == (
+    assert synthetic.write_steps(scene, {"kind": "difference", "colors": ["red", "blue"]}, None) == (
         [readout, "I need the red and blue shapes. Red: 2. Blue: 0.", "Next I subtract: 2 - 0 = 2."], "2")
     most_frequent = {"kind": "most_frequent", "choices": ["blue", "red", "green", "yellow"]}
-    assert M.write_steps(scene, most_frequent, None) == (
+    assert synthetic.write_steps(scene, most_frequent, None) == (
         [readout, "The most frequent color is red. Option B is red."], "B")
-    assert M.write_steps(scene, most_frequent, None, by_text=True) == ([readout, "The most frequent color is red."], "red")
+    assert synthetic.write_steps(scene, most_frequent, None, by_text=True) == ([readout, "The most frequent color is red."], "red")
     circles = {**scene, "objects": scene["objects"] + [{"row": 2, "col": 2, "color": "blue", "shape": "circle"}]}
-    assert M.write_steps(circles, {"kind": "most_shape"}, random.Random(0), recount=True) == (
+    assert synthetic.write_steps(circles, {"kind": "most_shape"}, random.Random(0), recount=True) == (
         ["Red: 2. Green: 0. Blue: 1. Yellow: 0. Squares: 1. Circles: 2. Triangles: 0.",
          "Wait, let me count the circles again. Circles: 2.", "The most frequent shape is circle."], "circle")
-    with pytest.raises(M.BackendError, match="not a synthetic-world question"):
-        M.parse_question("What is the area of the triangle?")
+    with pytest.raises(chat_client.BackendError, match="not a synthetic-world question"):
+        synthetic.parse_question("What is the area of the triangle?")
 
 
 # ----------------------------------------------------------------------------- replies, filters, rewrite, records
@@ -221,16 +228,16 @@ CHOICE = {**QUESTION, "question": "Which color is most frequent?", "answer": "B"
 
 
 @pytest.mark.parametrize("reply, expected", [
-    (M.Reply("Final Answer: 3", reasoning="Let me think. 1 + 2 = 3."), ("Let me think. 1 + 2 = 3.", "3")),
-    (M.Reply("<think>\nabc\n</think>\n\nThe answer is **B**."), ("abc", "B")),
-    (M.Reply("abc</think>So it is \\boxed{12}."), ("abc", "12")),  # servers that drop the opening tag
-    (M.Reply("<think> x </think><answer> Final Answer:7 </answer>"), ("x", "7")),
-    (M.Reply("x</think>\n\n**Final Answer:** 4.5"), ("x", "4.5")),
-    (M.Reply("x</think>\n\nred"), ("x", "red")),
-    (M.Reply("<think> never ends", truncated=True), ("never ends", None)),
-    (M.Reply("x</think>I think it is probably three or maybe four, hard to tell."), ("x", None)),
-    (M.Reply("x</think>\n\nFinal Answer: "), ("x", None)),  # a blank answer, not the answer "Final Answer:"
-    (M.Reply("x</think>\n\n**Final Answer:**"), ("x", None)),
+    (chat_client.Reply("Final Answer: 3", reasoning="Let me think. 1 + 2 = 3."), ("Let me think. 1 + 2 = 3.", "3")),
+    (chat_client.Reply("<think>\nabc\n</think>\n\nThe answer is **B**."), ("abc", "B")),
+    (chat_client.Reply("abc</think>So it is \\boxed{12}."), ("abc", "12")),  # servers that drop the opening tag
+    (chat_client.Reply("<think> x </think><answer> Final Answer:7 </answer>"), ("x", "7")),
+    (chat_client.Reply("x</think>\n\n**Final Answer:** 4.5"), ("x", "4.5")),
+    (chat_client.Reply("x</think>\n\nred"), ("x", "red")),
+    (chat_client.Reply("<think> never ends", truncated=True), ("never ends", None)),
+    (chat_client.Reply("x</think>I think it is probably three or maybe four, hard to tell."), ("x", None)),
+    (chat_client.Reply("x</think>\n\nFinal Answer: "), ("x", None)),  # a blank answer, not the answer "Final Answer:"
+    (chat_client.Reply("x</think>\n\n**Final Answer:**"), ("x", None)),
 ])
 def test_split_reply(reply, expected):
     assert M.split_reply(reply) == expected
@@ -282,7 +289,7 @@ class Replying:
         self.text = text
 
     def ask(self, request):
-        return M.Reply(self.text)
+        return chat_client.Reply(self.text)
 
 
 def test_a_blank_final_answer_is_rejected_for_its_format(tmp_path):
@@ -443,7 +450,7 @@ def test_bad_input_and_torn_output(tiny_world, tmp_path):
     M.main(["build", "--input", str(src), "--out", str(out), "--skip-bad"])
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:2]) + lines[2][:40])
-    M.main(["build", "--input", str(src), "--out", str(out), "--skip-bad"])
+    M.main(["build", "--input", str(src), "--out", str(out), "--skip-bad", "--resume"])
     kept, rejected, summary = outputs(out)
     assert_each_id_once([{"id": p["id"]} for p in problems[:5]], kept, rejected)
     assert summary["bad_input"] == 1 and summary["resumed"] == 2
@@ -483,16 +490,16 @@ def test_openai_backend_survives_a_flaky_server(tiny_world, tmp_path, client_env
 def test_openai_client_retries_only_transient_errors(tiny_world, tmp_path, client_env):
     problem = data.load_problems(train_file(tiny_world))[0]
     with FlakyChatServer([problem], api_key=SECRET) as server:
-        wrong_key = M.OpenAIBackend(server.url, "fake-vl", api_key="sk-wrong", max_retries=5, backoff=0.01)
-        with pytest.raises(M.BackendError, match="HTTP 401") as error:
+        wrong_key = chat_client.OpenAIBackend(server.url, "fake-vl", api_key="sk-wrong", max_retries=5, backoff=0.01)
+        with pytest.raises(chat_client.BackendError, match="HTTP 401") as error:
             M.pseudo_cot(wrong_key, problem)
         assert server.outcomes == {"unauthorized": 1} and "sk-wrong" not in str(error.value)
     with FlakyChatServer([problem], failure_rate=1.0, failure_kinds=("500",)) as server:
-        client = M.OpenAIBackend(server.url, "fake-vl", max_retries=2, backoff=0.01)
-        with pytest.raises(M.BackendError, match="gave up after 3 attempts, last: HTTP 500"):
+        client = chat_client.OpenAIBackend(server.url, "fake-vl", max_retries=2, backoff=0.01)
+        with pytest.raises(chat_client.BackendError, match="gave up after 3 attempts, last: HTTP 500"):
             M.pseudo_cot(client, problem)
         assert server.outcomes == {"500": 3}
-    assert M.retry_after({"Retry-After": "7"}) == 7.0 and M.retry_after({"Retry-After": "Wed, 21 Oct 2015"}) is None
+    assert chat_client.retry_after({"Retry-After": "7"}) == 7.0 and chat_client.retry_after({"Retry-After": "Wed, 21 Oct 2015"}) is None
 
 
 def test_failed_records_are_retried_on_restart(tiny_world, tmp_path, client_env):
@@ -504,7 +511,7 @@ def test_failed_records_are_retried_on_restart(tiny_world, tmp_path, client_env)
     assert (len(kept), len(rejected), summary["failed"], summary["pending"]) == (0, 0, 20, 0)
     assert "gave up after 2 attempts" in summary["failures"][0]["error"]
     with FlakyChatServer(problems, failure_rate=0.0) as up:
-        M.main(openai_args(tiny_world, out, up.url))
+        M.main(openai_args(tiny_world, out, up.url) + ["--resume"])
     kept, rejected, summary = outputs(out)
     assert_each_id_once(problems, kept, rejected)
     assert (summary["failed"], summary["resumed"], len(kept)) == (0, 0, 20)
@@ -526,7 +533,7 @@ def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):
         job.send_signal(signal.SIGKILL)
         job.wait()
         assert 5 <= lines_written(out) < len(problems)
-        subprocess.run(command, cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        subprocess.run(command + ["--resume"], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
     kept, rejected, summary = outputs(out)
     assert_each_id_once(problems, kept, rejected)
     assert summary["failed"] == 0 and summary["resumed"] >= 5

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.test_fsdp import ROOT
 
 
@@ -38,3 +40,14 @@ def test_plot_smooths_with_a_trailing_mean_and_chains_stages(tmp_path):
             "".join(json.dumps({"step": i + 1, "stage": stage, "reward": r}) + "\n" for i, r in enumerate(rewards)))
     rows = plot.curves([str(tmp_path / "run" / "stage2"), str(tmp_path / "run" / "stage1")])["run"]
     assert [(row["global_step"], row["reward"]) for row in rows] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_an_out_that_holds_a_run_is_refused_before_any_step(tmp_path):
+    """The synthetic world is the first step: a second pipeline into the same --out stops before it."""
+    import pipeline
+
+    (tmp_path / "pipeline.log").write_text("an earlier run\n")
+    with pytest.raises(SystemExit) as refused:
+        pipeline.main(["--out", str(tmp_path)])
+    assert refused.value.code == f"{tmp_path} holds a run already: --resume continues it, another --out starts a new one"
+    assert os.listdir(tmp_path) == ["pipeline.log"]

@@ -19,12 +19,12 @@ from train_utils import parse_config
 
 def test_no_preset_is_the_papers_run():
     grpo = parse_config(train_grpo.GRPOConfig, train_grpo.PRESETS, ["--stage", "1"])
-    # PAPER.md §3: images 512^2 - 2048^2 pixels, stage 1 caps responses at 4K (no length scale), lr 1e-6
+    # docs/method.md §3: images 512^2 - 2048^2 pixels, stage 1 caps responses at 4K (no length scale), lr 1e-6
     assert (grpo.min_pixels, grpo.max_pixels, grpo.length_scale, grpo.lr) == (512**2, 2048**2, "1", 1e-6)
     assert grpo.prompts_per_rollout == 512 and grpo.activation_checkpointing
     assert train_grpo.resolve_schedule(grpo).stages[0].max_tokens == 4096
     sft = parse_config(train_sft.SFTConfig, train_sft.PRESETS, [])
-    # PAPER.md §2: lr 5e-6, batch 32, 16K context, 2 epochs
+    # docs/method.md §2: lr 5e-6, batch 32, 16K context, 2 epochs
     assert (sft.lr, sft.global_batch, sft.max_tokens, sft.epochs) == (5e-6, 32, 16384, 2.0)
     toy = parse_config(train_grpo.GRPOConfig, train_grpo.PRESETS, ["--preset", "toy"])
     assert toy.length_scale == "1/32" and toy.data == "runs/toy/data/rl.jsonl"

@@ -1,4 +1,4 @@
-"""Tests for ptst.py: schedules pinned to PAPER.md §3, parsing, scaling, checkpoints, CLI."""
+"""Tests for ptst.py: schedules pinned to docs/method.md §3, parsing, scaling, checkpoints, CLI."""
 import os
 import subprocess
 import sys
