@@ -8,7 +8,8 @@ Read top to bottom:
   4. language model  multimodal RoPE (t/h/w) positions, GQA decoder layers
   5. the model       forward_packed (padding-free training), forward (HF-style padded batch)
   6. log-probs       token_logprobs: chunked head + log-softmax, recomputed in backward
-  7. checkpoints     load_model, load_sharded (FSDP2, each rank reads its shard) / save_model
+  7. checkpoints     load_model, load_sharded (FSDP2, each rank reads its shard) / save_model; a config.json
+                     of model_type "mllama" builds model_mllama.py's Llama 3.2 Vision instead
   8. FSDP2           apply_fsdp, gathered_params
 
 Parameter names equal the released Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`,

@@ -164,9 +164,10 @@ def _vision_config(vision, path_of):
     tiles (an image_size that is not an int multiple of patch_size), intermediate layers out of
     range, and a vision_output_dim other than the features' width (the projector's input)."""
     v = {key: _required(vision, path_of, key) for key in VISION_FIELDS}
-    if not (isinstance(v["image_size"], int) and isinstance(v["patch_size"], int) and v["image_size"] % v["patch_size"] == 0):
-        raise ValueError(f"config.json: {path_of('image_size')} {v['image_size']!r} and {path_of('patch_size')} "
-                         f"{v['patch_size']!r} are not implemented (supported: square tiles of whole patches, two ints)")
+    size, patch = v["image_size"], v["patch_size"]
+    if not (isinstance(size, int) and isinstance(patch, int) and size % patch == 0):
+        raise ValueError(f"config.json: {path_of('image_size')} {size!r} and {path_of('patch_size')} {patch!r} "
+                         f"are not implemented (supported: square tiles of whole patches, two ints)")
     layers = v["num_hidden_layers"]
     for index in v["intermediate_layers_indices"]:
         if not -layers <= index < layers:
@@ -245,7 +246,8 @@ class TileAttention(nn.Module):
     def forward(self, x, allowed):
         """x: [I, S, D]; allowed: [I, 1, S, S] (tile_attention_mask)."""
         I, S, D = x.shape
-        q, k, v = (proj(x).view(I, S, self.num_heads, -1).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(I, S, self.num_heads, -1).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         return self.o_proj(out.transpose(1, 2).reshape(I, S, D))
 
@@ -398,11 +400,14 @@ class CrossAttention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(T, self.num_heads, -1))
         k = self.k_norm(self.k_proj(cross.states).view(-1, self.num_kv_heads, q.shape[-1]))
         v = self.v_proj(cross.states).view(-1, self.num_kv_heads, q.shape[-1])
+        # query head h reads key head h // groups; expanded here, not by SDPA's enable_gqa, which
+        # sends a masked call on CUDA to the math kernel (O(queries x keys) memory per head)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = torch.zeros_like(q)
         for (qs, qe, ks, ke), allowed in zip(cross.spans, cross.allowed):
-            out[qs:qe] = F.scaled_dot_product_attention(
-                q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1), attn_mask=allowed,
-                enable_gqa=self.num_kv_heads != self.num_heads).transpose(0, 1)
+            out[qs:qe] = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
+                                                        v[ks:ke].transpose(0, 1), attn_mask=allowed).transpose(0, 1)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -420,7 +425,8 @@ class CrossAttentionDecoderLayer(nn.Module):
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, x, cross: CrossInputs):
-        x = x + self.cross_attn_attn_gate.tanh() * cross.attention_scale * self.cross_attn(self.input_layernorm(x), cross)
+        attention = self.cross_attn(self.input_layernorm(x), cross)
+        x = x + self.cross_attn_attn_gate.tanh() * cross.attention_scale * attention
         return x + self.cross_attn_mlp_gate.tanh() * (cross.sees_image * self.mlp(self.post_attention_layernorm(x)))
 
 

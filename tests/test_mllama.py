@@ -40,13 +40,10 @@ def ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def oracle(ckpt):
-    return MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def ours(ckpt):
-    return M.load_model(ckpt).eval()
+def models(ckpt):
+    """(ours, oracle): the checkpoint as model.load_model and as transformers load it."""
+    oracle = MllamaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32)
+    return M.load_model(ckpt).eval(), oracle.eval()
 
 
 @torch.no_grad()
@@ -55,13 +52,16 @@ def oracle_logits(oracle, samples, seed=0):
 
 
 @torch.no_grad()
-def max_diff_on_tokens(ours, oracle, samples):
+def max_diff_on_tokens(models, samples):
+    """Largest logit difference between ours and transformers on the real tokens of the padded batch."""
+    ours, oracle = models
     batch = tiny.padded_batch(samples)
     keep = batch["attention_mask"].bool()
     return (ours(**batch)[keep] - oracle_logits(oracle, samples)[keep]).abs().max().item()
 
 
-def test_loads_as_mllama_with_the_checkpoints_shapes(ours, oracle):
+def test_loads_as_mllama_with_the_checkpoints_shapes(models):
+    ours, _ = models
     assert isinstance(ours, MM.Mllama)
     assert ours.language_model.model.embed_tokens.weight.shape == (tiny.VOCAB + 8, 64)
     assert ours.head_weight.shape == (tiny.VOCAB, 64)
@@ -71,30 +71,31 @@ def test_loads_as_mllama_with_the_checkpoints_shapes(ours, oracle):
     assert ours.language_model.model.embed_tokens.padding_idx == tiny.VOCAB - 1
 
 
-def test_text_only_batch_matches_transformers(ours, oracle):
+def test_text_only_batch_matches_transformers(models):
     """(a) Two right-padded text-only rows: no vision, the cross-attention layers skipped."""
-    assert max_diff_on_tokens(ours, oracle, [TEXT_ONLY, (text(9, 8), [])]) <= TOL
+    assert max_diff_on_tokens(models, [TEXT_ONLY, (text(9, 8), [])]) <= TOL
 
 
-def test_one_image_of_two_tiles_matches_transformers(ours, oracle):
+def test_one_image_of_two_tiles_matches_transformers(models):
     """(b) One image cut into 2x1 tiles of at most 4; the tokens before <|image|> see no tile."""
     batch = tiny.padded_batch([ONE_IMAGE])
     assert batch["aspect_ratio_mask"].tolist() == [[[1, 1, 0, 0]]] and batch["aspect_ratio_ids"].tolist() == [[5]]
-    assert max_diff_on_tokens(ours, oracle, [ONE_IMAGE]) <= TOL
+    assert max_diff_on_tokens(models, [ONE_IMAGE]) <= TOL
 
 
-def test_batch_of_different_tile_and_image_counts_matches_transformers(ours, oracle):
+def test_batch_of_different_tile_and_image_counts_matches_transformers(models):
     """(c) One image of 3 tiles beside two images of 4 and 1 tiles: the first row gets a padding
     image, which its tokens before <|image|> attend to in transformers (and here)."""
-    assert max_diff_on_tokens(ours, oracle, [ONE_3_TILES, TWO_IMAGES]) <= TOL
+    assert max_diff_on_tokens(models, [ONE_3_TILES, TWO_IMAGES]) <= TOL
 
 
 @torch.no_grad()
-def test_packed_forward_equals_each_sample_run_alone(ours, oracle):
+def test_packed_forward_equals_each_sample_run_alone(models):
     """Packed, every sequence attends to its own images only and gets the logits transformers gives
     it alone, and our batched forward of it alone. In a padded batch beside a sample of two images
     a one-image sample gets other logits (its tokens before <|image|> attend to its padding image
     there, and the later ones to them), in transformers as here (test (c))."""
+    ours, oracle = models
     ids, cu, images = tiny.pack([tiny.process(*s) for s in SAMPLES])
     assert images["image_counts"] == [0, 1, 1, 2]
     logits = ours.forward_packed(ids, cu, **images) @ ours.head_weight.t()
@@ -106,7 +107,8 @@ def test_packed_forward_equals_each_sample_run_alone(ours, oracle):
     assert (alone[0] - in_batch[0]).abs().max() > 100 * TOL
 
 
-def test_packed_logprobs_is_the_packed_forward_through_the_head(ours):
+def test_packed_logprobs_is_the_packed_forward_through_the_head(models):
+    ours, _ = models
     ids, cu, images = tiny.pack([tiny.process(*s) for s in SAMPLES[1:3]])
     targets = torch.roll(ids, -1) % tiny.VOCAB  # <|image|> (= VOCAB) is no row of the head
     logp = ours.packed_logprobs(ids, cu, targets, **images)
@@ -241,7 +243,8 @@ def test_a_refused_checkpoint_fails_to_load_with_one_line(ckpt, tmp_path):
 
 @pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 100_000])
 @torch.no_grad()
-def test_saved_checkpoint_loads_in_transformers_with_identical_logits(ours, oracle, tmp_path, max_shard_bytes):
+def test_saved_checkpoint_loads_in_transformers_with_identical_logits(models, tmp_path, max_shard_bytes):
+    ours, oracle = models
     M.save_model(ours, tmp_path, max_shard_bytes=max_shard_bytes)
     assert os.path.exists(tmp_path / "model.safetensors.index.json") == (max_shard_bytes < 5 * 2**30)
     reloaded, info = MllamaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32,
@@ -255,9 +258,10 @@ def test_saved_checkpoint_loads_in_transformers_with_identical_logits(ours, orac
 
 
 @torch.no_grad()
-def test_transformers5_key_layout_loads(ckpt, ours, oracle, tmp_path):
+def test_transformers5_key_layout_loads(ckpt, models, tmp_path):
     """The file renamed as transformers 5 names the weights in memory loads in ours unchanged, and in
     transformers with every key found (so the renaming is the one transformers reads)."""
+    ours, oracle = models
     def to_v5(key):
         for new, released in MM.V5_PREFIXES.items():
             if key.startswith(released):
@@ -274,6 +278,15 @@ def test_transformers5_key_layout_loads(ckpt, ours, oracle, tmp_path):
                                                                     output_loading_info=True)
     assert not any(info.values()), info
     assert torch.equal(oracle_logits(reloaded.eval(), [ONE_IMAGE]), oracle_logits(oracle, [ONE_IMAGE]))
+
+
+def test_sharded_checkpoint_saved_by_transformers_loads(models, tmp_path):
+    ours, oracle = models
+    oracle.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(set(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1
+    again = M.load_model(tmp_path)
+    for (name, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_two_rank_fsdp_forward_backward_equals_one_rank(ckpt, tmp_path):

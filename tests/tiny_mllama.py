@@ -38,9 +38,10 @@ def save(path, seed=0):
 
     model = tiny.draw_weights(MllamaForConditionalGeneration(config()).eval(), seed)
     g = torch.Generator().manual_seed(seed)
+    gates = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
-            if name.rsplit(".", 1)[-1] in ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate"):
+            if name.rsplit(".", 1)[-1] in gates:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
     model.save_pretrained(path)
     return model
