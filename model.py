@@ -8,7 +8,8 @@ Read top to bottom:
   4. language model  multimodal RoPE (t/h/w) positions, GQA decoder layers
   5. the model       forward_packed (padding-free training), forward (HF-style padded batch)
   6. log-probs       token_logprobs: chunked head + log-softmax, recomputed in backward
-  7. checkpoints     load_model, load_sharded (FSDP2, each rank reads its shard) / save_model
+  7. checkpoints     load_model, load_sharded (FSDP2, each rank reads its shard) / save_model; a config.json
+                     of model_type "mllama" builds model_mllama.py's Llama 3.2 Vision instead
   8. FSDP2           apply_fsdp, gathered_params
 
 Parameter names equal the released Qwen2.5-VL checkpoints (`model.layers.*`, `visual.*`,
@@ -543,17 +544,18 @@ def image_tokens_per_sequence(input_ids, cu_seqlens, image_token_id, image_grid_
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with q/k/v biases. The attention itself is a callable passed in by
-    the caller: varlen over a packed batch in training, a KV cache in generation."""
+    """Grouped-query attention, with q/k/v biases (Qwen2) or without (Llama: `bias=False`). The
+    attention itself is a callable passed in by the caller: varlen over a packed batch in
+    training, a KV cache in generation."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx):
+    def __init__(self, cfg: ModelConfig, layer_idx, bias=True):
         super().__init__()
         hd = cfg.head_dim
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * hd, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=True)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * hd, cfg.hidden_size, bias=False)
 
     def forward(self, x, cos, sin, attend):
@@ -565,10 +567,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx):
+    """Pre-norm self-attention + SwiGLU block of Qwen2 and, with `qkv_bias=False`, of Llama 3."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx, qkv_bias=True):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, bias=qkv_bias)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
@@ -603,6 +607,15 @@ class Qwen25VL(nn.Module):
     @property
     def head_weight(self):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def checkpoint_name(self, key):
+        """The parameter a checkpoint tensor fills (`_canonical_key`), None for a tied head's stored copy."""
+        name = _canonical_key(key)
+        return None if name == "lm_head.weight" and self.cfg.tie_word_embeddings else name
+
+    def sharded_blocks(self):
+        """The modules apply_fsdp shards one by one (the root shards the rest): decoder layers, vision blocks."""
+        return list(self.model.layers) + (list(self.visual.blocks) if self.visual is not None else [])
 
     # --- pieces shared by training and generation ---------------------------------------
 
@@ -694,18 +707,30 @@ class Qwen25VL(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
         """Logits [B, T, V] of a right-padded batch (padding positions are zero). Runs the
         packed path on the unpadded tokens, so padding costs no compute."""
-        B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        keep = attention_mask.bool()
-        lengths = keep.sum(1)
-        if not torch.equal(keep, torch.arange(T, device=keep.device) < lengths[:, None]):
-            raise ValueError("forward expects a right-padded batch")
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        keep, cu = unpadded(input_ids, attention_mask)
         hidden = self._trunk(input_ids[keep], cu, pixel_values, image_grid_thw)
-        logits = hidden.new_zeros(B, T, self.cfg.vocab_size)
-        logits[keep] = hidden @ self.head_weight.t()
-        return logits
+        return padded_logits(hidden, self.head_weight, keep)
+
+
+def unpadded(input_ids, attention_mask=None):
+    """(keep [B, T] bool, cu_seqlens [B+1] int32) of a right-padded batch: `input_ids[keep]` is its
+    tokens packed. ValueError for any other padding. Example: mask [[1, 1, 0], [1, 1, 1]] ->
+    cu_seqlens [0, 2, 5]."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keep = attention_mask.bool()
+    lengths = keep.sum(1)
+    if not torch.equal(keep, torch.arange(input_ids.shape[1], device=keep.device) < lengths[:, None]):
+        raise ValueError("forward expects a right-padded batch")
+    return keep, F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def padded_logits(hidden, head_weight, keep):
+    """Logits [B, T, V] of packed hidden states [keep.sum(), H] put back in the right-padded batch
+    layout of `keep` [B, T] (zeros at padding)."""
+    logits = hidden.new_zeros(*keep.shape, head_weight.shape[0])
+    logits[keep] = hidden @ head_weight.t()
+    return logits
 
 
 # -----------------------------------------------------------------------------
@@ -836,16 +861,26 @@ def _open_safetensors(file):
         raise CheckpointError(f"not a safetensors file: {file} ({e})") from None
 
 
+def _architecture(raw):
+    """(config parser, model class) of a config.json: Llama 3.2 Vision for model_type "mllama"
+    (model_mllama.py, which imports this module, so it is imported here when asked for), else
+    Qwen2.5-VL / Qwen2 (ModelConfig.from_hf refuses any other model_type)."""
+    if raw.get("model_type") == "mllama":
+        import model_mllama
+        return model_mllama.MllamaConfig.from_hf, model_mllama.Mllama
+    return ModelConfig.from_hf, Qwen25VL
+
+
 def read_config(path):
-    """(config.json as read, ModelConfig) of a checkpoint folder; CheckpointError naming the folder
-    when there is no config.json or it is one we do not implement."""
+    """(config.json as read, parsed config) of a checkpoint folder (`_architecture`); CheckpointError
+    naming the folder when there is no config.json or it is one we do not implement."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise CheckpointError(f"{path}: no config.json" if os.path.isdir(path) else f"{path}: no such folder")
     with open(file) as f:
         raw = json.load(f)
     try:
-        return raw, ModelConfig.from_hf(raw)
+        return raw, _architecture(raw)[0](raw)
     except ValueError as e:  # "config.json: model_type 'llava' is not implemented (supported: ...)"
         raise CheckpointError(f"{path}/{e}") from None
 
@@ -865,20 +900,20 @@ def build_model(path):
     weight read (`load_model` and `load_sharded` fill it in)."""
     raw, config = read_config(path)
     with torch.device("meta"):
-        model = Qwen25VL(config)
+        model = _architecture(raw)[1](config)
     model.hf_config, model.source_dir = raw, path
     return model
 
 
 def _checkpoint_tensors(model, path):
     """(parameter name, safetensors slice) of every tensor in the checkpoint files (single or
-    sharded, either key layout; a tied head's stored copy skipped). A slice reads only what is
-    indexed: `tensor[:]` the whole tensor, `tensor[a:b]` rows a..b-1."""
+    sharded, either key layout: `model.checkpoint_name`; a tied head's stored copy skipped). A slice
+    reads only what is indexed: `tensor[:]` the whole tensor, `tensor[a:b]` rows a..b-1."""
     for file in _safetensors_files(path):
         with _open_safetensors(file) as f:
             for key in f.keys():
-                name = _canonical_key(key)
-                if not (name == "lm_head.weight" and model.cfg.tie_word_embeddings):
+                name = model.checkpoint_name(key)
+                if name is not None:
                     yield name, f.get_slice(key)
 
 
@@ -998,13 +1033,14 @@ def compute_dtype(name):
 
 
 def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=False, param_dtype=None):
-    """Shard every vision block, every decoder layer and the root with FSDP2 `fully_shard` over `mesh`
-    (None: every rank; or HSDP's 2-D mesh, `train_utils.data_parallel_mesh`), under one precision
-    policy whatever the world size (one rank included): layers compute in `param_dtype`
-    (None: the parameters' own dtype), the fp32 master shards are what the optimizer steps, and
-    gradients are reduced in fp32. The vision blocks keep their inputs' dtypes: their RoPE cos/sin
-    stay fp32, as in the unsharded bf16 model (FSDP2 would cast them to bf16 with the activations,
-    which already come in `param_dtype` from the patch embedding). `cpu_offload` keeps the shards in
+    """Shard every vision block, every decoder layer (`model.sharded_blocks()`, either architecture) and
+    the root with FSDP2 `fully_shard` over `mesh` (None: every rank; or HSDP's 2-D mesh,
+    `train_utils.data_parallel_mesh`), under one precision policy whatever the world size (one rank
+    included): layers compute in `param_dtype` (None: the parameters' own dtype), the fp32 master
+    shards are what the optimizer steps, and gradients are reduced in fp32. Qwen2.5-VL's vision
+    blocks keep their inputs' dtypes: their RoPE cos/sin stay fp32, as in the unsharded bf16 model
+    (FSDP2 would cast them to bf16 with the activations, which already come in `param_dtype` from
+    the patch embedding). `cpu_offload` keeps the shards in
     host memory between uses (the frozen reference model in GRPO).
     Build the optimizer from `model.parameters()` after this call and outside any forward.
     FSDP averages gradients over ranks (all of a 2-D mesh's): a loss normalised by the global
@@ -1015,9 +1051,8 @@ def apply_fsdp(model, mesh=None, activation_checkpointing=True, cpu_offload=Fals
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     vision_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    vision_blocks = list(model.visual.blocks) if model.visual is not None else []
-    for block in list(model.model.layers) + vision_blocks + [model]:
-        fully_shard(block, mesh=mesh, mp_policy=vision_policy if block in vision_blocks else policy,
+    for block in model.sharded_blocks() + [model]:
+        fully_shard(block, mesh=mesh, mp_policy=vision_policy if isinstance(block, VisionBlock) else policy,
                     offload_policy=offload)
     for method in ("forward_packed", "packed_logprobs"):
         register_fsdp_forward_method(model, method)
