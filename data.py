@@ -506,6 +506,18 @@ def eos_token_ids(model_dir, tokenizer):
     return eos if isinstance(eos, list) else [eos]
 
 
+def refuse_mllama(model_dir):
+    """InputError for a Llama 3.2 Vision checkpoint: model_mllama.py loads, trains and saves it, but
+    its chat template and image tiles are not in this module yet, so every script stops here with
+    one line instead of failing inside the Qwen data path."""
+    config = os.path.join(model_dir, "config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            if json.load(f).get("model_type") == "mllama":
+                raise InputError(f"{model_dir}: Llama 3.2 Vision (model_type mllama) loads in model_mllama.py, but "
+                                 "the scripts' data path (chat template, image tiles) serves Qwen2.5-VL only so far")
+
+
 class ChatProcessor:
     """A checkpoint's tokenizer (with its chat template) and Qwen2-VL image processor, combined as
     transformers' Qwen2.5-VL processor combines them, without its torchvision dependency.
@@ -517,6 +529,7 @@ class ChatProcessor:
     def __init__(self, model_dir, min_pixels=None, max_pixels=None):
         from transformers import AutoTokenizer
 
+        refuse_mllama(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = qwen2vl_image_processor_class().from_pretrained(model_dir)
         default_min, default_max = pixel_bounds(self.image_processor)
