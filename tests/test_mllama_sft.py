@@ -1,0 +1,164 @@
+"""Llama 3.2 Vision's data path (data.ChatProcessor on a model_type mllama checkpoint) against
+transformers' MllamaProcessor, and train_sft.py on it: loss falls, vision frozen, 2 ranks = 1 rank."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import evaluate
+import generate
+import train_grpo
+import train_sft
+from tests import tiny_mllama as tiny
+from tests.test_fsdp import torchrun
+from tests.test_sft import metric, no_wandb  # noqa: F401 (an autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# (record, image sizes): both record layouts, 0-2 images, adjacent and separated <image>s, two turns
+RECORDS = [
+    ({"messages": [{"role": "user", "content": "How many red squares are there?"},
+                   {"role": "assistant", "content": "The answer is 12."}]}, []),
+    ({"conversations": [{"from": "human", "value": "<image>How many red squares are there?"},
+                        {"from": "gpt", "value": "Count the cells. The answer is 12."}]}, [(40, 60)]),
+    ({"messages": [{"role": "user", "content": "<image><image>Count the grid."},
+                   {"role": "assistant", "content": "So the final answer is 4."}]}, [(30, 90), (28, 28)]),
+    ({"conversations": [{"from": "human", "value": "<image>Count the rows, then<image>check each row."},
+                        {"from": "gpt", "value": "Three rows."}, {"from": "human", "value": "Again?"},
+                        {"from": "gpt", "value": "The answer is 3."}]}, [(90, 30), (60, 40)]),
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mllama")
+    tiny.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cold_file(tmp_path_factory):
+    """RECORDS as a JSON lines file with their images (PNG files beside it), repeated to 16 records."""
+    folder = tmp_path_factory.mktemp("mllama_cold")
+    lines = []
+    for k in range(16):
+        record, sizes = RECORDS[k % len(RECORDS)]
+        names = []
+        for i, image in enumerate(tiny.images(sizes, seed=k)):
+            names.append(f"{k}_{i}.png")
+            image.save(folder / names[-1])
+        lines.append(json.dumps({**record, "images": names}))
+    (folder / "cold.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "cold.jsonl")
+
+
+def oracle(ckpt, record):
+    """transformers' MllamaProcessor (the PIL image processor: its default one needs torchvision)
+    on the record's chat as the checkpoint's own template renders it."""
+    from transformers import AutoTokenizer, MllamaProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    processor = MllamaProcessor(data.mllama_image_processor_class().from_pretrained(ckpt), tokenizer,
+                                chat_template=tokenizer.chat_template)
+    text = processor.apply_chat_template(data.template_messages(record["messages"]), tokenize=False)
+    images = [[data.load_image(source) for source in record["images"]]] if record["images"] else None
+    return processor(images=images, text=[text], add_special_tokens=False, return_tensors="pt")
+
+
+def test_encoding_equals_transformers_mllama_processor(ckpt, cold_file):
+    """Every record layout with 0, 1 and 2 images (adjacent or apart): token ids, tiles,
+    aspect-ratio ids and masks, and the per-token cross-attention mask equal MllamaProcessor's."""
+    processor = data.ChatProcessor(str(ckpt))
+    for record in data.load_conversations(cold_file)[:len(RECORDS)]:
+        ours, theirs = processor.encode_conversation(record["messages"], record["images"]), oracle(ckpt, record)
+        assert ours["input_ids"] == theirs["input_ids"][0].tolist()
+        assert ours["input_ids"].count(tiny.IMAGE) == len(record["images"])
+        for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
+            assert (key in ours) == bool(record["images"])
+            if record["images"]:
+                assert torch.equal(ours[key], theirs[key][0]), key
+    # the last record's images sit apart: image 0 is seen up to image 1's token, image 1 from there on
+    cross = ours["cross_attention_mask"][:, :, 0]
+    first, second = [i for i, t in enumerate(ours["input_ids"]) if t == tiny.IMAGE]
+    assert cross[:first].sum() == 0 and cross[first:second].tolist() == [[1, 0]] * (second - first)
+    assert cross[second:].tolist() == [[0, 1]] * (len(cross) - second)
+
+
+def test_labels_are_the_replies_and_their_eot(ckpt, cold_file):
+    """Labels decode to each assistant reply followed by <|eot_id|>, nothing else (no header, no
+    user turn, never <|image|>)."""
+    processor = data.ChatProcessor(str(ckpt))
+    record = data.load_conversations(cold_file)[3]
+    encoded = processor.encode_conversation(record["messages"], record["images"])
+    labelled = [t for t in encoded["labels"] if t != -100]
+    assert processor.tokenizer.decode(labelled) == "Three rows.<|eot_id|>The answer is 3.<|eot_id|>"
+    assert all(label in (-100, token) for label, token in zip(encoded["labels"], encoded["input_ids"]))
+
+
+def test_collate_packs_tiles_for_the_packed_forward():
+    """concat_tiles' docstring example: 3 tokens without images, then 2 with 2 images."""
+    tiles = {"pixel_values": torch.rand(2, tiny.MAX_TILES, 3, tiny.TILE, tiny.TILE),
+             "aspect_ratio_ids": torch.tensor([6, 1]), "aspect_ratio_mask": torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]]),
+             "cross_attention_mask": torch.tensor([[[1, 1, 1, 1], [1, 0, 0, 0]]] * 2)}
+    batch = data.collate([{"input_ids": [5, 6, 7]}, {"input_ids": [tiny.IMAGE, 8], **tiles}], [0, 1])
+    assert batch["image_counts"] == [0, 2] and batch["cu_seqlens"].tolist() == [0, 3, 5]
+    assert batch["cross_attention_mask"].shape == (5, 2, tiny.MAX_TILES)
+    assert batch["cross_attention_mask"][:3].sum() == 0 and torch.equal(batch["cross_attention_mask"][3:],
+                                                                        tiles["cross_attention_mask"])
+    assert torch.equal(batch["pixel_values"], tiles["pixel_values"]) and "image_grid_thw" not in batch
+
+
+def test_fit_context_cuts_the_cross_attention_mask_with_the_tokens():
+    sample = {"input_ids": [tiny.IMAGE, 1, 2, 3], "labels": [-100, 1, 2, 3],
+              "cross_attention_mask": torch.ones(4, 1, tiny.MAX_TILES)}
+    cut = train_sft.fit_context(sample, 3, tiny.IMAGE)
+    assert cut["input_ids"] == [tiny.IMAGE, 1, 2] and cut["labels"] == [-100, 1, 2]
+    assert cut["cross_attention_mask"].shape == (3, 1, tiny.MAX_TILES)
+    assert train_sft.fit_context({**sample, "input_ids": [1, 2, 3, tiny.IMAGE]}, 3, tiny.IMAGE) is None
+
+
+def sft_args(ckpt, cold_file, out, *extra):
+    return ["--preset", "toy", "--model", str(ckpt), "--data", cold_file, "--out", str(out), "--lr", "3e-3",
+            "--global-batch", "8", "--max-tokens", "512", "--eval-holdout", "0", *extra]
+
+
+def test_sft_loss_falls_and_the_vision_side_stays_frozen(ckpt, cold_file, tmp_path):
+    train_sft.main(sft_args(ckpt, cold_file, tmp_path, "--epochs", "3", "--warmup-ratio", "0"))
+    losses = metric(tmp_path, "loss")
+    assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
+    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    frozen = [name for name in before if name.startswith(("vision_model.", "multi_modal_projector."))]
+    assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
+    assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
+    assert not torch.equal(before["language_model.model.layers.1.cross_attn.q_proj.weight"],
+                           after["language_model.model.layers.1.cross_attn.q_proj.weight"])
+
+
+def test_two_ranks_give_the_one_rank_first_step_loss(ckpt, cold_file, tmp_path):
+    """FSDP2 over 2 gloo ranks (each packing its 4 records, images or not) and one rank."""
+    args = ("--epochs", "0.5")  # one step
+    train_sft.main(sft_args(ckpt, cold_file, tmp_path / "one", *args))
+    torchrun("train_sft.py", *sft_args(ckpt, cold_file, tmp_path / "two", *args), timeout=300)
+    one, two = metric(tmp_path / "one", "loss"), metric(tmp_path / "two", "loss")
+    assert len(one) == len(two) == 1 and abs(one[0] - two[0]) <= 1e-5, (one, two)
+
+
+def test_the_qwen_only_scripts_refuse_it_with_one_line(ckpt, tmp_path):
+    """generate, evaluate and train_grpo stop before any work with one line naming the folder."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
+    runs = {"generate.py": (generate.main, ["--model", ckpt, "--prompts", prompts, "--out", tmp_path / "out.jsonl"]),
+            "evaluate.py": (evaluate.main, ["--model", ckpt, "--bench", "synthetic", "--data", prompts,
+                                            "--out", tmp_path / "eval"]),
+            "train_grpo.py": (train_grpo.main, ["--preset", "toy", "--init", ckpt, "--ref", ckpt, "--data", prompts,
+                                                "--out-root", tmp_path / "rl"])}
+    for script, (main, args) in runs.items():
+        with pytest.raises(SystemExit) as stopped:
+            main([str(a) for a in args])
+        assert str(stopped.value) == (f"{ckpt}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, "
+                                      f"but {script} serves Qwen2.5-VL only so far")
+    assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]
