@@ -162,3 +162,10 @@ def test_the_qwen_only_scripts_refuse_it_with_one_line(ckpt, tmp_path):
         assert str(stopped.value) == (f"{ckpt}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, "
                                       f"but {script} serves Qwen2.5-VL only so far")
     assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]
+
+
+def test_paper_llamav_preset_is_the_papers_recipe_on_llama():
+    """docs/method.md §2 on Llama-3.2-11B-Vision-Instruct: lr 5e-6 cosine, 5% warmup, 2 epochs, batch 32, vision frozen."""
+    cfg = train_sft.parse_config(train_sft.SFTConfig, train_sft.PRESETS, ["--preset", "paper-llamav"])
+    assert cfg.model == "checkpoints/Llama-3.2-11B-Vision-Instruct" and not cfg.train_vision
+    assert (cfg.lr, cfg.schedule, cfg.warmup_ratio, cfg.epochs, cfg.global_batch) == (5e-6, "cosine", 0.05, 2.0, 32)
