@@ -34,13 +34,6 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mllama")
-    tiny.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def cold_file(tmp_path_factory):
     """RECORDS as a JSON lines file with their images (PNG files beside it), repeated to 16 records."""
     folder = tmp_path_factory.mktemp("mllama_cold")
@@ -56,25 +49,25 @@ def cold_file(tmp_path_factory):
     return str(folder / "cold.jsonl")
 
 
-def oracle(ckpt, record):
+def oracle(mllama_dir, record):
     """transformers' MllamaProcessor (the PIL image processor: its default one needs torchvision)
     on the record's chat as the checkpoint's own template renders it."""
     from transformers import AutoTokenizer, MllamaProcessor
 
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    processor = MllamaProcessor(data.mllama_image_processor_class().from_pretrained(ckpt), tokenizer,
+    tokenizer = AutoTokenizer.from_pretrained(mllama_dir)
+    processor = MllamaProcessor(data.mllama_image_processor_class().from_pretrained(mllama_dir), tokenizer,
                                 chat_template=tokenizer.chat_template)
     text = processor.apply_chat_template(data.template_messages(record["messages"]), tokenize=False)
     images = [[data.load_image(source) for source in record["images"]]] if record["images"] else None
     return processor(images=images, text=[text], add_special_tokens=False, return_tensors="pt")
 
 
-def test_encoding_equals_transformers_mllama_processor(ckpt, cold_file):
+def test_encoding_equals_transformers_mllama_processor(mllama_dir, cold_file):
     """Every record layout with 0, 1 and 2 images (adjacent or apart): token ids, tiles,
     aspect-ratio ids and masks, and the per-token cross-attention mask equal MllamaProcessor's."""
-    processor = data.ChatProcessor(str(ckpt))
+    processor = data.ChatProcessor(str(mllama_dir))
     for record in data.load_conversations(cold_file)[:len(RECORDS)]:
-        ours, theirs = processor.encode_conversation(record["messages"], record["images"]), oracle(ckpt, record)
+        ours, theirs = processor.encode_conversation(record["messages"], record["images"]), oracle(mllama_dir, record)
         assert ours["input_ids"] == theirs["input_ids"][0].tolist()
         assert ours["input_ids"].count(tiny.IMAGE) == len(record["images"])
         for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"):
@@ -88,10 +81,10 @@ def test_encoding_equals_transformers_mllama_processor(ckpt, cold_file):
     assert cross[second:].tolist() == [[0, 1]] * (len(cross) - second)
 
 
-def test_labels_are_the_replies_and_their_eot(ckpt, cold_file):
+def test_labels_are_the_replies_and_their_eot(mllama_dir, cold_file):
     """Labels decode to each assistant reply followed by <|eot_id|>, nothing else (no header, no
     user turn, never <|image|>)."""
-    processor = data.ChatProcessor(str(ckpt))
+    processor = data.ChatProcessor(str(mllama_dir))
     record = data.load_conversations(cold_file)[3]
     encoded = processor.encode_conversation(record["messages"], record["images"])
     labelled = [t for t in encoded["labels"] if t != -100]
@@ -121,16 +114,16 @@ def test_fit_context_cuts_the_cross_attention_mask_with_the_tokens():
     assert train_sft.fit_context({**sample, "input_ids": [1, 2, 3, tiny.IMAGE]}, 3, tiny.IMAGE) is None
 
 
-def sft_args(ckpt, cold_file, out, *extra):
-    return ["--preset", "toy", "--model", str(ckpt), "--data", cold_file, "--out", str(out), "--lr", "3e-3",
+def sft_args(mllama_dir, cold_file, out, *extra):
+    return ["--preset", "toy", "--model", str(mllama_dir), "--data", cold_file, "--out", str(out), "--lr", "3e-3",
             "--global-batch", "8", "--max-tokens", "512", "--eval-holdout", "0", *extra]
 
 
-def test_sft_loss_falls_and_the_vision_side_stays_frozen(ckpt, cold_file, tmp_path):
-    train_sft.main(sft_args(ckpt, cold_file, tmp_path, "--epochs", "3", "--warmup-ratio", "0"))
+def test_sft_loss_falls_and_the_vision_side_stays_frozen(mllama_dir, cold_file, tmp_path):
+    train_sft.main(sft_args(mllama_dir, cold_file, tmp_path, "--epochs", "3", "--warmup-ratio", "0"))
     losses = metric(tmp_path, "loss")
     assert len(losses) == 6 and all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
-    before, after = load_file(ckpt / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
+    before, after = load_file(mllama_dir / "model.safetensors"), load_file(tmp_path / "final" / "model.safetensors")
     frozen = [name for name in before if name.startswith(("vision_model.", "multi_modal_projector."))]
     assert frozen and all(torch.equal(before[name], after[name]) for name in frozen)
     assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
@@ -138,28 +131,28 @@ def test_sft_loss_falls_and_the_vision_side_stays_frozen(ckpt, cold_file, tmp_pa
                            after["language_model.model.layers.1.cross_attn.q_proj.weight"])
 
 
-def test_two_ranks_give_the_one_rank_first_step_loss(ckpt, cold_file, tmp_path):
+def test_two_ranks_give_the_one_rank_first_step_loss(mllama_dir, cold_file, tmp_path):
     """FSDP2 over 2 gloo ranks (each packing its 4 records, images or not) and one rank."""
     args = ("--epochs", "0.5")  # one step
-    train_sft.main(sft_args(ckpt, cold_file, tmp_path / "one", *args))
-    torchrun("train_sft.py", *sft_args(ckpt, cold_file, tmp_path / "two", *args), timeout=300)
+    train_sft.main(sft_args(mllama_dir, cold_file, tmp_path / "one", *args))
+    torchrun("train_sft.py", *sft_args(mllama_dir, cold_file, tmp_path / "two", *args), timeout=300)
     one, two = metric(tmp_path / "one", "loss"), metric(tmp_path / "two", "loss")
     assert len(one) == len(two) == 1 and abs(one[0] - two[0]) <= 1e-5, (one, two)
 
 
-def test_the_qwen_only_scripts_refuse_it_with_one_line(ckpt, tmp_path):
+def test_the_qwen_only_scripts_refuse_it_with_one_line(mllama_dir, tmp_path):
     """generate, evaluate and train_grpo stop before any work with one line naming the folder."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
-    runs = {"generate.py": (generate.main, ["--model", ckpt, "--prompts", prompts, "--out", tmp_path / "out.jsonl"]),
-            "evaluate.py": (evaluate.main, ["--model", ckpt, "--bench", "synthetic", "--data", prompts,
+    runs = {"generate.py": (generate.main, ["--model", mllama_dir, "--prompts", prompts, "--out", tmp_path / "out.jsonl"]),
+            "evaluate.py": (evaluate.main, ["--model", mllama_dir, "--bench", "synthetic", "--data", prompts,
                                             "--out", tmp_path / "eval"]),
-            "train_grpo.py": (train_grpo.main, ["--preset", "toy", "--init", ckpt, "--ref", ckpt, "--data", prompts,
+            "train_grpo.py": (train_grpo.main, ["--preset", "toy", "--init", mllama_dir, "--ref", mllama_dir, "--data", prompts,
                                                 "--out-root", tmp_path / "rl"])}
     for script, (main, args) in runs.items():
         with pytest.raises(SystemExit) as stopped:
             main([str(a) for a in args])
-        assert str(stopped.value) == (f"{ckpt}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, "
+        assert str(stopped.value) == (f"{mllama_dir}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, "
                                       f"but {script} serves Qwen2.5-VL only so far")
     assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]
 
