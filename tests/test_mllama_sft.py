@@ -11,11 +11,13 @@ from safetensors.torch import load_file
 import data
 import evaluate
 import generate
+import make_cold_data
 import train_grpo
 import train_sft
 from tests import tiny_mllama as tiny
 from tests.test_fsdp import torchrun
 from tests.test_sft import metric, no_wandb  # noqa: F401 (an autouse fixture)
+from train_utils import InputError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +143,8 @@ def test_two_ranks_give_the_one_rank_first_step_loss(mllama_dir, cold_file, tmp_
 
 
 def test_the_qwen_only_scripts_refuse_it_with_one_line(mllama_dir, tmp_path):
-    """generate, evaluate and train_grpo stop before any work with one line naming the folder."""
+    """generate, evaluate and train_grpo stop before any work with one line naming the folder, and
+make_cold_data's local sampler before loading the model."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
     runs = {"generate.py": (generate.main, ["--model", mllama_dir, "--prompts", prompts, "--out", tmp_path / "out.jsonl"]),
@@ -155,6 +158,8 @@ def test_the_qwen_only_scripts_refuse_it_with_one_line(mllama_dir, tmp_path):
         assert str(stopped.value) == (f"{mllama_dir}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, "
                                       f"but {script} serves Qwen2.5-VL only so far")
     assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]
+    with pytest.raises(InputError, match="but make_cold_data.py serves Qwen2.5-VL only so far"):
+        make_cold_data.LocalBackend(str(mllama_dir))
 
 
 def test_paper_llamav_preset_is_the_papers_recipe_on_llama():
