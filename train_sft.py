@@ -9,7 +9,7 @@ from the modality-bridged data and becomes Vision-R1-CI (docs/method.md §2).
 Either architecture, chosen from the checkpoint's config.json: Qwen2.5-VL (model.py) or Llama 3.2
 Vision (model_type mllama, model_mllama.py: its images are tiles read by cross-attention).
 
-Loss on assistant tokens only, sequences packed without cross-attention, per-token loss
+Loss on assistant tokens only, sequences packed without attention between them, per-token loss
 normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 with
 bf16 compute and fp32 master weights on any number of GPUs (one included; the model loaded shard
 by shard), HF-format checkpoints plus a torch.distributed.checkpoint training state for --resume.
