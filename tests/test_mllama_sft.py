@@ -3,6 +3,7 @@ transformers' MllamaProcessor, and train_sft.py on it: loss falls, vision frozen
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -131,6 +132,19 @@ def test_sft_loss_falls_and_the_vision_side_stays_frozen(mllama_dir, cold_file, 
     assert not torch.equal(before["language_model.lm_head.weight"], after["language_model.lm_head.weight"])
     assert not torch.equal(before["language_model.model.layers.1.cross_attn.q_proj.weight"],
                            after["language_model.model.layers.1.cross_attn.q_proj.weight"])
+
+
+def test_resuming_from_a_saved_state_ends_with_the_straight_runs_weights(mllama_dir, cold_file, tmp_path):
+    """4 steps straight, and steps 3-4 resumed from the straight run's step-2 training state in a
+    fresh folder: the final weights agree."""
+    args = ("--epochs", "2", "--save-every", "2", "--keep-last", "0")
+    train_sft.main(sft_args(mllama_dir, cold_file, tmp_path / "straight", *args))
+    shutil.copytree(tmp_path / "straight" / "state", tmp_path / "resumed" / "state")
+    (tmp_path / "resumed" / "state" / "latest").write_text("step_2")
+    train_sft.main(sft_args(mllama_dir, cold_file, tmp_path / "resumed", *args, "--resume"))
+    assert metric(tmp_path / "resumed", "loss") == metric(tmp_path / "straight", "loss")[2:]
+    a, b = (load_file(tmp_path / run / "final" / "model.safetensors") for run in ("straight", "resumed"))
+    assert all(torch.equal(a[name], b[name]) for name in a)
 
 
 def test_two_ranks_give_the_one_rank_first_step_loss(mllama_dir, cold_file, tmp_path):
