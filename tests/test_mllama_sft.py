@@ -47,7 +47,8 @@ def cold_file(tmp_path_factory):
         for i, image in enumerate(tiny.images(sizes, seed=k)):
             names.append(f"{k}_{i}.png")
             image.save(folder / names[-1])
-        lines.append(json.dumps({**record, "images": names}))
+        # one image as the released Vision-R1-cold files give it: `image`, a path string
+        lines.append(json.dumps({**record, **({"image": names[0]} if len(names) == 1 else {"images": names})}))
     (folder / "cold.jsonl").write_text("\n".join(lines) + "\n")
     return str(folder / "cold.jsonl")
 
