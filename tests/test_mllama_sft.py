@@ -159,7 +159,8 @@ def test_two_ranks_give_the_one_rank_first_step_loss(mllama_dir, cold_file, tmp_
 
 def test_the_qwen_only_scripts_refuse_it_with_one_line(mllama_dir, tmp_path):
     """generate, evaluate and train_grpo stop before any work with one line naming the folder, and
-make_cold_data's local sampler before loading the model; so does train_sft's memory plan."""
+make_cold_data's local sampler before loading the model; so do train_sft's memory plan and Qwen's
+pixel bounds."""
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"question": "Q", "answer": "1"}) + "\n")
     runs = {"generate.py": (generate.main, ["--model", mllama_dir, "--prompts", prompts, "--out", tmp_path / "out.jsonl"]),
@@ -175,6 +176,8 @@ make_cold_data's local sampler before loading the model; so does train_sft's mem
     assert sorted(os.listdir(tmp_path)) == ["prompts.jsonl"]
     with pytest.raises(InputError, match="but make_cold_data.py serves Qwen2.5-VL only so far"):
         make_cold_data.LocalBackend(str(mllama_dir))
+    with pytest.raises(InputError, match="--min-pixels / --max-pixels are for Qwen2.5-VL"):
+        data.ChatProcessor(str(mllama_dir), min_pixels=28 * 28)
     with pytest.raises(SystemExit, match=r"but --plan \(memplan.py\) serves Qwen2.5-VL only so far"):
         train_sft.main(["--plan", "--model", str(mllama_dir)])
 
