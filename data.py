@@ -1,4 +1,5 @@
-"""Record formats shared by every stage: loading, checking, and encoding chats for model.py.
+"""Record formats shared by every stage: loading, checking, and encoding chats for model.py
+(Qwen2.5-VL) and model_mllama.py (Llama 3.2 Vision).
 
 Problem records (RL training, evaluation, cold-data input), one JSON object per line:
 
