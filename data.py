@@ -1,4 +1,5 @@
-"""Record formats shared by every stage: loading, checking, and encoding chats for model.py.
+"""Record formats shared by every stage: loading, checking, and encoding chats for model.py
+(Qwen2.5-VL) and model_mllama.py (Llama 3.2 Vision).
 
 Problem records (RL training, evaluation, cold-data input), one JSON object per line:
 
@@ -33,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from train_utils import InputError, command_line
@@ -40,6 +42,8 @@ from train_utils import InputError, command_line
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_PAD = "<|image_pad|>"
 IM_END = "<|im_end|>"
+MLLAMA_IMAGE = "<|image|>"  # Llama 3.2 Vision: one token per image, its tiles read by cross-attention
+EOT = "<|eot_id|>"  # Llama 3's end of a turn
 ANSWER_TYPES = ("integer", "float", "text", "choice", "list")
 # Column aliases, first present wins. MathVista keeps a path string in `image` and the bytes in
 # `decoded_image`; MathVerse calls its id `sample_index`, MathVista `pid`.
@@ -506,36 +510,62 @@ def eos_token_ids(model_dir, tokenizer):
     return eos if isinstance(eos, list) else [eos]
 
 
-def refuse_mllama(model_dir):
-    """InputError for a Llama 3.2 Vision checkpoint: model_mllama.py loads, trains and saves it, but
-    its chat template and image tiles are not in this module yet, so every script stops here with
-    one line instead of failing inside the Qwen data path."""
+def model_type(model_dir):
+    """config.json's model_type of a checkpoint folder (None without one)."""
     config = os.path.join(model_dir, "config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            if json.load(f).get("model_type") == "mllama":
-                raise InputError(f"{model_dir}: Llama 3.2 Vision (model_type mllama) loads in model_mllama.py, but "
-                                 "the scripts' data path (chat template, image tiles) serves Qwen2.5-VL only so far")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return json.load(f).get("model_type")
+
+
+def refuse_mllama(model_dir, path):
+    """InputError for a Llama 3.2 Vision checkpoint given to a `path` (script or mode) that serves
+    Qwen2.5-VL only: train_sft.py trains it, generation and evaluation are not written yet, so such a
+    run stops here with one line instead of failing inside the Qwen code."""
+    if model_type(model_dir) == "mllama":
+        raise InputError(f"{model_dir}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, but "
+                         f"{path} serves Qwen2.5-VL only so far")
+
+
+def mllama_image_processor_class():
+    """transformers' PIL-backed MllamaImageProcessor (5.x; its default one needs torchvision), else 4.x's."""
+    try:
+        from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+        return MllamaImageProcessorPil
+    except ImportError:
+        from transformers.models.mllama.image_processing_mllama import MllamaImageProcessor
+        return MllamaImageProcessor
 
 
 class ChatProcessor:
-    """A checkpoint's tokenizer (with its chat template) and Qwen2-VL image processor, combined as
-    transformers' Qwen2.5-VL processor combines them, without its torchvision dependency.
+    """A checkpoint's tokenizer (with its chat template) and image processor, combined as
+    transformers' processor of its architecture combines them, without its torchvision dependency.
 
-    Images are loaded with the pixel bounds (default: the checkpoint's preprocessor config), the
-    template's single `<|image_pad|>` per image is expanded to the image's token count.
+    Qwen2.5-VL: images are loaded with the pixel bounds (default: the checkpoint's preprocessor
+    config), the template's single `<|image_pad|>` per image is expanded to the image's token count.
+    Llama 3.2 Vision (model_type mllama): each `<|image|>` stays one token; the image becomes up
+    to max_image_tiles tiles (MllamaImageProcessor) that the tokens after it read by cross-attention.
     """
 
     def __init__(self, model_dir, min_pixels=None, max_pixels=None):
         from transformers import AutoTokenizer
 
-        refuse_mllama(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.image_processor = qwen2vl_image_processor_class().from_pretrained(model_dir)
-        default_min, default_max = pixel_bounds(self.image_processor)
-        self.min_pixels = min_pixels or default_min
-        self.max_pixels = max_pixels or default_max
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.mllama = model_type(model_dir) == "mllama"
+        if self.mllama:
+            if min_pixels or max_pixels:
+                raise InputError(f"{model_dir}: Llama 3.2 Vision tiles images at its preprocessor config's size; "
+                                 "--min-pixels / --max-pixels are for Qwen2.5-VL")
+            self.image_processor = mllama_image_processor_class().from_pretrained(model_dir)
+            image_token, self.reply_end = MLLAMA_IMAGE, EOT
+        else:
+            self.image_processor = qwen2vl_image_processor_class().from_pretrained(model_dir)
+            default_min, default_max = pixel_bounds(self.image_processor)
+            self.min_pixels = min_pixels or default_min
+            self.max_pixels = max_pixels or default_max
+            image_token, self.reply_end = IMAGE_PAD, IM_END
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         self.eos_token_ids = eos_token_ids(model_dir, self.tokenizer)
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
@@ -551,24 +581,49 @@ class ChatProcessor:
         out = self.image_processor(images=loaded, size=bounds, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
+    def tile_inputs(self, images, ids):
+        """Llama 3.2 Vision's inputs for one sequence's `images` (n >= 1), as transformers'
+        MllamaProcessor makes them: pixel_values [n, tiles, C, H, W], aspect_ratio_ids [n],
+        aspect_ratio_mask [n, tiles], and cross_attention_mask [len(ids), n, tiles], 1 where a token
+        sees a real tile of an image: from the image's `<|image|>` up to the next image's (to the end
+        for the last one, and for every image of a run of adjacent `<|image|>`s), e.g. ids
+        [a, <|image|>, b, <|image|>, c] with 2 and 1 tiles -> rows a: none; <|image|>, b: image 0's
+        two tiles; <|image|>, c: image 1's one tile."""
+        from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                                  get_cross_attention_token_mask)
+
+        out = self.image_processor([[load_image(im) for im in images]], return_tensors="pt")
+        spans = get_cross_attention_token_mask(ids, self.image_token_id)
+        cross = convert_sparse_cross_attention_mask_to_dense([spans], out["num_tiles"],
+                                                             self.image_processor.max_image_tiles, len(ids))
+        return {"pixel_values": out["pixel_values"][0], "aspect_ratio_ids": out["aspect_ratio_ids"][0],
+                "aspect_ratio_mask": out["aspect_ratio_mask"][0], "cross_attention_mask": torch.from_numpy(cross[0])}
+
     def render(self, messages, add_generation_prompt=False):
         return self.tokenizer.apply_chat_template(template_messages(messages), tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
     def _encode(self, text, images, label_spans=None):
-        """Tokenise rendered chat text, label tokens overlapping label_spans, expand image tokens."""
-        pixel_values, grid_thw = self.vision_inputs(images)
+        """Tokenise rendered chat text, label tokens overlapping label_spans (never an image token),
+        and add the images: Qwen2.5-VL's expanded pad tokens, or Llama 3.2 Vision's tiles."""
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=label_spans is not None)
         ids = enc["input_ids"]
         labels = [-100] * len(ids)
         if label_spans is not None:
             for i, (start, end) in enumerate(enc["offset_mapping"]):
-                if any(start < span_end and end > span_start for span_start, span_end in label_spans):
+                if ids[i] != self.image_token_id and any(start < span_end and end > span_start
+                                                         for span_start, span_end in label_spans):
                     labels[i] = ids[i]
-        merge = self.image_processor.merge_size ** 2
-        counts = [] if grid_thw is None else (grid_thw.prod(-1) // merge).tolist()
-        ids, labels = expand_image_tokens(ids, labels, self.image_token_id, counts)
-        out = {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
+        if self.mllama:
+            if ids.count(self.image_token_id) != len(images):
+                raise ValueError(f"{ids.count(self.image_token_id)} image tokens in the chat for {len(images)} images")
+            out = {"input_ids": ids, **(self.tile_inputs(images, ids) if images else {})}
+        else:
+            pixel_values, grid_thw = self.vision_inputs(images)
+            merge = self.image_processor.merge_size ** 2
+            counts = [] if grid_thw is None else (grid_thw.prod(-1) // merge).tolist()
+            ids, labels = expand_image_tokens(ids, labels, self.image_token_id, counts)
+            out = {"input_ids": ids, "pixel_values": pixel_values, "image_grid_thw": grid_thw}
         return {**out, "labels": labels} if label_spans is not None else out
 
     def encode_prompt(self, question, images, system=None):
@@ -586,12 +641,15 @@ class ChatProcessor:
         return self.encode_prompt(record["question"], record["images"], system)
 
     def encode_conversation(self, messages, images):
-        """A whole chat with labels: input_ids on each assistant reply and its closing <|im_end|>,
-        -100 elsewhere (system and user turns, image tokens, the `<|im_start|>assistant\\n` header,
-        the newline after <|im_end|>). `<image>` placeholders map to `images` in order.
+        """A whole chat with labels: input_ids on each assistant reply and its closing end-of-turn
+        token (Qwen's <|im_end|>, Llama's <|eot_id|>), -100 elsewhere (system and user turns, image
+        tokens, the assistant header, the newline after <|im_end|>). `<image>` placeholders map to
+        `images` in order.
 
         Reply spans come from rendering the chat up to each reply with and without it; the template
-        must render every shorter chat as a prefix of the longer one (Qwen's does).
+        must render every shorter chat as a prefix of the longer one (Qwen's and Llama 3.2 Vision's
+        do while the images sit in the first user turn: the latter drops its system turn when a
+        chat has images).
         """
         text = self.render(messages)
         spans = []
@@ -602,7 +660,7 @@ class ChatProcessor:
             turn = self.render(messages[:k + 1])
             if not (text.startswith(turn) and turn.startswith(head)):
                 raise ValueError("chat template does not render a chat's prefix as a prefix of its text")
-            spans.append((len(head), turn.rindex(IM_END) + len(IM_END)))
+            spans.append((len(head), turn.rindex(self.reply_end) + len(self.reply_end)))
         return self._encode(text, images, spans)
 
 
@@ -675,6 +733,24 @@ def concat_images(samples):
     return torch.cat([s["pixel_values"] for s in images]), torch.cat([s["image_grid_thw"] for s in images])
 
 
+def concat_tiles(samples):
+    """Llama 3.2 Vision's image inputs of a packed batch (model_mllama's forward_packed keywords):
+    the samples' pixel_values, aspect_ratio_ids and aspect_ratio_mask concatenated in their order,
+    image_counts (images per sample) and cross_attention_mask [T, max count, tiles], each sample's
+    rows padded with unseen image slots (zeros for a sample without images). {} when none has one.
+    Samples of 3 and 2 tokens with 0 and 2 images -> image_counts [0, 2], mask [5, 2, tiles]."""
+    counts = [len(s.get("aspect_ratio_ids", ())) for s in samples]
+    if not any(counts):
+        return {}
+    with_images = [s for s, n in zip(samples, counts) if n]
+    tiles = with_images[0]["aspect_ratio_mask"].shape[-1]
+    cross = [F.pad(s["cross_attention_mask"], (0, 0, 0, max(counts) - n)) if n else
+             torch.zeros(len(s["input_ids"]), max(counts), tiles, dtype=torch.long) for s, n in zip(samples, counts)]
+    images = {key: torch.cat([s[key] for s in with_images]) for key in ("pixel_values", "aspect_ratio_ids",
+                                                                         "aspect_ratio_mask")}
+    return {**images, "cross_attention_mask": torch.cat(cross), "image_counts": counts}
+
+
 def _collate_shared_prompts(units):
     ids, lengths, prefix_of, rows, response_lengths, positions, targets = [], [], [], [], [], [], []
     for group, chosen in units:
@@ -707,16 +783,19 @@ def collate(samples, index):
     """Concatenate samples into one packed sequence for model.forward_packed.
 
     Returns input_ids LongTensor [T], labels LongTensor [T] (when every sample has them),
-    cu_seqlens IntTensor [B+1] from 0, pixel_values [P, D] and image_grid_thw [I, 3] in sequence
-    order (or None), and `index` (the samples' positions in the original list).
+    cu_seqlens IntTensor [B+1] from 0, `index` (the samples' positions in the original list), and
+    the images in sequence order: Qwen2.5-VL's pixel_values [P, D] and image_grid_thw [I, 3] (or
+    None), or Llama 3.2 Vision's `concat_tiles` (when a sample has tiles).
     """
-    pixel_values, image_grid_thw = concat_images(samples)
     batch = {
-        "input_ids": torch.tensor([t for s in samples for t in s["input_ids"]], dtype=torch.long),
+        "input_ids": torch.tensor([int(t) for s in samples for t in s["input_ids"]], dtype=torch.long),
         "cu_seqlens": cu_seqlens_of([len(s["input_ids"]) for s in samples]),
-        "pixel_values": pixel_values, "image_grid_thw": image_grid_thw,
         "index": list(index),
     }
+    if any("aspect_ratio_ids" in s for s in samples):
+        batch.update(concat_tiles(samples))
+    else:
+        batch["pixel_values"], batch["image_grid_thw"] = concat_images(samples)
     if all("labels" in s for s in samples):
         batch["labels"] = torch.tensor([t for s in samples for t in s["labels"]], dtype=torch.long)
     return batch

@@ -661,6 +661,7 @@ def main(argv=None):
     args = parse_args(argv)
     for path in args.model:
         M.check_checkpoint(path)
+        data.refuse_mllama(path, "evaluate.py")
         for bench in args.bench:
             check_run_folder(os.path.join(args.out, bench, model_name(path)), args.resume, "--out")
     rank, world, device = init_distributed()

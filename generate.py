@@ -535,6 +535,7 @@ def main(argv=None):
 
     problems = data.load_prompts(args.prompts)  # every bad line is reported before any model work
     M.check_checkpoint(args.model)
+    data.refuse_mllama(args.model, "generate.py")
     processor = data.ChatProcessor(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = M.load_model(args.model, dtype=dtype, device=args.device).eval()

@@ -105,6 +105,7 @@ class LocalBackend:
         import model
 
         model.check_checkpoint(model_dir)
+        data.refuse_mllama(model_dir, "make_cold_data.py")
         self.generate = generate.generate
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.processor = data.ChatProcessor(model_dir)

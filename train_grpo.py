@@ -535,6 +535,7 @@ def main(argv=None):
     stage = ptst.get_stage(schedule, cfg.stage)
     G, L = stage.group_size, stage.max_tokens
     find_inputs(cfg, schedule)
+    data.refuse_mllama(cfg.init, "train_grpo.py")
     if cfg.plan:
         return memplan.print_plan(cfg.init, cfg, lambda model, world: memplan.grpo_phases(cfg, stage, model, world))
     rank, world, device, mesh, compute = start_run(cfg, "--out-root")

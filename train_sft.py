@@ -4,8 +4,12 @@ from the modality-bridged data and becomes Vision-R1-CI (docs/method.md §2).
     torchrun --nproc_per_node 8 train_sft.py --model Qwen2.5-VL-7B-Instruct \\
         --data vision_r1_cold.json --out runs/vision-r1-ci   # the defaults: the paper's run
     python train_sft.py --preset toy                     # the synthetic world's tiny model, on CPU
+    torchrun --nproc_per_node 8 train_sft.py --preset paper-llamav   # Vision-R1-LlamaV-CI
 
-Loss on assistant tokens only, sequences packed without cross-attention, per-token loss
+Either architecture, chosen from the checkpoint's config.json: Qwen2.5-VL (model.py) or Llama 3.2
+Vision (model_type mllama, model_mllama.py: its images are tiles read by cross-attention).
+
+Loss on assistant tokens only, sequences packed without attention between them, per-token loss
 normalised by the global batch's token count (exact across micro-batches and ranks), FSDP2 with
 bf16 compute and fp32 master weights on any number of GPUs (one included; the model loaded shard
 by shard), HF-format checkpoints plus a torch.distributed.checkpoint training state for --resume.
@@ -21,7 +25,7 @@ import data
 import memplan
 import model as M
 from train_utils import (InputError, Logger, NonFiniteGuard, Timer, aligned_passes, all_reduce, command_line,
-                         exit_if_missing, full_value, lr_at, packed_inputs, parse_config, peak_memory_gib,
+                         exit_if_missing, full_value, image_inputs, lr_at, parse_config, peak_memory_gib,
                          refuse_bad_flags, resumed_step, save_checkpoint, sharding_of, start_run)
 
 
@@ -79,9 +83,12 @@ class SFTConfig:
                          world_multiples=("global_batch",))
 
 
-# The defaults above are the paper's run; the toy preset is the synthetic world on CPU (pipeline.py, tests).
+# The defaults above are the paper's run; paper-llamav is its cold start on Llama 3.2 Vision (the
+# same recipe, docs/method.md §2); the toy preset is the synthetic world on CPU (pipeline.py, tests).
 PRESETS = {
     "paper": dict(),
+    "paper-llamav": dict(model="checkpoints/Llama-3.2-11B-Vision-Instruct", out="runs/vision-r1-llamav-ci",
+                         run_name="sft-llamav"),
     "toy": dict(model="runs/toy/base/final", data="runs/toy/cold/cold.jsonl", out="runs/toy/ci", lr=1e-3, epochs=3.0,
                 global_batch=16, max_tokens=4096, eval_holdout=64, warmup_ratio=0.05,
                 activation_checkpointing=False,  # the random vision tower already separates every cell
@@ -103,21 +110,23 @@ def shifted_targets(batch):
 
 
 def fit_context(sample, max_tokens, image_token_id):
-    """Truncate a sample to the context length, or None when the cut would split an image
-    (the caller skips and counts it: half an image cannot go through the vision tower)."""
+    """Truncate a sample to the context length (Llama 3.2 Vision's per-token cross-attention mask
+    with it), or None when the cut would drop an image token (the caller skips and counts it: half
+    a Qwen image cannot go through the vision tower, a Llama image without its token has no reader)."""
     if len(sample["input_ids"]) <= max_tokens:
         return sample
     if image_token_id in sample["input_ids"][max_tokens:]:
         return None
-    return {**sample, "input_ids": sample["input_ids"][:max_tokens], "labels": sample["labels"][:max_tokens]}
+    per_token = ("input_ids", "labels", "cross_attention_mask")
+    return {**sample, **{key: sample[key][:max_tokens] for key in per_token if key in sample}}
 
 
 def microbatch_loss(model, batch, device):
     """(sum of -log p over labelled tokens, number of labelled tokens) of one packed micro-batch."""
     targets = shifted_targets(batch).to(device)
     mask = targets != -100
-    ids, cu, pixels, grid = packed_inputs(batch, device)
-    logp = model.packed_logprobs(ids, cu, targets.clamp(min=0), pixels, grid)
+    ids, cu = batch["input_ids"].to(device), batch["cu_seqlens"].to(device)
+    logp = model.packed_logprobs(ids, cu, targets.clamp(min=0), **image_inputs(batch, device))
     return -(logp * mask).sum(), mask.sum()
 
 
@@ -142,13 +151,21 @@ def eval_loss(model, records, processor, cfg, device):
     return float(all_reduce(total) / all_reduce(tokens).clamp(min=1))
 
 
+def vision_modules(model):
+    """What --train-vision trains: Qwen2.5-VL's vision tower with its merger, or Llama 3.2 Vision's
+    vision model and projector (LLaMA-Factory's freeze_vision_tower and freeze_multi_modal_projector)."""
+    if hasattr(model, "vision_model"):
+        return [model.vision_model, model.multi_modal_projector]
+    return [model.visual] if model.visual is not None else []
+
+
 def load_model(cfg, device, mesh, compute):
     """(model, trained parameters, optimizer): the model sharded over `mesh` in training mode, its
-    vision tower frozen unless --train-vision, and AdamW over what it trains."""
+    vision side (`vision_modules`) frozen unless --train-vision, and AdamW over what it trains."""
     model = M.load_sharded(cfg.model, device, param_dtype=compute, mesh=mesh,
                            activation_checkpointing=cfg.activation_checkpointing)
-    if model.visual is not None and not cfg.train_vision:
-        model.visual.requires_grad_(False)
+    for module in ([] if cfg.train_vision else vision_modules(model)):
+        module.requires_grad_(False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -183,6 +200,7 @@ def main(argv=None):
     cfg = parse_config(SFTConfig, PRESETS, argv, description=__doc__)
     exit_if_missing(cfg.model, "--model", "checkpoint")
     if cfg.plan:
+        data.refuse_mllama(cfg.model, "--plan (memplan.py)")
         return memplan.print_plan(cfg.model, cfg, lambda model, world: memplan.sft_phases(cfg, model, world))
     exit_if_missing(cfg.data, "--data", "file")
     rank, world, device, mesh, compute = start_run(cfg, "--out")
@@ -207,7 +225,8 @@ def main(argv=None):
               f"({sharding_of(model)}), start at step {start_step}", flush=True)
     guard = NonFiniteGuard(cfg.max_nonfinite)
     skipped_too_long = 0
-    flops_per_token = M.flops_per_token(model.cfg, cfg.max_tokens / 2)
+    # Llama 3.2 Vision: its decoder's text config (the cross-attention layers counted as self-attention ones)
+    flops_per_token = M.flops_per_token(getattr(model.cfg, "text", model.cfg), cfg.max_tokens / 2)
     if eval_records and start_step == 0:
         logger.log(0, {"eval_loss": eval_loss(model, eval_records, processor, cfg, device)})
 

@@ -348,6 +348,18 @@ def packed_inputs(batch, device):
                  for k in ("input_ids", "cu_seqlens", "pixel_values", "image_grid_thw"))
 
 
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw",  # Qwen2.5-VL
+                "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask", "image_counts")  # Llama 3.2 Vision
+
+
+def image_inputs(batch, device):
+    """The image keywords of a `data.pack` batch for its model's packed_logprobs, tensors on
+    `device`: Qwen2.5-VL's pixel_values and image_grid_thw, or Llama 3.2 Vision's tiles
+    (data.concat_tiles); {} for a batch without images."""
+    return {key: batch[key].to(device) if torch.is_tensor(batch[key]) else batch[key]
+            for key in IMAGE_INPUTS if batch.get(key) is not None}
+
+
 def full_value(tensor):
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 

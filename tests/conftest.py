@@ -14,7 +14,7 @@ def tiny_world(tmp_path_factory):
     return synthetic.build(str(tmp_path_factory.mktemp("tiny_world")), preset="tiny", seed=0)
 
 
-# ----------------------------------------------------------------------------- tiny Qwen2.5-VL checkpoint (model.py, generate.py)
+# ----------------------------------------------------------------------------- tiny checkpoints (model.py, model_mllama.py, generate.py)
 
 @pytest.fixture(scope="module")
 def vl_dir(tmp_path_factory):
@@ -24,6 +24,16 @@ def vl_dir(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("vl")
     tiny.save_vl(path, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mllama_dir(tmp_path_factory):
+    """tests/tiny_mllama.py's random-weight Llama 3.2 Vision with its tokenizer and image processor config."""
+    from tests import tiny_mllama
+
+    path = tmp_path_factory.mktemp("mllama")
+    tiny_mllama.save(path)
     return path
 
 

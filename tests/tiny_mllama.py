@@ -1,16 +1,38 @@
 """A tiny random-weight Llama 3.2 Vision checkpoint for tests (tests/tiny.py's counterpart), saved with
-`save_pretrained`, and its inputs as transformers' image processor makes them: per sequence
-(`process`), as a padded batch (`padded_batch`) and packed (`pack`, which needs torch only: the
-FSDP worker packs what the test process made)."""
+`save_pretrained` beside a byte-level BPE tokenizer with Llama 3's special tokens and chat format and
+the image processor's config (the files data.ChatProcessor reads), and its inputs as transformers'
+image processor makes them: per sequence (`process`), as a padded batch (`padded_batch`) and packed
+(`pack`, data.collate's packing)."""
 
 import torch
-import torch.nn.functional as F
 
 VOCAB = 320
 IMAGE = VOCAB  # <|image|> is the first embedding row past the vocabulary, as 128256 is in the released models
 TILE = 28  # image_size: 2x2 patches of 14 and a class token per tile, 5 vectors padded to 8
 MAX_TILES = 4
 CROSS_LAYERS = [1, 3]
+# Llama 3's special tokens at the ids config() names: bos 1, eos 2, pad VOCAB - 1; <|image|> = IMAGE
+SPECIAL = ["<|reserved_special_token_0|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+           "<|end_header_id|>"]
+PAD = "<|finetune_right_pad_id|>"
+# Llama 3.2 Vision Instruct's chat format: the system turn (with its knowledge-date lines) only in a
+# chat without images, one <|image|> per image part, every turn closed by <|eot_id|>; the date is
+# fixed here (the released template takes today's)
+CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- set ns = namespace(has_images=false) %}"
+    "{%- for message in messages %}{%- if message['content'] is not string %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if not ns.has_images %}{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+    "December 2023\nToday Date: 26 Jul 2024\n\n' + system_message + '<|eot_id|>' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}{%- else %}{{- part['text'] }}{%- endif %}{%- endfor %}"
+    "{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
 
 
 def config():
@@ -29,9 +51,30 @@ def config():
         image_token_index=IMAGE)
 
 
+def tokenizer():
+    """A byte-level BPE over a few sentences, filled with reserved tokens to VOCAB - 1 entries, then
+    PAD (VOCAB - 1) and <|image|> (IMAGE), as a transformers fast tokenizer with CHAT_TEMPLATE."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = ["How many red squares are there? Count the cells of the grid, then check each row again.",
+            "The answer is 12 because three rows hold four squares each. So the final answer is 12."] * 4
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=SPECIAL,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    reserved = [f"<|reserved_special_token_{k}|>" for k in range(1, VOCAB - bpe.get_vocab_size())]
+    bpe.add_special_tokens(reserved + [PAD, "<|image|>"])
+    assert bpe.token_to_id(PAD) == VOCAB - 1 and bpe.token_to_id("<|image|>") == IMAGE
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SPECIAL[1], eos_token=SPECIAL[2], pad_token=PAD,
+                                   chat_template=CHAT_TEMPLATE)
+
+
 def save(path, seed=0):
     """MllamaForConditionalGeneration of `config()` with tests/tiny.py's weights, and every tanh gate
-    (zero at transformers' init: the images would not count) drawn from U(0.5, 1.5), saved in `path`."""
+    (zero at transformers' init: the images would not count) drawn from U(0.5, 1.5), saved in `path`
+    with `tokenizer()` and `processor()`'s config."""
     from transformers import MllamaForConditionalGeneration
 
     from tests import tiny
@@ -44,6 +87,8 @@ def save(path, seed=0):
             if name.rsplit(".", 1)[-1] in gates:
                 p.copy_(0.5 + torch.rand(p.shape, generator=g))
     model.save_pretrained(path)
+    tokenizer().save_pretrained(path)
+    processor().save_pretrained(path)
     return model
 
 
@@ -98,18 +143,9 @@ def process(ids, sizes, seed=0):
 
 def pack(sequences):
     """forward_packed's arguments for `process` outputs, in order: input_ids, cu_seqlens, then the
-    images' keyword arguments (none when no sequence has an image)."""
-    counts = [len(s["aspect_ratio_ids"]) if "pixel_values" in s else 0 for s in sequences]
-    lengths = [len(s["input_ids"]) for s in sequences]
-    ids = torch.cat([s["input_ids"] for s in sequences])
-    cu = F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(torch.int32)
-    if not any(counts):
-        return ids, cu, {}
-    with_images = [s for s in sequences if "pixel_values" in s]
-    cross = [F.pad(s["cross_attention_mask"], (0, 0, 0, max(counts) - n)) if n else
-             torch.zeros(length, max(counts), MAX_TILES, dtype=torch.long)
-             for s, n, length in zip(sequences, counts, lengths)]
-    return ids, cu, {"pixel_values": torch.cat([s["pixel_values"] for s in with_images]),
-                     "aspect_ratio_ids": torch.cat([s["aspect_ratio_ids"] for s in with_images]),
-                     "aspect_ratio_mask": torch.cat([s["aspect_ratio_mask"] for s in with_images]),
-                     "cross_attention_mask": torch.cat(cross), "image_counts": counts}
+    images' keyword arguments (none when no sequence has an image), packed by data.collate."""
+    import data
+
+    batch = data.collate(sequences, range(len(sequences)))
+    keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask", "image_counts")
+    return batch["input_ids"], batch["cu_seqlens"], {key: batch[key] for key in keys if key in batch}
