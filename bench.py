@@ -2,6 +2,9 @@
 the same run and printed as ratios.
 
     python bench.py logprobs     # token_logprobs vs naive log_softmax at vocab 151,936 x 4,096 tokens
+    python bench.py sft          # one train_sft.py step vs one TRL SFTTrainer step, packed, same model and records;
+                                 # MFU against the fp32 GEMM peak measured in the same run (pip install -r
+                                 # requirements-bench.txt)
     python bench.py generate     # generate.generate vs transformers generate, greedy, batch 1 and 8 prompts x 8
     python bench.py rollout      # a long-tailed GRPO rollout: ours within a KV budget vs today's engine vs
                                  # transformers; FSDP2-wrapped decode vs unwrapped on 1 and 2 gloo ranks
@@ -18,7 +21,6 @@ import io
 import json
 import math
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -35,8 +37,22 @@ import model as M
 # -----------------------------------------------------------------------------
 # logprobs: chunked head + log-softmax vs the naive full-vocab one (forward + backward)
 
+def _memory_kib(field):
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (the most resident since the
+    last `_reset_peak_rss`)."""
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def _reset_peak_rss():
+    """Start VmHWM over from the resident size now (Linux: "5" to /proc/self/clear_refs), so that a
+    peak reached while importing is not mistaken for this measurement's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _logprobs_worker(impl, tokens, vocab, hidden, device):
-    """One measurement in a fresh process, so CPU peak RSS belongs to this implementation alone."""
+    """One measurement in a fresh process, so the CPU peak (resident memory) belongs to this implementation alone."""
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()
@@ -46,7 +62,8 @@ def _logprobs_worker(impl, tokens, vocab, hidden, device):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        _reset_peak_rss()
+        base = _memory_kib("VmRSS") * 1024
     start = time.perf_counter()
     if impl == "naive":
         logp = torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, targets[:, None])[:, 0]
@@ -57,7 +74,7 @@ def _logprobs_worker(impl, tokens, vocab, hidden, device):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _memory_kib("VmHWM") * 1024 - base
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_bytes": peak}))
 
 
