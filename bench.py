@@ -802,8 +802,8 @@ def sft_records(problems, path, seq_len, seed):
 
 
 def ours_sft_steps(args, path, records, out):
-    """train_sft.main, the real loop, for warm-up + measured steps of --batch records; each step's
-    seconds and tokens from its metrics.jsonl (tokens_per_s over the step, logged every step: from
+    """train_sft.main, the real loop (run folder `out`/run), for warm-up + measured steps of --batch
+    records; each step's seconds and tokens from its metrics.jsonl (tokens_per_s over the step, logged every step: from
     one log to the next, the encoding and packing of its records included)."""
     import train_sft
 
@@ -813,11 +813,12 @@ def ours_sft_steps(args, path, records, out):
         f.writelines(json.dumps(r) + "\n" for r in records[:args.batch * (args.warmup + args.steps)])
     os.environ["WANDB_MODE"] = "disabled"  # a benchmark logs nothing anywhere
     train_sft.main([
-        "--preset", "toy", "--model", path, "--data", data_path, "--out", out, "--eval-holdout", "0", "--epochs", "1",
-        "--global-batch", str(args.batch), "--max-tokens", str(args.max_tokens), "--lr", str(args.lr),
+        "--preset", "toy", "--model", path, "--data", data_path, "--out", os.path.join(out, "run"),
+        "--eval-holdout", "0", "--epochs", "1", "--global-batch", str(args.batch), "--max-tokens", str(args.max_tokens),
+        "--lr", str(args.lr),
         "--schedule", "constant", "--warmup-ratio", "0", "--weight-decay", "0", "--grad-clip", "1.0",
         "--activation-checkpointing", "false", "--param-dtype", "float32", "--attention", "sdpa"])
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     tokens = args.batch * args.seq_len
     return [{"seconds": tokens / r["tokens_per_s"], "tokens": tokens} for r in rows if "tokens_per_s" in r]
