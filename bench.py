@@ -2,6 +2,9 @@
 the same run and printed as ratios.
 
     python bench.py logprobs     # token_logprobs vs naive log_softmax at vocab 151,936 x 4,096 tokens
+    python bench.py sft          # one train_sft.py step vs one TRL SFTTrainer step, packed, same model and records;
+                                 # MFU against the fp32 GEMM peak measured in the same run (pip install -r
+                                 # requirements-bench.txt)
     python bench.py generate     # generate.generate vs transformers generate, greedy, batch 1 and 8 prompts x 8
     python bench.py rollout      # a long-tailed GRPO rollout: ours within a KV budget vs today's engine vs
                                  # transformers; FSDP2-wrapped decode vs unwrapped on 1 and 2 gloo ranks
@@ -18,7 +21,6 @@ import io
 import json
 import math
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -35,8 +37,22 @@ import model as M
 # -----------------------------------------------------------------------------
 # logprobs: chunked head + log-softmax vs the naive full-vocab one (forward + backward)
 
+def _memory_kib(field):
+    """A field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (the most resident since the
+    last `_reset_peak_rss`)."""
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def _reset_peak_rss():
+    """Start VmHWM over from the resident size now (Linux: "5" to /proc/self/clear_refs), so that a
+    peak reached while importing is not mistaken for this measurement's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _logprobs_worker(impl, tokens, vocab, hidden, device):
-    """One measurement in a fresh process, so CPU peak RSS belongs to this implementation alone."""
+    """One measurement in a fresh process, so the CPU peak (resident memory) belongs to this implementation alone."""
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()
@@ -46,7 +62,8 @@ def _logprobs_worker(impl, tokens, vocab, hidden, device):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        _reset_peak_rss()
+        base = _memory_kib("VmRSS") * 1024
     start = time.perf_counter()
     if impl == "naive":
         logp = torch.log_softmax((h @ w.t()).float(), dim=-1).gather(1, targets[:, None])[:, 0]
@@ -57,24 +74,30 @@ def _logprobs_worker(impl, tokens, vocab, hidden, device):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _memory_kib("VmHWM") * 1024 - base
     print(json.dumps({"seconds": time.perf_counter() - start, "peak_bytes": peak}))
 
 
 def bench_logprobs(args):
+    """Each implementation in --repeats fresh processes, alternating (naive, chunked, naive, ...), so
+    a shared machine's load falls on both; the best time and the largest peak of each."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    results = {}
-    for impl in ("naive", "chunked"):
-        out = subprocess.run([sys.executable, __file__, "_logprobs_worker", impl, str(args.tokens), str(args.vocab),
-                              str(args.hidden), device], capture_output=True, text=True, check=True)
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
-    naive, ours = results["naive"], results["chunked"]
-    print(f"token_logprobs, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden}, {device}, fwd+bwd")
+    runs = {"naive": [], "chunked": []}
+    for _ in range(args.repeats):
+        for impl, results in runs.items():
+            out = subprocess.run([sys.executable, __file__, "_logprobs_worker", impl, str(args.tokens),
+                                  str(args.vocab), str(args.hidden), device], capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = {impl: {"seconds": min(r["seconds"] for r in results), "peak_bytes": max(r["peak_bytes"] for r in results)}
+            for impl, results in runs.items()}
+    naive, ours = best["naive"], best["chunked"]
+    print(f"token_logprobs, {args.tokens} tokens x vocab {args.vocab}, hidden {args.hidden} (chunks of "
+          f"{M.head_chunk(args.hidden)} rows), {device}, fwd+bwd, best of {args.repeats}")
     print(f"{'':10s}{'peak MiB':>12s}{'seconds':>10s}")
-    for name, r in (("naive", naive), ("chunked", ours)):
+    for name, r in best.items():
         print(f"{name:10s}{r['peak_bytes'] / 2**20:12.0f}{r['seconds']:10.2f}")
     print(f"peak memory ratio chunked/naive: {ours['peak_bytes'] / naive['peak_bytes']:.3f}  "
-          f"(target <= 0.25)   time ratio chunked/naive: {ours['seconds'] / naive['seconds']:.2f}")
+          f"(target <= 0.125)   time ratio chunked/naive: {ours['seconds'] / naive['seconds']:.2f} (target <= 1)")
 
 
 # -----------------------------------------------------------------------------
@@ -264,27 +287,12 @@ def rollout_model(path, vocab):
     return vocab - 4
 
 
-def bench_rollout(args):
-    """--prompts x --samples rows (one image per prompt), temperature 1, each row's length forced by
-    `rollout_lengths`, the same on every engine, timed in one run: transformers' generate (every row
-    to the end), today's engine (every row at once, compacted as rows stop; and in calls of as many
-    prompts as fit our budget), ours within --kv-budget-slots slots; then decode tokens/s of an
-    FSDP2-wrapped model over the unwrapped one on --fsdp-ranks gloo ranks. The default budget holds
-    1/8 of the rows, as a 7B stage-2 rollout (512 rows of up to 9K tokens per rank) would in ~30 GiB."""
+def rollout_engines(args, ours, hf, baseline, prompts, eos, banned):
+    """bench_rollout's engines, name: (run(prompts, lengths) -> each row's length, tokens of cache it
+    holds at most): transformers' generate, today's engine with every row at once and in calls of as
+    many prompts as fit our budget, ours within --kv-budget-slots slots; lengths forced alike."""
     import generate as G
-    from transformers import AutoModelForImageTextToText, LogitsProcessorList
-
-    torch.set_num_threads(args.threads)
-    baseline = todays_engine()
-    eos = args.vocab - 5  # an ordinary token id, banned except where a row's length forces it
-    lengths = rollout_lengths(args.prompts * args.samples, args.max_tokens, seed=0)
-    with tempfile.TemporaryDirectory() as path:
-        image_token_id = rollout_model(path, args.vocab)
-        ours = M.load_model(path).eval()
-        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
-        fsdp = {world: fsdp_rollout(path, args, world) for world in args.fsdp_ranks}
-    prompts = bench_prompts(args.prompts, image_token_id, seed=0)
-    banned = G.vision_token_ids(ours)
+    from transformers import LogitsProcessorList
 
     def slot_len(prompts):
         return max(len(p["input_ids"]) for p in prompts) + args.max_tokens
@@ -318,8 +326,8 @@ def bench_rollout(args):
                           logits_processor=LogitsProcessorList([forced_lengths_hf(lengths, width, eos)]))
         return [row.tolist().index(eos) + 1 for row in out[:, width:]]  # the EOS is sampled only where forced
 
-    rows, per_call = len(lengths), max(1, args.kv_budget_slots // args.samples)
-    engines = {  # name: (run, tokens of cache it holds at most)
+    rows, per_call = len(prompts) * args.samples, max(1, args.kv_budget_slots // args.samples)
+    return {
         "transformers generate": (run_hf, rows * slot_len(prompts)),
         "today's engine, every row at once": (functools.partial(run_baseline, per_call=len(prompts)),
                                               rows * slot_len(prompts)),
@@ -328,6 +336,31 @@ def bench_rollout(args):
             max(per_call * args.samples * slot_len(prompts[s:s + per_call]) for s in range(0, len(prompts), per_call))),
         f"ours, {args.kv_budget_slots} slots": (run_ours, args.kv_budget_slots * slot_len(prompts)),
     }
+
+
+def bench_rollout(args):
+    """--prompts x --samples rows (one image per prompt), temperature 1, each row's length forced by
+    `rollout_lengths`, the same on every engine, timed in one run: transformers' generate (every row
+    to the end), today's engine (every row at once, compacted as rows stop; and in calls of as many
+    prompts as fit our budget), ours within --kv-budget-slots slots; then decode tokens/s of an
+    FSDP2-wrapped model over the unwrapped one on --fsdp-ranks gloo ranks. The default budget holds
+    1/8 of the rows, as a 7B stage-2 rollout (512 rows of up to 9K tokens per rank) would in ~30 GiB."""
+    import generate as G
+    from transformers import AutoModelForImageTextToText
+
+    torch.set_num_threads(args.threads)
+    baseline = todays_engine()
+    eos = args.vocab - 5  # an ordinary token id, banned except where a row's length forces it
+    lengths = rollout_lengths(args.prompts * args.samples, args.max_tokens, seed=0)
+    with tempfile.TemporaryDirectory() as path:
+        image_token_id = rollout_model(path, args.vocab)
+        ours = M.load_model(path).eval()
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+        fsdp = {world: fsdp_rollout(path, args, world) for world in args.fsdp_ranks}
+    prompts = bench_prompts(args.prompts, image_token_id, seed=0)
+    banned = G.vision_token_ids(ours)
+
+    engines = rollout_engines(args, ours, hf, baseline, prompts, eos, banned)
     warm = bench_prompts(1, image_token_id, seed=1)
     for run, _ in engines.values():  # first-call costs of every engine
         run(warm, torch.full((args.samples,), 2))
@@ -728,24 +761,196 @@ def bench_grpo_step(args):
           f"{median(trl, lambda r: r['response_length']):15.1f}   (score + train together)")
     print(f"{'ours':8s}{our_split['generate']:10.2f}{our_split['score']:8.2f}{our_split['train']:8.2f}{our_total:8.2f}"
           f"{median(ours, lambda r: r['response_length']):15.1f}")
-    print(f"step time TRL/ours: {trl_total / our_total:.2f} (target >= 2)   generate: "
+    print(f"step time TRL/ours: {trl_total / our_total:.2f} (target >= 3)   generate: "
           f"{trl_generate / our_split['generate']:.2f}   score + train: "
           f"{(trl_total - trl_generate) / (our_split['score'] + our_split['train']):.2f}")
 
-def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "_logprobs_worker":
-        impl, tokens, vocab, hidden, device = sys.argv[2:]
-        return _logprobs_worker(impl, int(tokens), int(vocab), int(hidden), device)
-    if len(sys.argv) > 1 and sys.argv[1] == "_fsdp_rollout_worker":
-        path, *sizes = sys.argv[2:]
-        return _fsdp_rollout_worker(path, *map(int, sizes))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="bench", required=True)
+# -----------------------------------------------------------------------------
+# sft: one train_sft.py step vs one TRL SFTTrainer step, same model, data, batch and optimizer
+
+def sft_records(problems, path, seq_len, seed):
+    """A cold-start-like conversation per problem (text only: the scene described stands in for its
+    image), each exactly `seq_len` tokens as data.ChatProcessor encodes it, so that both trainers
+    pack `max_tokens // seq_len` of them into every micro-batch: lines of the synthetic world's
+    reasoning text in a seeded order while they fit, the answer in tags, then " one" (one token
+    each) up to the length."""
+    import random
+
+    import data
+    import synthetic
+
+    processor, lines = data.ChatProcessor(path), synthetic.REASONING_TEXT.strip().splitlines()
+    rng, records = random.Random(seed), []
+
+    def length(reply, question):
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        return len(processor.encode_conversation(messages, [])["input_ids"])
+
+    for p in problems:
+        end, reasoning = f" </think><answer> {p['answer']} </answer>", "<think>"
+        for line in rng.sample(lines, len(lines)):
+            if length(f"{reasoning} {line}{end}", p["question"]) > seq_len:
+                break
+            reasoning = f"{reasoning} {line}"
+        reply = reasoning + end
+        reply += " one" * (seq_len - length(reply, p["question"]))
+        if length(reply, p["question"]) != seq_len:
+            raise ValueError(f"--seq-len {seq_len} is too short for a question and its answer")
+        records.append({"id": p["id"], "images": [], "messages": [{"role": "user", "content": p["question"]},
+                                                                  {"role": "assistant", "content": reply}]})
+    return records
+
+
+def ours_sft_steps(args, path, records, out):
+    """train_sft.main, the real loop (run folder `out`/run), for warm-up + measured steps of --batch
+    records; each step's seconds and tokens from its metrics.jsonl (tokens_per_s over the step, logged every step: from
+    one log to the next, the encoding and packing of its records included)."""
+    import train_sft
+
+    os.makedirs(out, exist_ok=True)
+    data_path = os.path.join(out, "cold.jsonl")
+    with open(data_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records[:args.batch * (args.warmup + args.steps)])
+    os.environ["WANDB_MODE"] = "disabled"  # a benchmark logs nothing anywhere
+    train_sft.main([
+        "--preset", "toy", "--model", path, "--data", data_path, "--out", os.path.join(out, "run"),
+        "--eval-holdout", "0", "--epochs", "1", "--global-batch", str(args.batch), "--max-tokens", str(args.max_tokens),
+        "--lr", str(args.lr),
+        "--schedule", "constant", "--warmup-ratio", "0", "--weight-decay", "0", "--grad-clip", "1.0",
+        "--activation-checkpointing", "false", "--param-dtype", "float32", "--attention", "sdpa"])
+    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    tokens = args.batch * args.seq_len
+    return [{"seconds": tokens / r["tokens_per_s"], "tokens": tokens} for r in rows if "tokens_per_s" in r]
+
+
+def trl_sft_steps(args, path, records, out):
+    """TRL's SFTTrainer on the same checkpoint and records (prompt-completion chats, so the loss is on
+    the reply alone, as ours), packing on (best-fit decreasing, padding-free: `max_tokens // seq_len`
+    records a row, as ours packs them), micro-batches of one row, --batch records per optimizer step
+    through gradient accumulation, the same AdamW (lr, betas, no decay), clipping and constant lr,
+    no activation checkpointing. Per step: {seconds from the previous step's end, tokens}."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    ends, tokens = [], []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):  # once an optimizer step, before its first micro-batch
+            tokens.append(0)
+
+        def on_step_end(self, *_, **__):
+            ends.append(time.perf_counter())
+
+    class CountingSFTTrainer(SFTTrainer):
+        def training_step(self, model, inputs, *rest, **kwargs):
+            tokens[-1] += inputs["input_ids"].numel()
+            return super().training_step(model, inputs, *rest, **kwargs)
+
+    per_row = args.max_tokens // args.seq_len
+    config = SFTConfig(
+        output_dir=out, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none", save_strategy="no",
+        logging_steps=1, disable_tqdm=True, seed=0, max_steps=args.warmup + args.steps, packing=True,
+        max_length=args.max_tokens, per_device_train_batch_size=1, gradient_accumulation_steps=args.batch // per_row,
+        learning_rate=args.lr, weight_decay=0.0, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0)
+    chats = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in records]
+    trainer = CountingSFTTrainer(model=path, args=config, train_dataset=Dataset.from_list(chats),
+                                 processing_class=AutoTokenizer.from_pretrained(path), callbacks=[StepTimer()])
+    trainer.train()
+    return [{"seconds": b - a, "tokens": n} for a, b, n in zip(ends, ends[1:], tokens[1:])]
+
+
+def gemm_flops(n=2048, repeats=5):
+    """The machine's fp32 GEMM rate at the torch threads set: FLOP/s of the best of `repeats` n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        seconds.append(time.perf_counter() - start)
+    return 2 * n**3 / min(seconds)
+
+
+def bench_sft(args):
+    """Rounds alternate the sides (ours, then TRL, each a fresh run of warm-up + measured steps),
+    each round after a GEMM peak measurement (the best one is the peak); medians over the measured
+    steps of all rounds. MFU: model FLOPs (model.flops_per_token, the mean causal context half a
+    record) per second over that peak. The trainers' own prints are silenced."""
+    if args.max_tokens % args.seq_len or args.batch % (args.max_tokens // args.seq_len):
+        raise SystemExit("--max-tokens must be a multiple of --seq-len, and --batch of the records a micro-batch holds")
+    torch.set_num_threads(args.threads)
+    problems = grpo_problems(args.batch * (args.warmup + args.steps), seed=0)
+    ours, trl, peak = [], [], 0.0
+    with tempfile.TemporaryDirectory() as root:
+        path = os.path.join(root, "model")
+        save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
+        records = sft_records(problems, path, args.seq_len, seed=0)
+        flops_per_token = M.flops_per_token(M.build_model(path).cfg, args.seq_len / 2)
+        for r in range(args.rounds):
+            peak = max(peak, gemm_flops())
+            with contextlib.redirect_stdout(io.StringIO()):
+                ours += ours_sft_steps(args, path, records, os.path.join(root, f"ours{r}"))[args.warmup:]
+                trl += trl_sft_steps(args, path, records, os.path.join(root, f"trl{r}"))[args.warmup - 1:]
+    print(f"sft: {args.batch} records x {args.seq_len} tokens an optimizer step, {args.max_tokens // args.seq_len} "
+          f"packed a micro-batch of {args.max_tokens}; AdamW lr {args.lr}, clip 1.0; Qwen2 {args.layers} layers x "
+          f"{args.hidden}, vocab {args.vocab}; cpu fp32, {torch.get_num_threads()} thread(s); median of {len(ours)} "
+          f"steps ({args.rounds} alternating runs of {args.warmup} warm-up + {args.steps})")
+    print(f"{'':16s}{'s/step':>8s}{'tokens/step':>13s}{'tokens/s':>10s}{'GFLOP/s':>9s}{'MFU':>7s}")
+    rates = {}
+    for name, steps in (("TRL SFTTrainer", trl), ("ours", ours)):
+        seconds, tokens = statistics.median(s["seconds"] for s in steps), statistics.median(s["tokens"] for s in steps)
+        rates[name] = tokens / seconds
+        flops = rates[name] * flops_per_token
+        print(f"{name:16s}{seconds:8.2f}{tokens:13.0f}{rates[name]:10.0f}{flops / 1e9:9.1f}{flops / peak:7.1%}")
+    print(f"tokens/s ours/TRL: {rates['ours'] / rates['TRL SFTTrainer']:.2f} (target >= 1.5)   GEMM peak "
+          f"{peak / 1e9:.1f} GFLOP/s (fp32 2048^3, best of {5 * args.rounds})")
+
+
+def add_training_parsers(sub):
+    """The flags of bench.py logprobs, sft and grpo-step."""
     p = sub.add_parser("logprobs")
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2, help="fresh processes per implementation, alternating")
     p.set_defaults(run=bench_logprobs)
+    p = sub.add_parser("sft", help="needs requirements-bench.txt (TRL)")
+    p.add_argument("--batch", type=int, default=16, help="records an optimizer step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens a record (every one exactly)")
+    p.add_argument("--max-tokens", type=int, default=2048, help="a packed micro-batch (TRL: a packed row)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of both sides (constant)")
+    # grpo-step's model: 4 x 256 with vocab 4,096, the head ~25% of the weights
+    p.add_argument("--hidden", type=int, default=256, help="the random-weight Qwen2's width")
+    p.add_argument("--layers", type=int, default=4, help="its decoder layers")
+    p.add_argument("--vocab", type=int, default=4096, help="its vocabulary (the tokenizer's ids first)")
+    p.add_argument("--warmup", type=int, default=1, help="steps (at least 1: TRL's step time is end to end)")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
+    p.set_defaults(run=bench_sft)
+    p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference model)")
+    p.add_argument("--lr", type=float, default=1e-6)
+    # train_grpo's toy preset: 4,096 packed tokens per forward/backward
+    p.add_argument("--micro-batch-tokens", type=int, default=4096)
+    # 4 x 256 with vocab 4,096: the head is ~25% of the weights, as in the generate bench's model;
+    # a run stays under ~2 minutes on one core
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2, help="measured steps per run")
+    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
+    p.set_defaults(run=bench_grpo_step)
+
+
+def add_sampling_parsers(sub):
+    """The flags of bench.py generate, rollout and rollout-estimate."""
     p = sub.add_parser("generate")
     p.add_argument("--new-tokens", type=int, default=64)
     # 8,192: the head is then ~25% of the bench model's per-token matmuls (7B Qwen2.5-VL: ~8%);
@@ -783,24 +988,19 @@ def main():
     p.add_argument("--vllm-tok-s", type=float, default=12500, help="vLLM's published output tokens/s, Llama-3.1-8B "
                    "bf16 on one H100 (morphllm.com/vllm-benchmarks)")
     p.set_defaults(run=bench_rollout_estimate)
-    p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both sides run a reference model)")
-    p.add_argument("--lr", type=float, default=1e-6)
-    # train_grpo's toy preset: 4,096 packed tokens per forward/backward
-    p.add_argument("--micro-batch-tokens", type=int, default=4096)
-    # 4 x 256 with vocab 4,096: the head is ~25% of the weights, as in the generate bench's model;
-    # a run stays under ~2 minutes on one core
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="measured steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
-    p.set_defaults(run=bench_grpo_step)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_logprobs_worker":
+        impl, tokens, vocab, hidden, device = sys.argv[2:]
+        return _logprobs_worker(impl, int(tokens), int(vocab), int(hidden), device)
+    if len(sys.argv) > 1 and sys.argv[1] == "_fsdp_rollout_worker":
+        path, *sizes = sys.argv[2:]
+        return _fsdp_rollout_worker(path, *map(int, sizes))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    add_training_parsers(sub)
+    add_sampling_parsers(sub)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
     args.run(args)

@@ -120,23 +120,24 @@ def stored_activation_bytes(cfg, tokens, keys, a, checkpointing):
     return cfg.num_hidden_layers * per_layer + 2 * a * tokens * cfg.head_dim
 
 
-def head_bytes(rows, vocab, hidden, a, with_entropy=False, backward=False, chunk=M.HEAD_CHUNK):
+def head_bytes(rows, vocab, hidden, a, with_entropy=False, backward=False, chunk=None):
     """Bytes model.token_logprobs holds at its peak over `rows` rows, beyond its saved input. It works
-    on [chunk, vocab] blocks, and its loop keeps one block's buffers while the next block's logits
-    (the product in the compute dtype, then its fp32 copy: none in fp32) are made:
-      forward   the previous fp32 logits; with entropy, exp(z - lse) * z takes 3 fp32 blocks
-      backward  the previous fp32 log-probs and its gradient in the compute dtype; also the fp32
-                gradient of the weight and, after each block, its [vocab, hidden] product (no
-                trainer sends a gradient through the entropy, which is only logged)
-    Example: 3000 rows, vocab 10, hidden 4, bf16, chunk 1024: forward 1024 x 10 x (4 + 6) = 102,400,
-    with entropy 12 x 10,240 = 122,880; backward 160 + 1024 x 10 x (6 + 6) = 123,040."""
+    on [chunk, vocab] blocks (chunk: model.head_chunk(hidden) unless given) in one fp32 buffer that
+    every block rewrites; in bf16 each block's logits are first a bf16 product:
+      forward   the buffer, exp(z - max) made in it; with entropy that exponential is a second buffer
+      backward  the buffer and, in bf16, the block's bf16 gradient, kept while the next block's
+                product is made; also the fp32 gradient of the weight and, in bf16, after each block
+                its [vocab, hidden] product (fp32 accumulates in place; no trainer sends a gradient
+                through the entropy, which is only logged)
+    Example: 3000 rows, vocab 10, hidden 4, bf16, chunk 1024: forward 1024 x 10 x (4 + 2) = 61,440,
+    with entropy 1024 x 10 x (8 + 2) = 102,400; backward 160 + 1024 x 10 x (4 + 2 + 2) = 82,080."""
+    chunk = chunk or M.head_chunk(hidden)
     first, second = min(rows, chunk), min(max(rows - chunk, 0), chunk)
-    logits = a + (FP32 if a < FP32 else 0)
+    product = a if a < FP32 else 0  # a block's logits in the compute dtype before the fp32 copy
     if not backward:
-        return vocab * max(FP32 * first + logits * second, (3 * FP32 if with_entropy else logits) * first)
-    kept = FP32 + (a if a < FP32 else 0)
-    weight_grad, product = FP32 * vocab * hidden, a * vocab * hidden
-    return weight_grad + max(vocab * (kept * first + logits * second), vocab * kept * first + product)
+        return vocab * first * (FP32 * (2 if with_entropy else 1) + product)
+    weight_grad = FP32 * vocab * hidden
+    return weight_grad + vocab * (FP32 + product) * first + max(vocab * product * second, product * vocab * hidden)
 
 
 def pixel_bytes(vision, patches):

@@ -736,12 +736,22 @@ def padded_logits(hidden, head_weight, keep):
 # -----------------------------------------------------------------------------
 # 6. memory-lean log-probs
 
+def _block_logits(h, weight, block):
+    """h @ W^T in the first len(h) rows of `block`, a [chunk, vocab] buffer in the accumulation dtype
+    reused by every chunk: fp32 (fp64) inputs write it in place (a fresh buffer per chunk costs its
+    page faults on CPU, ~1/3 of the GEMM's time at vocab 152K); bf16 ones copy their bf16 product in."""
+    z = block[:h.shape[0]]
+    return torch.mm(h, weight.t(), out=z) if h.dtype == block.dtype else z.copy_(h @ weight.t())
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """log_softmax(h W^T / temperature)[target] (and the entropy) chunk by chunk. Forward keeps
     only h, W and each row's log-sum-exp; backward recomputes each chunk's logits, so the
-    [tokens, vocab] fp32 matrix never exists beyond one chunk. The softmax math runs in fp32 (fp64
-    for fp64 inputs); the two GEMMs of backward take the inputs' dtype, so bf16 inputs get bf16
-    tensor-core GEMMs (fp32 accumulation inside each) and W is never copied."""
+    [tokens, vocab] fp32 matrix never exists beyond one chunk, whose buffer every chunk rewrites
+    in place (forward: logits -> z - max -> exp; backward: logits -> log p -> p -> dloss/dz). The
+    softmax math runs in fp32 (fp64 for fp64 inputs); the two GEMMs of backward take the inputs'
+    dtype, so bf16 inputs get bf16 tensor-core GEMMs (fp32 accumulation inside each) and W is
+    never copied."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk, with_entropy):
@@ -749,13 +759,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
         logp = hidden.new_empty(hidden.shape[0], dtype=acc)
         entropy = hidden.new_zeros(hidden.shape[0] if with_entropy else 0, dtype=acc)
         lse = torch.empty_like(logp)
+        block = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc)
+        exp_block = torch.empty_like(block) if with_entropy else block  # entropy needs z and exp(z) at once
         for s in range(0, hidden.shape[0], chunk):
             rows = slice(s, s + chunk)
-            z = (hidden[rows] @ weight.t()).to(acc).div_(temperature)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            logp[rows] = z.gather(1, targets[rows, None])[:, 0] - lse[rows]
-            if with_entropy:
-                entropy[rows] = lse[rows] - (torch.exp(z - lse[rows, None]) * z).sum(-1)
+            z = _block_logits(hidden[rows], weight, block).div_(temperature)
+            target_z, top = z.gather(1, targets[rows, None])[:, 0], z.amax(-1)
+            z.sub_(top[:, None])  # z - max: exp stays finite (torch.logsumexp's math, without its temporaries)
+            p = torch.exp(z, out=exp_block[:len(z)])  # unnormalised probabilities; in place without entropy
+            total = p.sum(-1)
+            lse[rows] = top + total.log()
+            logp[rows] = target_z - lse[rows]
+            if with_entropy:  # H = lse - sum_j p_j z_j / total = log(total) - sum_j p_j (z_j - max) / total
+                entropy[rows] = total.log() - p.mul_(z).sum(-1) / total
         ctx.save_for_backward(hidden, weight, targets, lse, entropy)
         ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.mark_non_differentiable(targets)
@@ -772,11 +788,11 @@ class _ChunkedLogprobs(torch.autograd.Function):
         acc = lse.dtype
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=acc)  # summed over chunks: fp32 at least
+        block = hidden.new_empty(min(ctx.chunk, hidden.shape[0]), weight.shape[0], dtype=acc)
         for s in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(s, s + ctx.chunk)
             h, g_logp = hidden[rows], grad_logp[rows, None]
-            # one [chunk, vocab] buffer is rewritten in place: logits -> log p -> p -> dloss/dz
-            log_p = (h @ weight.t()).to(acc).div_(tau).sub_(lse[rows, None])
+            log_p = _block_logits(h, weight, block).div_(tau).sub_(lse[rows, None])
             if with_entropy:
                 # d logp_t / dz = onehot(t) - p ;  d H / dz_j = -p_j (log p_j + H)
                 p = log_p.exp()
@@ -784,23 +800,36 @@ class _ChunkedLogprobs(torch.autograd.Function):
             else:
                 gz = log_p.exp_().mul_(-g_logp)
             gz = gz.scatter_add_(1, targets[rows, None], g_logp).div_(tau).to(hidden.dtype)
-            grad_hidden[rows] = gz @ weight
-            grad_weight += gz.t() @ h
+            torch.mm(gz, weight, out=grad_hidden[rows])
+            if gz.dtype == acc:
+                grad_weight.addmm_(gz.t(), h)  # in place: no [vocab, hidden] product
+            else:  # bf16: a bf16 GEMM, its [vocab, hidden] product added to the fp32 sum (no mixed-dtype mm on CPU)
+                grad_weight += gz.t() @ h
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None, None
 
 
-HEAD_CHUNK = 1024  # rows of [chunk, vocab] logits token_logprobs computes at once (memplan.py counts them)
+HEAD_CHUNK = 1024  # most rows of [chunk, vocab] logits token_logprobs computes at once (memplan.py counts them)
 
 
-def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=HEAD_CHUNK, with_entropy=False):
+def head_chunk(hidden_size):
+    """Rows per block of token_logprobs: as many as the hidden size, so a [chunk, vocab] fp32 block
+    is no larger than the [vocab, hidden] fp32 weight gradient backward holds anyway (the head's
+    peak stays a small multiple of its weight, whatever the token count), and at most HEAD_CHUNK.
+    Each block's GEMM still does `hidden` multiply-adds per weight read. Example: 256 -> 256, 3584 -> 1024."""
+    return min(HEAD_CHUNK, hidden_size)
+
+
+def token_logprobs(hidden, lm_head_weight, targets, temperature=1.0, chunk=None, with_entropy=False):
     """Per-token log-probs of `targets` [T] under logits = hidden [T, H] @ W^T / temperature.
 
     Same values and gradients as `log_softmax(logits.float(), -1).gather(-1, targets)`, at a peak
-    of one [chunk, vocab] block instead of several [T, vocab] ones. Returns `logp` [T], or
-    `(logp, entropy)` when `with_entropy`. Accumulates in fp32 (fp64 for fp64 inputs).
+    of one or two [chunk, vocab] blocks (chunk: `head_chunk(H)` unless given) instead of several
+    [T, vocab] ones. Returns `logp` [T], or `(logp, entropy)` when `with_entropy`. Accumulates in
+    fp32 (fp64 for fp64 inputs).
     """
     # no shortcut for T = 0: the empty result stays in the graph, so backward still runs through
     # the trunk (FSDP ranks must join every layer's collectives, with or without response tokens)
+    chunk = chunk or head_chunk(hidden.shape[-1])
     logp, entropy = _ChunkedLogprobs.apply(hidden, lm_head_weight, targets, float(temperature), chunk, with_entropy)
     return (logp, entropy) if with_entropy else logp
 

@@ -1,7 +1,9 @@
-"""bench.py grpo-step on a tiny Qwen2: both sides get the same prompt tokens and run every sample to
-the length cap; our side's time split comes out of the real train_grpo loop. TRL's side runs only
-where requirements-bench.txt is installed. bench.py rollout: every engine on the same forced lengths.
-bench.py rollout-estimate: its replay of the engine's schedule against the engine, its 7B sizes by hand."""
+"""bench.py grpo-step and sft on a tiny Qwen2: both sides get the same tokens (grpo-step: the same
+prompts, every sample run to the length cap; sft: records of exactly --seq-len tokens, packed alike);
+our side's times come out of the real train_grpo / train_sft loop. TRL's side runs only where
+requirements-bench.txt is installed. bench.py logprobs at a tiny size. bench.py rollout: every engine
+on the same forced lengths. bench.py rollout-estimate: its replay of the engine's schedule against the
+engine, its 7B sizes by hand."""
 
 import argparse
 import os
@@ -60,6 +62,83 @@ def test_trl_side_runs_the_same_workload(checkpoint, tmp_path):
     for step in steps:
         assert step["response_length"] == ARGS.max_tokens
         assert 0 < step["generate"] < step["total"]
+
+
+# ----------------------------------------------------------------------------- sft
+
+SFT_ARGS = argparse.Namespace(batch=4, seq_len=128, max_tokens=256, lr=1e-5, hidden=64, layers=2, vocab=1024,
+                              warmup=1, steps=2, rounds=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def sft_checkpoint(tmp_path_factory):
+    problems = bench.grpo_problems(SFT_ARGS.batch * (SFT_ARGS.warmup + SFT_ARGS.steps), seed=0)
+    path = str(tmp_path_factory.mktemp("sft_bench"))
+    bench.save_grpo_checkpoint(path, problems, vocab=SFT_ARGS.vocab, hidden=SFT_ARGS.hidden, layers=SFT_ARGS.layers)
+    return path, bench.sft_records(problems, path, SFT_ARGS.seq_len, seed=0)
+
+
+def test_sft_records_are_exactly_seq_len_tokens_with_the_reply_labelled(sft_checkpoint):
+    """Every record encodes to --seq-len tokens (so both trainers pack 2 a micro-batch of 256), with
+    loss on the reply only; the chat template renders the same ids for TRL's prompt + completion."""
+    path, records = sft_checkpoint
+    processor, tokenizer = data.ChatProcessor(path), AutoTokenizer.from_pretrained(path)
+    assert len({r["messages"][1]["content"] for r in records}) > len(records) // 2  # replies of many lengths
+    for r in records:
+        encoded = processor.encode_conversation(r["messages"], [])
+        assert len(encoded["input_ids"]) == SFT_ARGS.seq_len
+        labelled = sum(label != -100 for label in encoded["labels"])
+        assert labelled == len(tokenizer(r["messages"][1]["content"])["input_ids"]) + 1  # + <|im_end|>
+        trl_ids = tokenizer.apply_chat_template(r["messages"], return_dict=True)["input_ids"]
+        assert trl_ids == encoded["input_ids"]
+    with pytest.raises(ValueError, match="--seq-len 40 is too short"):
+        bench.sft_records(bench.grpo_problems(1, seed=0), path, 40, seed=0)
+
+
+def test_our_sft_side_times_each_step_of_the_real_loop(sft_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    path, records = sft_checkpoint
+    steps = bench.ours_sft_steps(SFT_ARGS, path, records, str(tmp_path))
+    assert len(steps) == SFT_ARGS.warmup + SFT_ARGS.steps
+    assert all(s["tokens"] == SFT_ARGS.batch * SFT_ARGS.seq_len and s["seconds"] > 0 for s in steps)
+
+
+def test_trl_sft_side_runs_the_same_workload(sft_checkpoint, tmp_path):
+    """TRL packs the same records 2 a row and runs --batch of them an optimizer step: the same tokens
+    a step as ours. Its first step has no previous end to time from."""
+    pytest.importorskip("trl")
+    path, records = sft_checkpoint
+    steps = bench.trl_sft_steps(SFT_ARGS, path, records, str(tmp_path))
+    assert len(steps) == SFT_ARGS.warmup + SFT_ARGS.steps - 1
+    assert all(s["tokens"] == SFT_ARGS.batch * SFT_ARGS.seq_len and s["seconds"] > 0 for s in steps)
+
+
+def test_sft_bench_prints_both_sides_the_ratio_and_the_mfu(capsys, monkeypatch):
+    pytest.importorskip("trl")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    bench.bench_sft(SFT_ARGS)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("sft: 4 records x 128 tokens an optimizer step, 2 packed a micro-batch of 256")
+    assert [line.split()[0] for line in table[2:4]] == ["TRL", "ours"]
+    assert all(line.split()[-4] == "512" and line.endswith("%") for line in table[2:4])  # tokens a step, MFU
+    assert table[4].startswith("tokens/s ours/TRL: ") and "GEMM peak" in table[4]
+
+
+def test_sft_bench_refuses_records_that_do_not_fill_a_micro_batch():
+    args = argparse.Namespace(**{**vars(SFT_ARGS), "max_tokens": 300})
+    with pytest.raises(SystemExit, match="--max-tokens must be a multiple of --seq-len"):
+        bench.bench_sft(args)
+
+
+# ----------------------------------------------------------------------------- logprobs and rollout
+
+def test_logprobs_bench_runs_each_implementation_in_its_own_process(capsys):
+    args = argparse.Namespace(tokens=256, vocab=20000, hidden=32, repeats=1)  # naive: [256, 20000] fp32 matrices
+    bench.bench_logprobs(args)
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith("token_logprobs, 256 tokens x vocab 20000, hidden 32 (chunks of 32 rows)")
+    assert [line.split()[0] for line in table[2:4]] == ["naive", "chunked"]
+    assert table[4].startswith("peak memory ratio chunked/naive:") and "time ratio" in table[4]
 
 
 def test_rollout_runs_every_engine_on_the_same_forced_lengths(capsys):

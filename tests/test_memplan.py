@@ -223,6 +223,53 @@ def test_plan_is_within_a_quarter_of_the_measured_peak(measured_step, phase):
         assert f"({KV_SLOTS} slots x" in " ".join(planned.parts)
 
 
+# ----------------------------------------------------------------------------- the chunked head
+
+def head_peak(rows, vocab, hidden, dtype, with_entropy, backward):
+    """Live bytes token_logprobs (default chunk) adds at its peak over `rows` rows, beyond its inputs,
+    in forward or in backward (a loss on the log-probs only, as every trainer's; beyond what forward
+    left). Its outputs and per-row scalars count too (a few KiB)."""
+    g = torch.Generator().manual_seed(0)
+    with LiveBytes() as live:  # inputs made inside, so views of them are not counted as new
+        hidden_states = torch.randn(rows, hidden, generator=g).to(dtype).requires_grad_()
+        weight = (0.1 * torch.randn(vocab, hidden, generator=g)).to(dtype).requires_grad_()
+        targets = torch.randint(0, vocab, (rows,), generator=g)
+        live.measure()
+        base = live.now
+        out = M.token_logprobs(hidden_states, weight, targets, temperature=0.7, with_entropy=with_entropy)
+        logp = out[0] if with_entropy else out
+        if backward:
+            live.measure()
+            base = live.now
+            torch.autograd.grad(logp.sum(), (hidden_states, weight))
+    return live.peak - base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("phase", ["forward", "forward with entropy", "backward"])
+def test_head_bytes_is_the_live_peak_of_token_logprobs(dtype, phase):
+    """memplan.head_bytes against the bytes token_logprobs holds at once, over 3 blocks of rows (the
+    last one short). Backward also makes the hidden states' gradient (memplan counts it beside)."""
+    rows, vocab, hidden, a = 300, 1000, 128, dtype.itemsize
+    backward = phase == "backward"
+    planned = memplan.head_bytes(rows, vocab, hidden, a, with_entropy="entropy" in phase, backward=backward)
+    planned += a * rows * hidden if backward else 0
+    assert M.head_chunk(hidden) == 128
+    assert head_peak(rows, vocab, hidden, dtype, "entropy" in phase, backward) == pytest.approx(planned, rel=0.01)
+
+
+def test_head_peak_is_a_small_multiple_of_its_weight_whatever_the_tokens():
+    """Issue 24: a [chunk, vocab] block is no larger than the weight's fp32 gradient and one buffer
+    serves every block, so 4,096 tokens through a head of 64 x 2,000 hold one such size in forward
+    and two in backward (the buffer and the weight's gradient), plus per-token outputs and the hidden
+    states' gradient; the naive log_softmax holds several [4096, 2000] fp32 matrices (31 MiB each, 64
+    weights' worth)."""
+    rows, vocab, hidden = 4096, 2000, 64
+    weight_fp32, per_row = 4 * vocab * hidden, 16 * rows
+    assert head_peak(rows, vocab, hidden, torch.float32, False, False) <= weight_fp32 + per_row
+    assert head_peak(rows, vocab, hidden, torch.float32, False, True) <= 2 * weight_fp32 + per_row + 4 * rows * hidden
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def test_plan_of_the_released_7b_needs_only_its_config(tmp_path, capsys):

@@ -186,7 +186,8 @@ def test_token_logprobs_values_and_gradients_match_naive():
     naive_ent = -(naive.exp() * naive).sum(-1)
     naive_grads = torch.autograd.grad((naive_logp * w_logp + naive_ent * w_ent).sum(), (hidden, weight))
 
-    logp, ent = M.token_logprobs(hidden, weight, targets, temperature=tau, chunk=8, with_entropy=True)
+    assert M.head_chunk(H) == 16  # the default chunk: 3 blocks of rows, the last one short
+    logp, ent = M.token_logprobs(hidden, weight, targets, temperature=tau, with_entropy=True)
     grads = torch.autograd.grad((logp * w_logp + ent * w_ent).sum(), (hidden, weight))
     assert (logp - naive_logp).abs().max() <= 1e-5 and (ent - naive_ent).abs().max() <= 1e-5
     for a, b in zip(grads, naive_grads):
