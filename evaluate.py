@@ -208,7 +208,9 @@ def load_benchmark(bench, path, skip_bad=False):
 def categories(bench, record):
     """The official breakdown labels of a record, {dimension: [labels]}: MathVista by task and skill
     (a problem has one task and often several skills), MathVerse by problem version and subject,
-    MM-Math by difficulty, grade and knowledge point, the synthetic world by question kind.
+    MM-Math by difficulty, grade and knowledge point, MMStar by category and l2_category, ChartQA by
+    split (human, augmented), MME by type (perception, cognition) and subtask, HallusionBench by
+    category (VD, VS) and subcategory, the synthetic world by question kind.
 
     A MathVista geometry problem -> {"task": ["GPS"], "skill": ["ALG", "GEO"]}.
     """
@@ -502,9 +504,9 @@ def percent(fraction):
 
 def markdown_table(summaries):
     """One markdown table per benchmark, one row per model: accuracy (%) and pass@n when n > 1, the
-    benchmark's own scores (MME's points, HallusionBench's %), every breakdown category (%), format and truncation rates (%), mean response tokens; below it the rule
-    that scored it and, when responses were redrawn until </answer>, a note that says so (the score
-    itself is marked)."""
+    benchmark's own scores (MME's points, HallusionBench's %), every breakdown category (%), format
+    and truncation rates (%), mean response tokens; below it the rule that scored it and, when
+    responses were redrawn until </answer>, a note that says so (the score itself is marked)."""
     blocks = []
     for bench in dict.fromkeys(s["bench"] for s in summaries):
         group = [s for s in summaries if s["bench"] == bench]
@@ -515,7 +517,8 @@ def markdown_table(summaries):
         for dimension in dict.fromkeys(d for s in group for d in s["breakdown"]):
             labels = {label for s in group for label in s["breakdown"].get(dimension, {})}
             columns += [(dimension, label) for label in ordered_labels(dimension, labels)]
-        header = ["model", "accuracy", *passes, *official, *(label for _, label in columns), "format", "truncated", "tokens"]
+        header = ["model", "accuracy", *passes, *official, *(label for _, label in columns),
+                  "format", "truncated", "tokens"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         retries = set()
         for s in group:

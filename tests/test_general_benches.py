@@ -125,7 +125,8 @@ def general_dir(tmp_path_factory):
     exports), hallusionbench.json (the official file, images beside it)."""
     root = tmp_path_factory.mktemp("general")
     for i, (name, rows) in enumerate((("mmstar", MMSTAR), ("chartqa", CHARTQA), ("mme", MME))):
-        table = [{**row, "image": {"bytes": png((40 * i, 20 * j, 90)), "path": None}} for j, (row, _, _) in enumerate(rows)]
+        table = [{**row, "image": {"bytes": png((40 * i, 20 * j, 90)), "path": None}}
+                 for j, (row, _, _) in enumerate(rows)]
         pq.write_table(pa.Table.from_pylist(table), root / f"{name}.parquet")
     for j, (row, _, _) in enumerate(HALLUSIONBENCH):
         if row["filename"]:
@@ -137,7 +138,8 @@ def general_dir(tmp_path_factory):
 
 def scored(bench, path, cases, sample=0):
     records = E.load_benchmark(bench, str(path))
-    return [E.score_sample(bench, record, completion(text, sample=sample)) for record, (_, text, _) in zip(records, cases)]
+    return [E.score_sample(bench, record, completion(text, sample=sample))
+            for record, (_, text, _) in zip(records, cases)]
 
 
 def test_mmstar_loads_and_scores_by_option(general_dir):
