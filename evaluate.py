@@ -127,7 +127,7 @@ MMMATH_KNOWLEDGE = {"Transformations of Shapes": "Trans", "Properties of Shapes"
 CATEGORY_ORDER = {"kind": synthetic.KINDS, "task": tuple(scoring.MATHVISTA_TASKS),
                   "skill": tuple(scoring.MATHVISTA_SKILLS), "version": MATHVERSE_VERSIONS,
                   "difficulty": tuple(MMMATH_DIFFICULTIES.values()), "grade": tuple(MMMATH_GRADES.values()),
-                  "knowledge": tuple(MMMATH_KNOWLEDGE.values()), "type": tuple(scoring.MME_SUBTASKS),
+                  "knowledge": tuple(MMMATH_KNOWLEDGE.values()),
                   "subtask": sum(scoring.MME_SUBTASKS.values(), ()), "split": ("human", "augmented")}
 
 
@@ -209,7 +209,7 @@ def categories(bench, record):
     """The official breakdown labels of a record, {dimension: [labels]}: MathVista by task and skill
     (a problem has one task and often several skills), MathVerse by problem version and subject,
     MM-Math by difficulty, grade and knowledge point, MMStar by category and l2_category, ChartQA by
-    split (human, augmented), MME by type (perception, cognition) and subtask, HallusionBench by
+    split (human, augmented), MME by subtask, HallusionBench by
     category (VD, VS) and subcategory, the synthetic world by question kind.
 
     A MathVista geometry problem -> {"task": ["GPS"], "skill": ["ALG", "GEO"]}.
@@ -241,9 +241,7 @@ def categories(bench, record):
         labels = {key: [meta[key]] for key in ("category", "l2_category") if meta.get(key)}
     elif bench == "chartqa" and meta.get("type"):
         labels["split"] = [meta["type"].removesuffix("_test")]
-    elif bench == "mme":
-        kind = next((kind for kind, subtasks in scoring.MME_SUBTASKS.items() if meta["category"] in subtasks), None)
-        labels = {"type": [kind]} if kind else {}
+    elif bench == "mme":  # perception and cognition are official_scores' sums
         labels["subtask"] = [meta["category"]]
     elif bench == "hallusionbench":
         labels = {"category": [meta["category"]], "subcategory": [meta["subcategory"]]}

@@ -3,6 +3,7 @@ of scoring.py on hand-built cases, and miniature files in the released layouts l
 through evaluate.py with hand-computed accuracies and official scores."""
 
 import json
+import os
 import re
 
 import pyarrow as pa
@@ -11,8 +12,9 @@ import pytest
 
 import data
 import evaluate as E
+import generate as G
 import scoring as S
-from tests.test_evaluate import accuracies, block, completion, png
+from tests.test_evaluate import accuracies, block, completion, png, read_rows, scripted_generate
 
 # ----------------------------------------------------------------------------- the rules
 
@@ -171,7 +173,7 @@ def test_mme_loads_and_sums_perception_and_cognition(general_dir):
     # existence: acc 75 + acc+ 50; code_reasoning: acc 50 + acc+ 0
     assert summary["official"] == {"perception": 125.0, "cognition": 50.0, "total": 175.0,
                                    "subtasks": {"existence": 125.0, "code_reasoning": 50.0}}
-    assert accuracies(summary["breakdown"])["type"] == {"perception": (3, 4), "cognition": (1, 2)}
+    assert accuracies(summary["breakdown"]) == {"subtask": {"existence": (3, 4), "code_reasoning": (1, 2)}}
     table = E.markdown_table([{**summary, "model": "m"}])
     assert "| perception | cognition | total |" in table and "| 125.0 | 50.0 | 175.0 |" in table
     # a second pass with every answer right (existence 200, code_reasoning 200): the mean of the passes
@@ -202,3 +204,19 @@ def test_bad_rows_are_refused_with_the_reason(tmp_path, bench, row, reason):
     path.write_text(json.dumps({**row, "image": None}) + "\n")
     with pytest.raises(data.DataError, match=re.escape(f"{bench}.jsonl:1: {reason}")):
         E.load_benchmark(bench, str(path))
+
+
+def test_cli_writes_the_official_scores(tiny_world, general_dir, tmp_path, monkeypatch, capsys):
+    records = E.load_benchmark("mme", str(general_dir / "mme.parquet"))
+    responses = {record["question"]: (text, "stop") for record, (_, text, _) in zip(records, MME)}
+    monkeypatch.setattr(G, "generate", scripted_generate(responses))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    [summary] = E.main(["--model", os.path.join(tiny_world, "model"), "--out", str(tmp_path), "--bench", "mme",
+                        "--data", str(general_dir / "mme.parquet")])
+    assert summary["official"]["total"] == 175.0 and summary["accuracy"] == 4 / 6
+    rows = read_rows(tmp_path / "mme" / "model" / "samples.jsonl")
+    assert rows[0]["pairing"] == {"subtask": "existence", "image": "existence/e1.png"}
+    assert json.loads((tmp_path / "mme" / "model" / "summary.json").read_text())["official"] == summary["official"]
+    printed = capsys.readouterr().out
+    assert "| model | accuracy | perception | cognition | total | existence | code_reasoning |" in printed
+    assert "| model | 66.7 | 125.0 | 50.0 | 175.0 | 75.0 | 50.0 |" in printed
