@@ -1,4 +1,5 @@
-"""Benchmark scoring rules for MathVista, MathVerse and MM-Math, as pure functions.
+"""Benchmark scoring rules for MathVista, MathVerse, MM-Math and the general benchmarks of the
+LlamaV-CI table (MMStar, ChartQA, MME, HallusionBench), as pure functions.
 
 Each benchmark is scored the way its own evaluation code scores it, with the GPT steps
 replaced by rules (docs/method.md §4):
@@ -17,6 +18,10 @@ replaced by rules (docs/method.md §4):
   calls it): on what Vision-R1's evaluation reads (`<answer> Final Answer:(.*?) </answer>`, else
   the whole response), every official rule and quirk, with sympy's ANTLR LaTeX parser
   (check_scoring.py measures the agreement with eval.py itself).
+- MMStar: VLMEvalKit's exact matching (vlmeval/utils/matching_util.py `can_infer`); ChartQA:
+  relaxed accuracy (pix2struct `relaxed_correctness`); MME: eval_tool/calculation.py
+  (`parse_pred_ans`, acc + acc+ per subtask); HallusionBench: its utils.py aAcc / fAcc / qAcc,
+  answers read by VLMEvalKit's `YOrN_Extraction` where the official pipeline asks GPT-4.
 
 The stricter reward of rewards.py (hedged answers score 0) is the training signal;
 these functions are the benchmarks' own rules.

@@ -34,6 +34,10 @@ def test_mmstar_options_read_the_hugging_face_question():
     question = "What is shown?\nOptions: A: a dog, B: a cat, sitting, C: 5"
     assert S.mmstar_options(question) == {"A": "a dog", "B": "a cat, sitting", "C": "5"}
     assert S.mmstar_options("What is shown?") == {}
+    released = ("Which option describe the object relationship in the image correctly?\nOptions: A: The suitcase "
+                "is on the book., B: The suitcase is beneath the cat., C: 3, 4, and 5, D: None")
+    assert S.mmstar_options(released) == {"A": "The suitcase is on the book.", "B": "The suitcase is beneath the cat.",
+                                          "C": "3, 4, and 5", "D": "None"}
 
 
 @pytest.mark.parametrize("target, prediction, correct", [
