@@ -142,10 +142,9 @@ def general_dir(tmp_path_factory):
     return root
 
 
-def scored(bench, path, cases, sample=0):
+def scored(bench, path, cases):
     records = E.load_benchmark(bench, str(path))
-    return [E.score_sample(bench, record, completion(text, sample=sample))
-            for record, (_, text, _) in zip(records, cases)]
+    return [E.score_sample(bench, record, completion(text)) for record, (_, text, _) in zip(records, cases)]
 
 
 def test_mmstar_loads_and_scores_by_option(general_dir):
