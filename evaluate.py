@@ -1,5 +1,6 @@
-"""Benchmark evaluation as the papers score it: MathVista testmini, MathVerse testmini, MM-Math and the
-synthetic world's test split (docs/method.md §4).
+"""Benchmark evaluation as the papers score it: MathVista testmini, MathVerse testmini, MM-Math, the
+general benchmarks of the LlamaV-CI table (MMStar, ChartQA, MME, HallusionBench) and the synthetic
+world's test split (docs/method.md §4).
 
     python evaluate.py --model runs/toy/base/final --model runs/toy/ci/final --bench synthetic
     torchrun --nproc_per_node 8 evaluate.py --model Vision-R1-7B \\
@@ -19,6 +20,15 @@ image paths are relative to the data file, parquet images are embedded:
              image, answer, question_type (multi-choice | free-form), metadata {subject, subfield}
   mmmath     question (the prompt), file_name or image, solution (with \\boxed{}), difficult
              (容易 / 普通 / 困难), year (七年级上学期 ...), knowledge
+  mmstar     index, question (the prompt, its options after "Options:" as "A: x, B: y"), image,
+             answer (the option letter), category, l2_category (Lin-Chen/MMStar val)
+  chartqa    question (the prompt), image, answer, type (human_test | augmented_test) (lmms-lab/ChartQA test)
+  mme        question_id (the image's path: its two questions share it), question (the prompt, with
+             "Please answer yes or no."), image, answer (Yes | No), category (the subtask) (lmms-lab/MME)
+  hallusionbench  category (VD | VS), subcategory, visual_input, set_id, figure_id, question_id,
+             question (the prompt), gt_answer (1: yes, 0: no), image or filename (none for the
+             questions asked without a figure): the official HallusionBench.json, or lmms-lab's
+             parquet splits image and non_image joined in one file
   synthetic  our problem records (data.py), the default being runs/toy/data/test.jsonl
 
 Scoring is rule-based, per benchmark as scoring.py implements each official evaluation; the
@@ -64,17 +74,24 @@ import scoring
 import synthetic
 from train_utils import at_least, check_run_folder, command_line, init_distributed
 
-BENCHES = ("synthetic", "mathvista", "mathverse", "mmmath")
+GENERAL_BENCHES = ("mmstar", "chartqa", "mme", "hallusionbench")
+BENCHES = ("synthetic", "mathvista", "mathverse", "mmmath", *GENERAL_BENCHES)
 DEFAULT_DATA = {"synthetic": "runs/toy/data/test.jsonl"}
 # The text the model is given. MathVista: `query`, the official prompt (the question after a hint
 # line naming the answer form); MathVerse: `query_wo`, the official query for models that are not
 # told to reason (lmms-eval's and VLMEvalKit's choice); a reasoning model reasons anyway.
-PROMPT_FIELDS = {"synthetic": "question", "mathvista": "query", "mathverse": "query_wo", "mmmath": "question"}
+PROMPT_FIELDS = {"synthetic": "question", "mathvista": "query", "mathverse": "query_wo", "mmmath": "question",
+                 **{bench: "question" for bench in GENERAL_BENCHES}}
+ID_FIELDS = {"mathvista": "pid", "mathverse": "sample_index", "mmstar": "index"}  # others: <bench>-<line>
 REQUIRED_FIELDS = {
     "synthetic": (),
     "mathvista": ("pid", "question_type", "answer_type", "answer"),
     "mathverse": ("sample_index", "problem_version", "question_type", "answer"),
     "mmmath": ("solution",),
+    "mmstar": ("index", "answer"),
+    "chartqa": ("answer",),
+    "mme": ("question_id", "category", "answer"),
+    "hallusionbench": ("category", "subcategory", "set_id", "figure_id", "question_id", "gt_answer"),
 }
 RULES = {
     "synthetic": "rewards.reward: the hard format-result training reward (format and answer both right; "
@@ -87,9 +104,19 @@ RULES = {
     "mmmath": "MM-Math official judge (eval.py AutoScoringJudge.judge, precision 1e-2, its quirks included) on what "
               "Vision-R1's evaluation reads (`<answer> Final Answer:X </answer>`, else the whole response); "
               "a response sympy works on for more than 5 s scores 0",
+    "mmstar": "MMStar by VLMEvalKit's exact matching (matching_util.can_infer: the option letter, else the option "
+              "text) on the <answer> block, else the whole response",
+    "chartqa": "ChartQA relaxed accuracy (pix2struct relaxed_correctness: within 5% of a numeric answer, else exact "
+               "match, case-insensitive) on the <answer> block, else the whole response",
+    "mme": "MME eval_tool calculation.py (parse_pred_ans yes/no; per subtask acc + acc+, summed into perception and "
+           "cognition) on the <answer> block, else the whole response",
+    "hallusionbench": "HallusionBench utils.py aAcc / fAcc / qAcc, each answer read by VLMEvalKit's YOrN_Extraction "
+                      "(the official pipeline asks GPT-4) on the <answer> block, else the whole response",
 }
 RETRY_NOTE = "a response without </answer> was redrawn up to {k} times (the authors' protocol; inflates scores)"
 
+IMAGE_FIELDS = ("decoded_image", "image", "file_name", "filename")  # a benchmark row's image, first present
+HALLUSIONBENCH_KEYS = ("category", "subcategory", "set_id", "figure_id", "question_id")  # a question on a figure
 TASK_ABBREVIATIONS = {name: abbreviation for abbreviation, name in scoring.MATHVISTA_TASKS.items()}
 SKILL_ABBREVIATIONS = {name: abbreviation for abbreviation, name in scoring.MATHVISTA_SKILLS.items()}
 MATHVERSE_VERSIONS = ("Text Dominant", "Text Lite", "Vision Intensive", "Vision Dominant", "Vision Only")
@@ -100,7 +127,8 @@ MMMATH_KNOWLEDGE = {"Transformations of Shapes": "Trans", "Properties of Shapes"
 CATEGORY_ORDER = {"kind": synthetic.KINDS, "task": tuple(scoring.MATHVISTA_TASKS),
                   "skill": tuple(scoring.MATHVISTA_SKILLS), "version": MATHVERSE_VERSIONS,
                   "difficulty": tuple(MMMATH_DIFFICULTIES.values()), "grade": tuple(MMMATH_GRADES.values()),
-                  "knowledge": tuple(MMMATH_KNOWLEDGE.values())}
+                  "knowledge": tuple(MMMATH_KNOWLEDGE.values()),
+                  "subtask": sum(scoring.MME_SUBTASKS.values(), ()), "split": ("human", "augmented")}
 
 
 # ----------------------------------------------------------------------------- loading benchmarks
@@ -117,14 +145,32 @@ def benchmark_problem(bench, raw):
         raise data.BadInput(f"missing field: {', '.join(missing)}")
     if bench == "synthetic":
         return raw
-    images = next((raw[key] for key in ("decoded_image", "image", "file_name") if raw.get(key)), None)
-    problem = {"id": raw.get("pid", raw.get("sample_index")), "images": images,
-               "question": raw.get(PROMPT_FIELDS[bench]),
-               "answer": raw["solution"] if bench == "mmmath" else raw["answer"],
-               "meta": {key: value for key, value in raw.items() if key not in (*data.IMAGE_KEYS, "file_name")}}
+    images = next((raw[key] for key in IMAGE_FIELDS if raw.get(key)), None)
+    problem = {"id": raw.get(ID_FIELDS.get(bench)), "images": images, "question": raw.get(PROMPT_FIELDS[bench]),
+               "answer": raw["solution"] if bench == "mmmath" else gold_answer(bench, raw),
+               "meta": {key: value for key, value in raw.items() if key not in (*data.IMAGE_KEYS, *IMAGE_FIELDS)}}
+    if bench == "hallusionbench":  # unique, as the official get_eval_all asserts
+        problem["id"] = "_".join(str(raw[key]) for key in HALLUSIONBENCH_KEYS)
     if bench == "mathvista":
         problem.update(choices=raw.get("choices"), answer_type=raw["answer_type"])
     return problem
+
+
+def gold_answer(bench, raw):
+    """The answer a row is scored against, checked where the rule needs a form: an MMStar answer is
+    an option letter of its question, an MME answer Yes or No, a HallusionBench gt_answer 1 or 0
+    (read as Yes / No, the labels its rule compares). Raises data.BadInput otherwise."""
+    answer = str(raw.get("gt_answer" if bench == "hallusionbench" else "answer"))
+    options = scoring.mmstar_options(raw.get("question") or "") if bench == "mmstar" else {}
+    if bench == "mmstar" and answer not in options:
+        raise data.BadInput(f"bad answer: {answer!r} is not one of the question's options ({', '.join(options)})")
+    if bench == "mme" and answer.lower() not in ("yes", "no"):
+        raise data.BadInput(f"bad answer: {answer!r} is not Yes or No")
+    if bench == "hallusionbench":
+        if answer not in ("1", "0"):
+            raise data.BadInput(f"bad gt_answer: {answer!r} is not 1 or 0")
+        return "Yes" if answer == "1" else "No"
+    return raw["answer"]
 
 
 def load_benchmark(bench, path, skip_bad=False):
@@ -162,7 +208,9 @@ def load_benchmark(bench, path, skip_bad=False):
 def categories(bench, record):
     """The official breakdown labels of a record, {dimension: [labels]}: MathVista by task and skill
     (a problem has one task and often several skills), MathVerse by problem version and subject,
-    MM-Math by difficulty, grade and knowledge point, the synthetic world by question kind.
+    MM-Math by difficulty, grade and knowledge point, MMStar by category and l2_category, ChartQA by
+    split (human, augmented), MME by subtask, HallusionBench by
+    category (VD, VS) and subcategory, the synthetic world by question kind.
 
     A MathVista geometry problem -> {"task": ["GPS"], "skill": ["ALG", "GEO"]}.
     """
@@ -189,7 +237,26 @@ def categories(bench, record):
         points = [label for point, label in MMMATH_KNOWLEDGE.items() if point in knowledge]
         if points:
             labels["knowledge"] = points
+    elif bench == "mmstar":
+        labels = {key: [meta[key]] for key in ("category", "l2_category") if meta.get(key)}
+    elif bench == "chartqa" and meta.get("type"):
+        labels["split"] = [meta["type"].removesuffix("_test")]
+    elif bench == "mme":  # perception and cognition are official_scores' sums
+        labels["subtask"] = [meta["category"]]
+    elif bench == "hallusionbench":
+        labels = {"category": [meta["category"]], "subcategory": [meta["subcategory"]]}
     return labels
+
+
+def pairing(bench, record):
+    """What the benchmark's own scores group questions by, None where they do not: MME's subtask
+    and image (acc+), HallusionBench's category, subcategory, set, figure and question (fAcc, qAcc)."""
+    meta = record["meta"]
+    if bench == "mme":
+        return {"subtask": meta["category"], "image": meta["question_id"]}
+    if bench == "hallusionbench":
+        return {key: meta[key] for key in HALLUSIONBENCH_KEYS}
+    return None
 
 
 # ----------------------------------------------------------------------------- optional model judge
@@ -325,12 +392,33 @@ def score_sample(bench, record, completion, attempts=1, judge=None):
         extracted = rewards.extract_answer(text) or scoring.mmmath_final_answer(text)
         gold = scoring.mmmath_final_answer(meta["solution"]) or meta["solution"]
         correct = scoring.score_mmmath({"answer": meta["solution"]}, text)
+    elif bench in GENERAL_BENCHES:
+        extracted, correct = general_verdict(bench, record, scoring.benchmark_prediction(text))
+        gold = record["answer"]
     else:
         raise ValueError(f"unknown benchmark {bench!r}; expected one of {BENCHES}")
     return {"id": record["id"], "sample": completion.sample, "response": text, "extracted": extracted,
             "gold": gold, "correct": bool(correct), "format_ok": rewards.format_ok(text), "truncated": truncated,
             "tokens": len(completion.token_ids) - (completion.finish_reason == "stop"), "attempts": attempts,
-            "judged_by": judge.name if judged else None, "categories": categories(bench, record)}
+            "judged_by": judge.name if judged else None, "categories": categories(bench, record),
+            "pairing": pairing(bench, record)}
+
+
+def general_verdict(bench, record, prediction):
+    """(what the rule read, whether it is right) for a general benchmark (RULES): MMStar's option
+    letter (None: none read), ChartQA's stripped prediction, MME's yes / no / other, HallusionBench's
+    Yes / No / Unknown. MME, answer "No": "No, there is none." -> ("no", True)."""
+    gold = record["answer"]
+    if bench == "mmstar":
+        letter = scoring.mmstar_choice(prediction, scoring.mmstar_options(record["question"]))
+        return letter, letter == gold
+    if bench == "chartqa":
+        return prediction.strip(), scoring.chartqa_relaxed_correct(gold, prediction)
+    if bench == "mme":
+        label = scoring.mme_answer(prediction)
+        return label, label == gold.lower()
+    label = scoring.yes_or_no(prediction)
+    return label, label == gold
 
 
 def ordered_labels(dimension, labels):
@@ -340,6 +428,28 @@ def ordered_labels(dimension, labels):
     return [label for label in known if label in labels] + sorted(label for label in labels if label not in known)
 
 
+OFFICIAL_SCORES = {
+    "mme": lambda rows: scoring.mme_scores([(r["pairing"]["subtask"], r["pairing"]["image"], r["correct"])
+                                            for r in rows]),
+    "hallusionbench": lambda rows: scoring.hallusionbench_scores([{**r["pairing"], "correct": r["correct"]}
+                                                                  for r in rows]),
+}
+
+
+def mean_scores(passes):
+    """The key-wise mean of score dicts of the same keys (nested dicts too)."""
+    return {key: mean_scores([p[key] for p in passes]) if isinstance(passes[0][key], dict)
+            else sum(p[key] for p in passes) / len(passes) for key in passes[0]}
+
+
+def official_scores(bench, rows):
+    """The benchmark's own scores of the rows (OFFICIAL_SCORES: MME's perception and cognition,
+    HallusionBench's aAcc, fAcc, qAcc). With n samples per prompt each sample index is one pass over
+    the benchmark, and the scores are the mean over the passes."""
+    samples = sorted({row["sample"] for row in rows})
+    return mean_scores([OFFICIAL_SCORES[bench]([row for row in rows if row["sample"] == j]) for j in samples])
+
+
 def summarize(bench, rows):
     """Overall and per-category accuracy of per-sample rows (score_sample's), with the means.
 
@@ -347,7 +457,8 @@ def summarize(bench, rows):
     such, next to pass@n: the share of prompts with at least one correct sample). Breakdowns count
     samples, so a MathVista problem with two skills counts once in each. format_rate, truncation_rate,
     mean_tokens: over samples; regenerated: samples drawn more than once (--retry-until-answer);
-    judge: the model judges that scored any of them (None: the rules alone).
+    judge: the model judges that scored any of them (None: the rules alone); official: the
+    benchmark's own scores where they are more than the accuracy (official_scores: MME, HallusionBench).
     Rows [a: correct, b: wrong] of prompts a (task GPS) and b (task FQA) -> accuracy 0.5,
     breakdown {"task": {"GPS": {"accuracy": 1.0, "correct": 1, "total": 1}, "FQA": {... 0.0, 0, 1}}}.
     """
@@ -373,6 +484,8 @@ def summarize(bench, rows):
         for dimension, labels in row["categories"].items():
             for label in labels:
                 counts[dimension][label].update(correct=int(row["correct"]), total=1)
+    if bench in OFFICIAL_SCORES:
+        summary["official"] = official_scores(bench, rows)
     summary["breakdown"] = {
         dimension: {label: {"accuracy": by_label[label]["correct"] / by_label[label]["total"],
                             "correct": by_label[label]["correct"], "total": by_label[label]["total"]}
@@ -388,26 +501,30 @@ def percent(fraction):
 
 
 def markdown_table(summaries):
-    """One markdown table per benchmark, one row per model: accuracy (%) and pass@n when n > 1, every
-    breakdown category (%), format and truncation rates (%), mean response tokens; below it the rule
-    that scored it and, when responses were redrawn until </answer>, a note that says so (the score
-    itself is marked)."""
+    """One markdown table per benchmark, one row per model: accuracy (%) and pass@n when n > 1, the
+    benchmark's own scores (MME's points, HallusionBench's %), every breakdown category (%), format
+    and truncation rates (%), mean response tokens; below it the rule that scored it and, when
+    responses were redrawn until </answer>, a note that says so (the score itself is marked)."""
     blocks = []
     for bench in dict.fromkeys(s["bench"] for s in summaries):
         group = [s for s in summaries if s["bench"] == bench]
         passes = sorted({key for s in group for key in s if key.startswith("pass@")})
+        official = list(dict.fromkeys(key for s in group for key, value in s.get("official", {}).items()
+                                      if not isinstance(value, dict)))
         columns = []
         for dimension in dict.fromkeys(d for s in group for d in s["breakdown"]):
             labels = {label for s in group for label in s["breakdown"].get(dimension, {})}
             columns += [(dimension, label) for label in ordered_labels(dimension, labels)]
-        header = ["model", "accuracy", *passes, *(label for _, label in columns), "format", "truncated", "tokens"]
+        header = ["model", "accuracy", *passes, *official, *(label for _, label in columns),
+                  "format", "truncated", "tokens"]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         retries = set()
         for s in group:
             retry = s.get("settings", {}).get("retry_until_answer", 0)
             accuracy = percent(s["accuracy"]) + (f" (redrawn ≤{retry}x)" if retry else "")
             retries.add(retry)
-            cells = [s.get("model", "-"), accuracy, *(percent(s[key]) if key in s else "-" for key in passes)]
+            cells = [s.get("model", "-"), accuracy, *(percent(s[key]) if key in s else "-" for key in passes),
+                     *(f"{s['official'][key]:.1f}" if key in s.get("official", {}) else "-" for key in official)]
             for dimension, label in columns:
                 entry = s["breakdown"].get(dimension, {}).get(label)
                 cells.append(percent(entry["accuracy"]) if entry else "-")
@@ -600,6 +717,9 @@ def log_to_wandb(run_name, summaries, out):
         passes = [key for key in s if key.startswith("pass@")]
         for key in ("accuracy", "format_rate", "truncation_rate", "mean_tokens", *passes):
             metrics[f"{prefix}/{key}"] = s[key]
+        for key, value in s.get("official", {}).items():
+            if not isinstance(value, dict):
+                metrics[f"{prefix}/{key}"] = value
         for dimension, by_label in s["breakdown"].items():
             for label, entry in by_label.items():
                 metrics[f"{prefix}/{dimension}/{label}"] = entry["accuracy"]

@@ -1,4 +1,5 @@
-"""Benchmark scoring rules for MathVista, MathVerse and MM-Math, as pure functions.
+"""Benchmark scoring rules for MathVista, MathVerse, MM-Math and the general benchmarks of the
+LlamaV-CI table (MMStar, ChartQA, MME, HallusionBench), as pure functions.
 
 Each benchmark is scored the way its own evaluation code scores it, with the GPT steps
 replaced by rules (docs/method.md §4):
@@ -17,6 +18,10 @@ replaced by rules (docs/method.md §4):
   calls it): on what Vision-R1's evaluation reads (`<answer> Final Answer:(.*?) </answer>`, else
   the whole response), every official rule and quirk, with sympy's ANTLR LaTeX parser
   (check_scoring.py measures the agreement with eval.py itself).
+- MMStar: VLMEvalKit's exact matching (vlmeval/utils/matching_util.py `can_infer`); ChartQA:
+  relaxed accuracy (pix2struct `relaxed_correctness`); MME: eval_tool/calculation.py
+  (`parse_pred_ans`, acc + acc+ per subtask); HallusionBench: its utils.py aAcc / fAcc / qAcc,
+  answers read by VLMEvalKit's `YOrN_Extraction` where the official pipeline asks GPT-4.
 
 The stricter reward of rewards.py (hedged answers score 0) is the training signal;
 these functions are the benchmarks' own rules.
@@ -25,6 +30,7 @@ these functions are the benchmarks' own rules.
 import math
 import re
 import signal
+from collections import defaultdict
 from contextlib import contextmanager
 
 import antlr4
@@ -545,3 +551,171 @@ def score_mmmath(record, response):
             return mmmath_judge(record["answer"], prediction)
     except _OutOfTime:
         return False
+
+
+# ----------------------------------------------------------------------------- general benchmarks
+#
+# MMStar, ChartQA, MME and HallusionBench, the general benchmarks of Vision-R1-LlamaV-CI's table.
+# Each rule reads `benchmark_prediction(response)`: the `<answer>` block when there is one, else
+# the whole response (the prediction Vision-R1's evaluation hands VLMEvalKit).
+
+MME_SUBTASKS = {  # MME eval_tool/calculation.py `eval_type_dict`
+    "perception": ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                   "artwork", "OCR"),
+    "cognition": ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning"),
+}
+_VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                    "?", "!")
+
+
+def benchmark_prediction(response):
+    """The text a general benchmark's rule reads: the `<answer>` block (rewards.extract_answer), else
+    the whole response. "<think>..</think><answer> Final Answer:B </answer>" -> "B"."""
+    answer = rewards.extract_answer(response)
+    return rewards._as_text(response) if answer is None else answer
+
+
+def mmstar_options(question):
+    """Option letter -> text of an MMStar question as the Hugging Face export writes it (the
+    options after the last "Options:", "A: x, B: y, ..."), letters taken in order from A.
+
+    mmstar_options("Which?\\nOptions: A: red, B: a cat, sitting, C: 5") == {"A": "red", "B": "a cat, sitting", "C": "5"}
+    """
+    text = question.rsplit("Options:", 1)[-1].strip() if "Options:" in question else ""
+    labels, letter = [], "A"
+    for match in re.finditer(r"(?:^|,)\s*([A-Z]):\s", text):
+        if match.group(1) == letter:
+            labels.append(match)
+            letter = chr(ord(letter) + 1)
+    ends = [match.start() for match in labels[1:]] + [len(text)]
+    return {match.group(1): text[match.end():end].strip() for match, end in zip(labels, ends)}
+
+
+def _infer_option(answer, options):
+    """VLMEvalKit `can_infer_option`: with .()[],:;!*#{} read as spaces, the one option letter that
+    stands as a word; "Z" for a refusal or a lone Z; None otherwise (none, or several letters)."""
+    refusals = ("Sorry, I can't help with images of people yet.", "I can't process this file.",
+                "I'm sorry, but without the image provided", "Cannot determine the answer")
+    if any(refusal in answer for refusal in refusals):
+        return "Z"
+    words = re.sub(r"[.()\[\],:;!*#{}]", " ", answer).split()
+    named = [letter for letter in options if letter in words]
+    if len(named) == 1:
+        return named[0]
+    return "Z" if not named and "Z" in words else None
+
+
+def _infer_text(answer, options):
+    """VLMEvalKit `can_infer_text`: the one option whose text (lower case) is inside the answer."""
+    named = [letter for letter, text in options.items() if str(text).lower() in answer.lower()]
+    return named[0] if len(named) == 1 else None
+
+
+def mmstar_choice(prediction, options):
+    """The option letter VLMEvalKit's exact matching reads (vlmeval/utils/matching_util.py `can_infer`:
+    the option letter, else the option text), None when it reads none (scored wrong, as its "Z").
+    MMStar (Lin-Chen/MMStar) is scored by VLMEvalKit: correct when this letter is the answer.
+
+    mmstar_choice("(B) a cat", {"A": "a dog", "B": "a cat"}) == "B"; "A or B" -> None;
+    "It is a dog." -> "A" (by the option text)
+    """
+    return _infer_option(prediction, options) or _infer_text(prediction, options)
+
+
+def _chartqa_float(text):
+    """pix2struct `_to_float`: float(text), "12%" as 0.12, None when it does not parse."""
+    try:
+        return float(text.rstrip("%")) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def chartqa_relaxed_correct(target, prediction, max_relative_change=0.05):
+    """ChartQA relaxed accuracy (pix2struct/metrics.py `relaxed_correctness`, the rule of the
+    ChartQA paper, as VLMEvalKit and lmms-eval score it): numbers within 5% of a non-zero gold
+    (relative change |p - t| / |t| <= 0.05), otherwise a case-insensitive exact match. The
+    prediction is stripped (VLMEvalKit); a gold of 0 is compared as text.
+
+    chartqa_relaxed_correct("50", "52") is True (4%); ("50", "53") False; ("12%", "0.12") True;
+    ("0", "0.0") False; ("Yes", "yes") True
+    """
+    prediction = prediction.strip()
+    predicted, gold = _chartqa_float(prediction), _chartqa_float(target)
+    if predicted is not None and gold:
+        return abs(predicted - gold) / abs(gold) <= max_relative_change
+    return prediction.lower() == target.lower()
+
+
+def mme_answer(prediction):
+    """MME eval_tool/calculation.py `parse_pred_ans` on the lower-cased prediction: "yes" or "no"
+    as it is, else "yes" / "no" found in its first four characters (yes first), else "other".
+
+    mme_answer("Yes, there is a dog.") == "yes"; mme_answer("Not at all") == "no" (prefix "not ");
+    mme_answer("There is no dog") == "other"
+    """
+    prediction = prediction.lower()
+    if prediction in ("yes", "no"):
+        return prediction
+    return next((label for label in ("yes", "no") if label in prediction[:4]), "other")
+
+
+def mme_scores(results):
+    """MME's scores (eval_tool/calculation.py): per subtask, acc (questions right, %) plus acc+
+    (images with both questions right, %); perception and cognition the sums over their subtasks.
+
+    results: (subtask, image, correct) per question. existence: image 1 right twice, image 2
+    once -> acc 75 + acc+ 50 = 125; with code_reasoning 0 -> perception 125, cognition 0, total 125.
+    """
+    by_image = defaultdict(lambda: defaultdict(list))
+    for subtask, image, correct in results:
+        by_image[subtask][image].append(bool(correct))
+    subtasks = {}
+    for subtask, images in by_image.items():
+        answers = [correct for image in images.values() for correct in image]
+        subtasks[subtask] = 100 * sum(answers) / len(answers) + 100 * sum(map(all, images.values())) / len(images)
+    scores = {part: sum(subtasks.get(name, 0.0) for name in names) for part, names in MME_SUBTASKS.items()}
+    return {**scores, "total": sum(scores.values()), "subtasks": subtasks}
+
+
+def _vqa_punctuation(text):
+    """VLMEvalKit `process_punctuation` (the VQA evaluation's): each of _VQA_PUNCTUATION dropped
+    where the text has it next to a space (or holds a 1,000-style comma), else made a space;
+    then up to 32 periods not followed by a digit dropped (its `(?!<=\\d)` is a lookahead that
+    always holds, and re.UNICODE lands in `sub`'s count)."""
+    thousands = re.search(r"(\d)(,)(\d)", text) is not None
+    out = text
+    for mark in _VQA_PUNCTUATION:
+        out = out.replace(mark, "" if (mark + " " in text or " " + mark in text or thousands) else " ")
+    return re.sub(r"\.(?!\d)", "", out, count=32)
+
+
+def yes_or_no(prediction):
+    """VLMEvalKit `YOrN_Extraction` (vlmeval/dataset/utils/yorn.py), the rule its HallusionBench
+    scoring uses: "Yes" when the word yes is there and no is not, "No" the other way, else "Unknown".
+
+    yes_or_no("Yes, it is.") == "Yes"; yes_or_no("No.") == "No"; yes_or_no("yes and no") == "Unknown"
+    """
+    words = _vqa_punctuation(prediction.lower()).split()
+    if ("yes" in words) != ("no" in words):
+        return "Yes" if "yes" in words else "No"
+    return "Unknown"
+
+
+def hallusionbench_scores(results):
+    """HallusionBench's accuracies (tianyi-lab/HallusionBench utils.py), in %: aAcc over questions
+    (`get_eval_all`); fAcc over figures (category, subcategory, set_id, figure_id), a figure right
+    when all its questions are, VS questions without a figure (figure_id 0) left out
+    (`get_eval_fig`); qAcc over questions (category, subcategory, set_id, question_id), right when
+    it is answered right on every figure (`get_eval_pair_all`).
+
+    results: dicts with those five fields and `correct`. VD set 0: question 0 right on figures 0
+    and 1, question 1 right on figure 0 only -> aAcc 75, fAcc 50 (figure 1 fails), qAcc 50.
+    """
+    figures, questions = defaultdict(list), defaultdict(list)
+    for r in results:
+        if not (r["category"] == "VS" and str(r["figure_id"]) == "0"):
+            figures[(r["category"], r["subcategory"], str(r["set_id"]), str(r["figure_id"]))].append(r["correct"])
+        questions[(r["category"], r["subcategory"], str(r["set_id"]), str(r["question_id"]))].append(r["correct"])
+    return {"aAcc": 100 * sum(bool(r["correct"]) for r in results) / len(results),
+            "fAcc": 100 * sum(map(all, figures.values())) / len(figures),
+            "qAcc": 100 * sum(map(all, questions.values())) / len(questions)}
