@@ -1,0 +1,107 @@
+"""generate.py on Llama 3.2 Vision against transformers' MllamaForConditionalGeneration.generate (the
+oracle): greedy tokens and log-probs, samples that do not depend on the schedule, and each prompt's
+image keys/values computed once for all its samples."""
+
+import pytest
+import torch
+from transformers import MllamaForConditionalGeneration
+
+import generate as G
+import model as M
+from tests import tiny_mllama as T
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NEW_TOKENS = 16
+# text only; one image of 2 tiles after a text token (that token sees no tile); two images of 4 and 1 tiles
+SEQS = [([1, 40, 41, 42, 43, 44, 45], []),
+        ([1, 50, T.IMAGE, 51, 52, 53], [(28, 56)]),
+        ([1, T.IMAGE, 60, 61, T.IMAGE, 62, 63, 64, 65], [(56, 56), (28, 28)])]
+
+
+@pytest.fixture(scope="module")
+def ours(mllama_dir):
+    return M.load_model(mllama_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def oracle(mllama_dir):
+    model = MllamaForConditionalGeneration.from_pretrained(mllama_dir, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None  # run every prompt to NEW_TOKENS, as eos_ids=() does here
+    return model
+
+
+def prompts():
+    return [T.process(ids, sizes, seed=i) for i, (ids, sizes) in enumerate(SEQS)]
+
+
+@pytest.fixture(scope="module")
+def oracle_outputs(oracle):
+    """transformers' greedy continuation of each prompt alone and the log-prob of each chosen token."""
+    outputs = []
+    for i, (ids, sizes) in enumerate(SEQS):
+        with torch.no_grad():
+            out = oracle.generate(**T.padded_batch([(ids, sizes)], seed=i), max_new_tokens=NEW_TOKENS,
+                                  do_sample=False, pad_token_id=T.VOCAB - 1, return_dict_in_generate=True,
+                                  output_logits=True)
+        tokens = out.sequences[0, len(ids):]
+        logprobs = torch.log_softmax(torch.stack(out.logits)[:, 0], -1).gather(1, tokens[:, None])[:, 0]
+        outputs.append((tokens.tolist(), logprobs))
+    return outputs
+
+
+def slot_len(new_tokens):
+    return max(len(ids) for ids, _ in SEQS) + new_tokens
+
+
+@pytest.mark.parametrize("slots, check_every", [(None, 4), (1, 3)])
+def test_greedy_matches_transformers_generate(ours, oracle_outputs, slots, check_every):
+    """Every prompt at once (text-only and image rows in one decode batch), or one slot in turn."""
+    out = G.generate(ours, prompts(), eos_ids=(), greedy=True, max_new_tokens=NEW_TOKENS,
+                     kv_budget=slots and slots * slot_len(NEW_TOKENS), check_every=check_every)
+    assert [(c.prompt_index, c.sample) for c in out] == [(i, 0) for i in range(len(SEQS))]
+    for c, (tokens, logprobs) in zip(out, oracle_outputs):
+        assert c.token_ids == tokens and c.finish_reason == "length"
+        assert (torch.tensor(c.logprobs) - logprobs).abs().max() <= 1e-4
+
+
+def test_samples_do_not_depend_on_the_schedule(ours):
+    """A sample's tokens depend on (seed, prompt id, sample index) alone: the same under any budget,
+    check interval and prompt order."""
+    settings = dict(eos_ids=(7, 11, 13), n=3, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5)
+    batch, ids = prompts(), [100, 101, 102]
+
+    def by_stream(completions, prompt_ids):
+        return {(prompt_ids[c.prompt_index], c.sample): (c.token_ids, c.finish_reason) for c in completions}
+
+    reference = by_stream(G.generate(ours, batch, prompt_ids=ids, **settings), ids)
+    assert len({tuple(tokens) for tokens, _ in reference.values()}) == 9  # the samples differ
+    for slots, check_every in ((1, 4), (2, 1), (4, 3)):
+        out = G.generate(ours, batch, prompt_ids=ids, kv_budget=slots * slot_len(10), check_every=check_every,
+                         **settings)
+        assert by_stream(out, ids) == reference, (slots, check_every)
+    assert by_stream(G.generate(ours, batch[::-1], prompt_ids=ids[::-1], **settings), ids[::-1]) == reference
+
+
+@pytest.mark.parametrize("slots", [None, 2])
+def test_image_keys_and_values_are_computed_once_per_prompt(ours, slots):
+    """4 samples of each prompt, all at once or 2 slots at a time: the vision encoder sees each
+    image once and each cross-attention layer projects each image's states once; every sample
+    equals the prompt generated alone."""
+    images_seen, keys_projected = [], []
+    hooks = [ours.vision_model.register_forward_hook(lambda module, args, out: images_seen.append(args[0].shape[0]))]
+    hooks += [layer.cross_attn.k_proj.register_forward_hook(
+        lambda module, args, out: keys_projected.append(args[0].shape[0]))
+        for layer in ours.language_model.model.layers if hasattr(layer, "cross_attn")]
+    try:
+        grouped = G.generate(ours, prompts(), eos_ids=(), n=4, greedy=True, max_new_tokens=4,
+                             kv_budget=slots and slots * slot_len(4))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    images = sum(len(sizes) for _, sizes in SEQS)
+    keys_per_image = T.MAX_TILES * 5  # tiles x (2 x 2 patches + class token)
+    assert sum(images_seen) == images
+    assert sum(keys_projected) == len(T.CROSS_LAYERS) * images * keys_per_image
+    alone = G.generate(ours, prompts(), eos_ids=(), greedy=True, max_new_tokens=4)
+    assert [(c.prompt_index, c.sample, c.token_ids) for c in grouped] == \
+        [(c.prompt_index, k, c.token_ids) for c in alone for k in range(4)]
