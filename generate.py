@@ -439,7 +439,8 @@ class SlotScheduler:
         prompt = [p for _, (p, _) in taken]
         keys = torch.tensor([stream_key(self.seed, self.prompt_ids[p], j) for _, (p, j) in taken], device=self.device)
         tokens, logprobs = self.sampler(torch.stack([self.first[p][0] for p in prompt]), keys, torch.zeros_like(keys))
-        pool.tokens[index], pool.keys[index], pool.prompt[index] = tokens, keys, torch.tensor(prompt, device=self.device)
+        pool.tokens[index], pool.keys[index] = tokens, keys
+        pool.prompt[index] = torch.tensor(prompt, device=self.device)
         pool.out_tokens[index, 0], pool.out_logprobs[index, 0] = tokens, logprobs
         pool.lengths[index] = torch.tensor([prompt_lens[p] for p in prompt], device=self.device)
         pool.positions[index] = torch.stack([self.first[p][1] for p in prompt])
@@ -533,11 +534,12 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
         scheduler = SlotScheduler(model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids,
                                   image_cache)
         graphs = None
+        step = functools.partial(decode_step, model, pool, sampler=sampler, eos=eos, rope=rope, image_cache=image_cache)
         if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-            graphs = GraphedDecodeSteps(lambda B: decode_step(model, pool, B, sampler, eos, rope, slot_len, image_cache), slots)
+            graphs = GraphedDecodeSteps(lambda B: step(B, span=slot_len), slots)
 
         def decode(B, span):  # a captured step reads the whole slot length
-            return graphs(B) if graphs is not None else decode_step(model, pool, B, sampler, eos, rope, span, image_cache)
+            return graphs(B) if graphs is not None else step(B, span=span)
         results = scheduler.run(decode, check_every or (8 if device.type == "cuda" else 1))
 
     return [Completion(prompt_index=p, sample=j, token_ids=results[p, j][0], logprobs=results[p, j][1],

@@ -467,8 +467,9 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size + 8, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        cross = cfg.cross_attention_layers
         self.layers = nn.ModuleList(
-            CrossAttentionDecoderLayer(cfg, cfg.cross_attention_layers.index(i)) if i in cfg.cross_attention_layers else DecoderLayer(cfg, i, qkv_bias=False)
+            CrossAttentionDecoderLayer(cfg, cross.index(i)) if i in cross else DecoderLayer(cfg, i, qkv_bias=False)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
