@@ -533,13 +533,15 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
         rope = text_rope(model, slot_len, dtype, device)
         scheduler = SlotScheduler(model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids,
                                   image_cache)
+
+        def step(B, span):
+            return decode_step(model, pool, B, sampler, eos, rope, span, image_cache)
         graphs = None
-        step = functools.partial(decode_step, model, pool, sampler=sampler, eos=eos, rope=rope, image_cache=image_cache)
         if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-            graphs = GraphedDecodeSteps(lambda B: step(B, span=slot_len), slots)
+            graphs = GraphedDecodeSteps(lambda B: step(B, slot_len), slots)
 
         def decode(B, span):  # a captured step reads the whole slot length
-            return graphs(B) if graphs is not None else step(B, span=span)
+            return graphs(B) if graphs is not None else step(B, span)
         results = scheduler.run(decode, check_every or (8 if device.type == "cuda" else 1))
 
     return [Completion(prompt_index=p, sample=j, token_ids=results[p, j][0], logprobs=results[p, j][1],
