@@ -64,9 +64,10 @@ def test_greedy_matches_transformers_generate(ours, oracle_outputs, slots, check
         assert (torch.tensor(c.logprobs) - logprobs).abs().max() <= 1e-4
 
 
-def test_samples_do_not_depend_on_the_schedule(ours):
+def test_samples_do_not_depend_on_the_schedule(ours, monkeypatch):
     """A sample's tokens depend on (seed, prompt id, sample index) alone: the same under any budget,
-    check interval and prompt order."""
+    check interval and prompt order, and with the decode step replayed at padded pool sizes as the
+    CUDA graphs run it."""
     settings = dict(eos_ids=(7, 11, 13), n=3, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=5)
     batch, ids = prompts(), [100, 101, 102]
 
@@ -80,6 +81,29 @@ def test_samples_do_not_depend_on_the_schedule(ours):
                          **settings)
         assert by_stream(out, ids) == reference, (slots, check_every)
     assert by_stream(G.generate(ours, batch[::-1], prompt_ids=ids[::-1], **settings), ids[::-1]) == reference
+    monkeypatch.setattr(G, "capture_cuda_graph", lambda fn, memory=None: (fn, None))  # run, not capture
+    graphed = G.generate(ours, batch, prompt_ids=ids, kv_budget=5 * slot_len(10), cuda_graphs=True, **settings)
+    assert by_stream(graphed, ids) == reference
+
+
+def test_sampled_logprobs_are_what_training_recomputes(ours):
+    """Each sample's log-probs equal the packed training forward over prompt + completion at the
+    same temperature, its response tokens seeing the tiles the prompt's last token sees."""
+    out = G.generate(ours, prompts(), eos_ids=(), n=2, max_new_tokens=8, temperature=0.7, top_k=50, seed=3)
+    for c in out:
+        prompt = prompts()[c.prompt_index]
+        completion = torch.tensor(c.token_ids)
+        sequence = torch.cat([prompt["input_ids"], completion])
+        images = {}
+        if "pixel_values" in prompt:
+            mask = prompt["cross_attention_mask"]
+            images = {key: prompt[key] for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+            images.update(cross_attention_mask=torch.cat([mask, mask[-1:].expand(len(completion), -1, -1)]),
+                          image_counts=[len(mask[0])])
+        with torch.no_grad():
+            targets = torch.roll(sequence, -1).clamp(max=T.VOCAB - 1)  # <|image|> is no head row; prompt rows unread
+            logp = ours.packed_logprobs(sequence, torch.tensor([0, len(sequence)]), targets, temperature=0.7, **images)
+        assert (logp[len(prompt["input_ids"]) - 1:-1] - torch.tensor(c.logprobs)).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("slots", [None, 2])
