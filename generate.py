@@ -234,16 +234,33 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, span):
     if M.use_flash(q):  # CUDA with flash-attn, unless --attention sdpa
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, k[:, None], v[:, None],
                                        cache_seqlens=lengths.to(torch.int32), causal=True)[:, 0]
-    R, Hkv, D = k.shape
-    rows = torch.arange(R, device=q.device)
+    rows = torch.arange(k.shape[0], device=q.device)
     k_cache[rows, lengths] = k
     v_cache[rows, lengths] = v
     visible = torch.arange(span, device=q.device) <= lengths[:, None]  # [R, span]
-    # the Hq / Hkv query heads that share a key/value head attend as that head's queries: the
-    # cache is read as is, never repeated per query head
-    out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k_cache[:, :span].transpose(1, 2),
-                                         v_cache[:, :span].transpose(1, 2), attn_mask=visible[:, None, None, :])
+    return row_attention(q, k_cache[:, :span], v_cache[:, :span], visible)
+
+
+def row_attention(q, k, v, visible):
+    """SDPA of one query per row over its own keys: q [R, Hq, D]; k, v [R, L, Hkv, D]; visible [R, L].
+    The Hq / Hkv query heads that share a key/value head attend as that head's queries (query head
+    h reads key head h // (Hq / Hkv)): the cache is read as is, never repeated per query head."""
+    R, _, Hkv, D = k.shape
+    out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=visible[:, None, None, :])
     return out.reshape(R, -1, D)
+
+
+def cached_image_attention(q, k_cache, v_cache, lengths, rows):
+    """Llama 3.2 Vision's cross-attention of one new token per row over the image keys/values its
+    prompt stored once (model_mllama.ImageCache): row r reads positions < lengths[r] of cache row
+    rows[r]. q [R, Hq, D]; caches [prompts, K, Hkv, D]; lengths, rows [R] int64. The flash path
+    reads the cache rows in place (cache_batch_idx); the SDPA path gathers them."""
+    if M.use_flash(q):
+        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=lengths.to(torch.int32),
+                                       cache_batch_idx=rows.to(torch.int32))[:, 0]
+    visible = torch.arange(k_cache.shape[1], device=q.device) < lengths[:, None]
+    return row_attention(q, k_cache[rows], v_cache[rows], visible)
 
 
 def run_decoder(model, x, cos, sin, attend):
@@ -269,7 +286,7 @@ def decode_step(model, pool, B, sampler, eos, rope, span, image_cache=None):
     def attend(layer, q, k, v):
         return cached_attention(q, k, v, pool.kv[layer, 0, :B], pool.kv[layer, 1, :B], lengths, span)
     if isinstance(model, Mllama):
-        hidden = model.decode_hidden(tokens, cos, sin, attend, image_cache, pool.prompt[:B])
+        hidden = model.decode_hidden(tokens, cos, sin, attend, image_cache, pool.prompt[:B], cached_image_attention)
     else:
         hidden = run_decoder(model, model.model.embed_tokens(tokens), cos, sin, attend)
     next_tokens, logprobs = sampler(hidden @ model.head_weight.t(), keys, counts)

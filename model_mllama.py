@@ -381,23 +381,15 @@ class CrossInputs:
 @dataclass
 class ImageCache:
     """Generation's cross-attention inputs of each prompt of a generate call, computed once at its
-    prefill and read by every sample of it (`Mllama.prefill_hidden`, `Mllama.decode_hidden`). A
-    prompt without images keeps zero keys and values, all visible: its cross-attention output is
-    exactly 0 and its MLP branch is dropped, so the layer passes it unchanged, as transformers
-    skips the layer for it."""
+    prefill and read by every sample of it (`Mllama.prefill_hidden`, `Mllama.decode_hidden`).
+    Every response token of a prompt sees the keys its last prompt token sees (transformers'
+    generate repeats the mask's last row), so only those are kept, first in their row: a response
+    token attends to the first lengths[p] keys, with no mask. A prompt without images keeps one
+    zero key and value: its cross-attention output is exactly 0 and its MLP branch is dropped, so
+    the layer passes it unchanged, as transformers skips the layer for it."""
     kv: torch.Tensor  # [cross layers, 2 (keys, values), prompts, keys, Hkv, D]: k_norm applied to the keys
-    allowed: torch.Tensor  # [prompts, keys] bool: the keys a response token of the prompt attends to
+    lengths: torch.Tensor  # [prompts] int64 >= 1: how many keys of its row a response token of the prompt reads
     sees_image: torch.Tensor  # [prompts, 1]: 1 where its response tokens see a tile (their MLP branch counts)
-
-
-def cached_cross_attention(q, k, v, allowed):
-    """One query per row over its own prompt's image keys: q [R, Hq, D]; k, v [R, keys, Hkv, D];
-    allowed [R, keys]. The Hq / Hkv query heads that share a key/value head attend as that head's
-    queries (query head h reads key head h // groups, as `CrossAttention.attend_spans`)."""
-    R, _, Hkv, D = k.shape
-    out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=allowed[:, None, None, :])
-    return out.reshape(R, -1, D)
 
 
 class CrossAttention(nn.Module):
@@ -648,7 +640,7 @@ class Mllama(nn.Module):
         return ImageCache(
             kv=torch.zeros(len(text.cross_attention_layers), 2, len(prompts), keys, text.num_key_value_heads,
                            text.head_dim, dtype=dtype, device=device),
-            allowed=torch.ones(len(prompts), keys, dtype=torch.bool, device=device),
+            lengths=torch.ones(len(prompts), dtype=torch.long, device=device),
             sees_image=torch.zeros(len(prompts), 1, dtype=dtype, device=device))
 
     def _generation_layers(self, x, cos, sin, attend, cross, cross_attend):
@@ -666,8 +658,7 @@ class Mllama(nn.Module):
         """Final-norm hidden states [T, H] of prompts packed as in `forward_packed` (`tiles`: their
         data.concat_tiles inputs), self-attention through `attend` (generate.py's fan-out into the
         slots). Each cross-attention layer's keys and values of prompt i's images are computed
-        here, once, and stored in row rows[i] of `cache`, with the keys its response tokens see:
-        those of its last token (transformers' generate repeats the last row of the mask)."""
+        here, once, and the ones its response tokens see stored in row rows[i] of `cache`."""
         x = self.language_model.model.embed_tokens(input_ids)
         cos, sin = self.rope_cos_sin(cu_seqlens, x.dtype)
         if not tiles:
@@ -675,30 +666,30 @@ class Mllama(nn.Module):
         tiles = {key: value.to(x.device) if torch.is_tensor(value) else value for key, value in tiles.items()}
         cross = self.cross_inputs(cu_seqlens, x.dtype, **tiles)
         with_images = [row for row, n in zip(rows, tiles["image_counts"]) if n]
-        for row, (_, qe, ks, ke), allowed in zip(with_images, cross.spans, cross.allowed):
-            cache.allowed[row] = F.pad(allowed[-1], (0, cache.allowed.shape[1] - (ke - ks)), value=False)
-            cache.sees_image[row] = cross.sees_image[qe - 1]
+        seen = [allowed[-1].nonzero()[:, 0] + ks for (_, _, ks, _), allowed in zip(cross.spans, cross.allowed)]
+        for row, (_, qe, _, _), keys in zip(with_images, cross.spans, seen):
+            cache.lengths[row], cache.sees_image[row] = len(keys), cross.sees_image[qe - 1]
 
         def store_and_attend(module, q, cross):
             k, v = module.key_values(cross.states)
-            for row, (_, _, ks, ke) in zip(with_images, cross.spans):
-                cache.kv[module.cross_idx, 0, row, :ke - ks] = k[ks:ke]
-                cache.kv[module.cross_idx, 1, row, :ke - ks] = v[ks:ke]
+            for row, keys in zip(with_images, seen):
+                cache.kv[module.cross_idx, 0, row, :len(keys)] = k[keys]
+                cache.kv[module.cross_idx, 1, row, :len(keys)] = v[keys]
             return module.attend_spans(q, k, v, cross)
         return self._generation_layers(x, cos, sin, attend, cross, store_and_attend)
 
-    def decode_hidden(self, tokens, cos, sin, attend, cache, rows):
+    def decode_hidden(self, tokens, cos, sin, attend, cache, rows, attend_images):
         """Final-norm hidden states [R, H] of one new token per row (`tokens` [R], rope cos/sin [R,
         head_dim]) of the prompts rows [R] of `cache`: self-attention through `attend` (the slots'
-        KV cache), cross-attention over the row's prompt's cached image keys and values."""
+        KV cache), cross-attention through `attend_images(q, k_cache, v_cache, lengths, rows)`
+        over the cached image keys and values of each row's prompt (generate.cached_image_attention)."""
         x = self.language_model.model.embed_tokens(tokens)
         if cache is None:
             return self._generation_layers(x, cos, sin, attend, None, None)
-        cross = CrossInputs(None, None, cache.allowed[rows], cache.sees_image[rows])
+        cross, lengths = CrossInputs(None, None, None, cache.sees_image[rows]), cache.lengths[rows]
 
         def cached(module, q, cross):
-            return cached_cross_attention(q, cache.kv[module.cross_idx, 0, rows], cache.kv[module.cross_idx, 1, rows],
-                                          cross.allowed)
+            return attend_images(q, cache.kv[module.cross_idx, 0], cache.kv[module.cross_idx, 1], lengths, rows)
         return self._generation_layers(x, cos, sin, attend, cross, cached)
 
     # --- the transformers-style call ----------------------------------------------------

@@ -163,18 +163,19 @@ def test_cli_and_evaluate_sample_the_llama_checkpoint(mllama_dir, tmp_path):
 
 @torch.no_grad()
 def test_flash_branches_match_sdpa_in_bf16(mllama_dir, flash_attn):
-    """The CUDA branches of the engine's self-attention (flash-attn's varlen prefill and
-    flash_attn_with_kvcache decode, through the stand-in that enforces their contracts) on the
-    Llama model in bf16 draw the greedy tokens the SDPA branches draw, log-probs within bf16 rounding."""
+    """The engine's CUDA branches (flash-attn's varlen prefill of the self-attention layers,
+    flash_attn_with_kvcache in every decode layer: the slots' cache, and the prompts' image cache
+    read in place by cache_batch_idx), through the stand-in that enforces their contracts, on the
+    Llama model in bf16: the greedy tokens of the SDPA branches, log-probs within bf16 rounding."""
     model = M.load_model(mllama_dir, dtype=torch.bfloat16).eval()
     settings = dict(eos_ids=(), greedy=True, max_new_tokens=6, check_every=1)  # before a near tie at 8
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(M, "use_flash", lambda q: False)
         expected = G.generate(model, prompts(), **settings)
     got = G.generate(model, prompts(), **settings)
-    self_layers = len(model.language_model.model.layers) - len(T.CROSS_LAYERS)
-    assert flash_attn.count(("flash_attn_varlen_func", torch.bfloat16)) == self_layers  # one packed prefill
-    assert flash_attn.count(("flash_attn_with_kvcache", torch.bfloat16)) == 5 * self_layers  # 5 decode steps
+    layers = len(model.language_model.model.layers)
+    assert flash_attn.count(("flash_attn_varlen_func", torch.bfloat16)) == layers - len(T.CROSS_LAYERS)  # prefill
+    assert flash_attn.count(("flash_attn_with_kvcache", torch.bfloat16)) == 5 * layers  # 5 decode steps
     for c, want in zip(got, expected):
         assert c.token_ids == want.token_ids
         assert (torch.tensor(c.logprobs) - torch.tensor(want.logprobs)).abs().max() <= 2e-2
