@@ -146,8 +146,9 @@ def vision_token_ids(model):
 
 
 def decoder_config(model):
-    """The config of the decoder whose keys/values the slots cache: Qwen's, or Llama 3.2 Vision's text part."""
-    return model.cfg.text if isinstance(model, Mllama) else model.cfg
+    """The config of the decoder whose keys/values the slots cache: Qwen's, or Llama 3.2 Vision's
+    self-attention layers."""
+    return model.slot_cache_config() if isinstance(model, Mllama) else model.cfg
 
 
 def text_rope(model, length, dtype, device):
@@ -213,7 +214,8 @@ def new_slot_pool(cfg, slots, slot_len, max_new_tokens, dtype, device):
     return SlotPool(kv, *state, done=torch.ones(slots, dtype=torch.bool, device=device),
                     out_tokens=torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device),
                     out_logprobs=torch.zeros(slots, max_new_tokens, device=device),
-                    index=torch.arange(slots, device=device), prompt=torch.zeros(slots, dtype=torch.long, device=device))
+                    index=torch.arange(slots, device=device),
+                    prompt=torch.zeros(slots, dtype=torch.long, device=device))
 
 
 def prefill_attention(kv, cu_seqlens, fan_src, fan_slot, fan_pos):
@@ -599,12 +601,12 @@ def main(argv=None):
         for start in range(0, len(problems), args.batch_size):
             batch = problems[start:start + args.batch_size]
             prompts = [processor.encode_problem(record, system=args.system) for record in batch]
+            kv_budget = kv_budget_tokens(decoder_config(model), dtype, args.kv_budget_gib, args.device)
             completions = generate(model, prompts, eos_ids=processor.eos_token_ids, n=args.n,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
                                    prompt_ids=range(start, start + len(batch)),
-                                   kv_budget=kv_budget_tokens(decoder_config(model), dtype, args.kv_budget_gib, args.device),
-                                   tokenizer=processor.tokenizer)
+                                   kv_budget=kv_budget, tokenizer=processor.tokenizer)
             for c in completions:
                 f.write(json.dumps({"id": batch[c.prompt_index]["id"], "sample": c.sample, "token_ids": c.token_ids,
                                     "text": c.text, "finish_reason": c.finish_reason}) + "\n")

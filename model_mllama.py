@@ -20,6 +20,7 @@ in `supported_aspect_ratios`, 0 for a padding image), an aspect-ratio mask (1 fo
 and per text token a cross-attention mask over the tiles of its sequence's images.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -643,13 +644,24 @@ class Mllama(nn.Module):
             lengths=torch.ones(len(prompts), dtype=torch.long, device=device),
             sees_image=torch.zeros(len(prompts), 1, dtype=dtype, device=device))
 
+    def slot_cache_config(self):
+        """The text config as generate.py's slot cache sees it: the self-attention layers alone (the
+        cross-attention layers' keys/values are per prompt, ImageCache). 11B: 32 of 40 layers."""
+        text = self.cfg.text
+        return dataclasses.replace(text, num_hidden_layers=text.num_hidden_layers - len(text.cross_attention_layers),
+                                   cross_attention_layers=[])
+
     def _generation_layers(self, x, cos, sin, attend, cross, cross_attend):
         """The decoder as plain calls of the layers' forward (no FSDP hook per call, as generate.py's
-        run_decoder); the cross-attention layers are skipped when `cross` is None, as in `_trunk`."""
+        run_decoder); `attend` gets the self-attention layers numbered 0, 1, ... among themselves
+        (their slot-cache index, `slot_cache_config`); the cross-attention layers are skipped when
+        `cross` is None, as in `_trunk`."""
         text = self.language_model.model
+        cached = 0
         for layer in text.layers:
             if not isinstance(layer, CrossAttentionDecoderLayer):
-                x = DecoderLayer.forward(layer, x, cos, sin, attend)
+                x = DecoderLayer.forward(layer, x, cos, sin, lambda _, q, k, v, index=cached: attend(index, q, k, v))
+                cached += 1
             elif cross is not None:
                 x = CrossAttentionDecoderLayer.forward(layer, x, cross, cross_attend)
         return text.norm(x)

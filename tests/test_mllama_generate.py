@@ -122,6 +122,8 @@ def test_image_keys_and_values_are_computed_once_per_prompt(ours, slots):
     finally:
         for hook in hooks:
             hook.remove()
+    # the slots cache the 3 self-attention layers only: layers x (K, V) x kv heads x head_dim x fp32 bytes
+    assert G.kv_bytes_per_token(G.decoder_config(ours), torch.float32) == 3 * 2 * 2 * 16 * 4
     images = sum(len(sizes) for _, sizes in SEQS)
     keys_per_image = T.MAX_TILES * 5  # tiles x (2 x 2 patches + class token)
     assert sum(images_seen) == images
