@@ -1,4 +1,4 @@
-"""Sampling from our Qwen2.5-VL: a rollout engine with a bounded KV cache, continuous batching, a decode
+"""Sampling from our Qwen2.5-VL and Llama 3.2 Vision: a rollout engine with a bounded KV cache, continuous batching, a decode
 step without host synchronisation, and samples that do not depend on the schedule.
 
     python generate.py --model DIR --prompts FILE.jsonl --out FILE.jsonl [--greedy] [--n K]
@@ -20,6 +20,9 @@ How `generate` runs P prompts x n samples (GRPO's groups) within a budget of cac
   check      every `check_every` steps the host reads which rows finished (an EOS id, "stop", or
              max_new_tokens, "length"); a row stops advancing on the device when it finishes, so
              steps between two checks waste compute, never tokens
+  images     Llama 3.2 Vision (model_mllama.py): a prompt's first prefill also runs the vision encoder
+             and each cross-attention layer's key/value projections over its images, once, into a
+             per-prompt cache (model_mllama.ImageCache, beside the budget) that every sample of it reads
   noise      sample j of prompt i draws decode position t from a counter-based stream keyed by
              (seed, prompt id i, j, t), hashed on the device: its tokens do not depend on its slot,
              the budget, the check interval, the other prompts or the number of ranks
