@@ -181,3 +181,12 @@ def test_flash_branches_match_sdpa_in_bf16(mllama_dir, flash_attn):
     for c, want in zip(got, expected):
         assert c.token_ids == want.token_ids
         assert (torch.tensor(c.logprobs) - torch.tensor(want.logprobs)).abs().max() <= 2e-2
+
+
+def test_decode_step_traces_as_one_graph(ours, oracle_outputs, monkeypatch):
+    """The step a CUDA graph captures, on the Llama model: torch.compile traces it whole (no graph
+    break, which a host sync such as .item() or .tolist() would cause), image cache included, and
+    the greedy tokens stay transformers'."""
+    monkeypatch.setattr(G, "decode_step", torch.compile(G.decode_step, fullgraph=True, backend="eager"))
+    out = G.generate(ours, prompts(), eos_ids=(), greedy=True, max_new_tokens=4)
+    assert [c.token_ids for c in out] == [tokens[:4] for tokens, _ in oracle_outputs]
