@@ -521,8 +521,9 @@ def model_type(model_dir):
 
 def refuse_mllama(model_dir, path):
     """InputError for a Llama 3.2 Vision checkpoint given to a `path` (script or mode) that serves
-    Qwen2.5-VL only: train_sft.py trains it, generation and evaluation are not written yet, so such a
-    run stops here with one line instead of failing inside the Qwen code."""
+    Qwen2.5-VL only: train_sft.py trains it and generate.py / evaluate.py sample it, GRPO and
+    cold-data sampling are not written yet, so such a run stops here with one line instead of failing
+    inside the Qwen code."""
     if model_type(model_dir) == "mllama":
         raise InputError(f"{model_dir}: Llama 3.2 Vision (model_type mllama) trains with train_sft.py, but "
                          f"{path} serves Qwen2.5-VL only so far")

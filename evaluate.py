@@ -671,11 +671,12 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
     todo = [record for record in records if done[record["id"]] < args.n]
     shard = todo[rank::world]
 
-    dtype = model.model.embed_tokens.weight.dtype
+    dtype = model.head_weight.dtype
     sample = functools.partial(generate.generate, model, eos_ids=processor.eos_token_ids,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                                greedy=args.greedy, seed=args.seed, tokenizer=processor.tokenizer,
-                               kv_budget=generate.kv_budget_tokens(model.cfg, dtype, args.kv_budget_gib, device))
+                               kv_budget=generate.kv_budget_tokens(generate.decoder_config(model), dtype,
+                                                                   args.kv_budget_gib, device))
     correct = scored = 0
     with open(os.path.join(run_dir, f"samples.rank{rank}.jsonl"), "a", encoding="utf-8") as out, \
             tqdm(total=len(shard), desc=f"{bench} {name}", disable=rank != 0) as progress:
@@ -781,7 +782,6 @@ def main(argv=None):
     args = parse_args(argv)
     for path in args.model:
         M.check_checkpoint(path)
-        data.refuse_mllama(path, "evaluate.py")
         for bench in args.bench:
             check_run_folder(os.path.join(args.out, bench, model_name(path)), args.resume, "--out")
     rank, world, device = init_distributed()

@@ -1,4 +1,4 @@
-"""Sampling from our Qwen2.5-VL: a rollout engine with a bounded KV cache, continuous batching, a decode
+"""Sampling from our Qwen2.5-VL and Llama 3.2 Vision: a rollout engine with a bounded KV cache, continuous batching, a decode
 step without host synchronisation, and samples that do not depend on the schedule.
 
     python generate.py --model DIR --prompts FILE.jsonl --out FILE.jsonl [--greedy] [--n K]
@@ -20,6 +20,9 @@ How `generate` runs P prompts x n samples (GRPO's groups) within a budget of cac
   check      every `check_every` steps the host reads which rows finished (an EOS id, "stop", or
              max_new_tokens, "length"); a row stops advancing on the device when it finishes, so
              steps between two checks waste compute, never tokens
+  images     Llama 3.2 Vision (model_mllama.py): a prompt's first prefill also runs the vision encoder
+             and each cross-attention layer's key/value projections over its images, once, into a
+             per-prompt cache (model_mllama.ImageCache, beside the budget) that every sample of it reads
   noise      sample j of prompt i draws decode position t from a counter-based stream keyed by
              (seed, prompt id i, j, t), hashed on the device: its tokens do not depend on its slot,
              the budget, the check interval, the other prompts or the number of ranks
@@ -39,6 +42,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from model_mllama import Mllama
 from train_utils import at_least, command_line
 
 try:  # GPU-only kernel; the SDPA path below is its CPU twin
@@ -136,10 +140,26 @@ def draw(logits, keys, counts, *, temperature, top_p, top_k, greedy, banned):
 
 
 def vision_token_ids(model):
-    """Ids only the processor may place (image/video pads, vision start/end): never sampled."""
+    """Ids only the processor may place (image/video pads, vision start/end) that the head can
+    produce: never sampled. (Llama 3.2 Vision's <|image|> is an embedding row past the head's.)"""
     raw = model.hf_config or {}
-    ids = {raw.get(key) for key in VISION_TOKEN_KEYS} | {model.cfg.image_token_id, model.cfg.vision_start_token_id}
-    return sorted(i for i in ids if i is not None)
+    ids = {raw.get(key) for key in VISION_TOKEN_KEYS} | {model.cfg.image_token_id,
+                                                         getattr(model.cfg, "vision_start_token_id", None)}
+    return sorted(i for i in ids if i is not None and i < model.head_weight.shape[0])
+
+
+def decoder_config(model):
+    """The config of the decoder whose keys/values the slots cache: Qwen's, or Llama 3.2 Vision's
+    self-attention layers."""
+    return model.slot_cache_config() if isinstance(model, Mllama) else model.cfg
+
+
+def text_rope(model, length, dtype, device):
+    """cos/sin tables [length, head_dim] of text positions 0 .. length - 1: Qwen's mRoPE with its
+    three channels equal, or Llama's 1-D RoPE (llama3 scaling)."""
+    if isinstance(model, Mllama):
+        return model.rope_cos_sin(torch.tensor([0, length], device=device), dtype)
+    return model.rope_cos_sin(torch.arange(length, device=device).expand(3, -1), dtype)
 
 
 # -----------------------------------------------------------------------------
@@ -169,9 +189,11 @@ def kv_budget_tokens(cfg, dtype, gib=0.0, device="cpu"):
 class SlotPool:
     """The decode state of every slot, on the device. A live slot holds one sample: its prompt and the
     tokens fed so far in `kv` positions [0, lengths), the last sampled token in `tokens` (fed at the
-    next step, at mRoPE position `positions`), its stream key, how many tokens it has sampled
+    next step, at RoPE position `positions`), its stream key, how many tokens it has sampled
     (`counts`, the decode position of its next draw) and the sampled tokens and log-probs so far.
-    A slot that is `done` (finished, or free) no longer advances."""
+    A slot that is `done` (finished, or free) no longer advances. Llama 3.2 Vision: `prompt` is the
+    slot's row of the call's model_mllama.ImageCache, which holds each prompt's cross-attention
+    keys/values once for all its samples."""
 
     kv: torch.Tensor  # [layers, 2, slots, slot_len, Hkv, D]
     tokens: torch.Tensor  # [slots] int64
@@ -183,6 +205,7 @@ class SlotPool:
     out_tokens: torch.Tensor  # [slots, max_new_tokens] int64
     out_logprobs: torch.Tensor  # [slots, max_new_tokens] float32
     index: torch.Tensor  # arange(slots): row indices for the step's scatters
+    prompt: torch.Tensor  # [slots] int64: the live slot's prompt (its row of the ImageCache)
 
 
 def new_slot_pool(cfg, slots, slot_len, max_new_tokens, dtype, device):
@@ -194,7 +217,8 @@ def new_slot_pool(cfg, slots, slot_len, max_new_tokens, dtype, device):
     return SlotPool(kv, *state, done=torch.ones(slots, dtype=torch.bool, device=device),
                     out_tokens=torch.zeros(slots, max_new_tokens, dtype=torch.long, device=device),
                     out_logprobs=torch.zeros(slots, max_new_tokens, device=device),
-                    index=torch.arange(slots, device=device))
+                    index=torch.arange(slots, device=device),
+                    prompt=torch.zeros(slots, dtype=torch.long, device=device))
 
 
 def prefill_attention(kv, cu_seqlens, fan_src, fan_slot, fan_pos):
@@ -215,16 +239,33 @@ def cached_attention(q, k, v, k_cache, v_cache, lengths, span):
     if M.use_flash(q):  # CUDA with flash-attn, unless --attention sdpa
         return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, k[:, None], v[:, None],
                                        cache_seqlens=lengths.to(torch.int32), causal=True)[:, 0]
-    R, Hkv, D = k.shape
-    rows = torch.arange(R, device=q.device)
+    rows = torch.arange(k.shape[0], device=q.device)
     k_cache[rows, lengths] = k
     v_cache[rows, lengths] = v
     visible = torch.arange(span, device=q.device) <= lengths[:, None]  # [R, span]
-    # the Hq / Hkv query heads that share a key/value head attend as that head's queries: the
-    # cache is read as is, never repeated per query head
-    out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k_cache[:, :span].transpose(1, 2),
-                                         v_cache[:, :span].transpose(1, 2), attn_mask=visible[:, None, None, :])
+    return row_attention(q, k_cache[:, :span], v_cache[:, :span], visible)
+
+
+def row_attention(q, k, v, visible):
+    """SDPA of one query per row over its own keys: q [R, Hq, D]; k, v [R, L, Hkv, D]; visible [R, L].
+    The Hq / Hkv query heads that share a key/value head attend as that head's queries (query head
+    h reads key head h // (Hq / Hkv)): the cache is read as is, never repeated per query head."""
+    R, _, Hkv, D = k.shape
+    out = F.scaled_dot_product_attention(q.view(R, Hkv, -1, D), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=visible[:, None, None, :])
     return out.reshape(R, -1, D)
+
+
+def cached_image_attention(q, k_cache, v_cache, lengths, rows):
+    """Llama 3.2 Vision's cross-attention of one new token per row over the image keys/values its
+    prompt stored once (model_mllama.ImageCache): row r reads positions < lengths[r] of cache row
+    rows[r]. q [R, Hq, D]; caches [prompts, K, Hkv, D]; lengths, rows [R] int64. The flash path
+    reads the cache rows in place (cache_batch_idx); the SDPA path gathers them."""
+    if M.use_flash(q):
+        return flash_attn_with_kvcache(q[:, None], k_cache, v_cache, cache_seqlens=lengths.to(torch.int32),
+                                       cache_batch_idx=rows.to(torch.int32))[:, 0]
+    visible = torch.arange(k_cache.shape[1], device=q.device) < lengths[:, None]
+    return row_attention(q, k_cache[rows], v_cache[rows], visible)
 
 
 def run_decoder(model, x, cos, sin, attend):
@@ -235,19 +276,24 @@ def run_decoder(model, x, cos, sin, attend):
     return model.model.norm(x)
 
 
-def decode_step(model, pool, B, sampler, eos, rope, span):
+def decode_step(model, pool, B, sampler, eos, rope, span, image_cache=None):
     """One token for each of the slots 0 .. B-1, in place, with fixed shapes and no host sync: the
     function a CUDA graph captures. Feeds each slot's last token (its key/value written at position
     lengths[s]), draws the next one with `sampler(logits, keys, counts)`, records it at index counts[s],
     and advances the slots that were not done; a slot is done once it draws an `eos` id or its
     out_tokens row is full. `rope`: the cos/sin tables of text positions (all three mRoPE channels
-    equal). Returns (tokens [B], logprobs [B]) as drawn, done slots' included."""
+    equal, or Llama's). `image_cache`: Llama 3.2 Vision's model_mllama.ImageCache (None: no prompt
+    of the call has an image). Returns (tokens [B], logprobs [B]) as drawn, done slots' included."""
     tokens, lengths, positions = pool.tokens[:B], pool.lengths[:B], pool.positions[:B]
     keys, counts, done, rows = pool.keys[:B], pool.counts[:B], pool.done[:B], pool.index[:B]
-    x = model.model.embed_tokens(tokens)
     cos, sin = rope[0][positions], rope[1][positions]
-    hidden = run_decoder(model, x, cos, sin, lambda layer, q, k, v: cached_attention(
-        q, k, v, pool.kv[layer, 0, :B], pool.kv[layer, 1, :B], lengths, span))
+
+    def attend(layer, q, k, v):
+        return cached_attention(q, k, v, pool.kv[layer, 0, :B], pool.kv[layer, 1, :B], lengths, span)
+    if isinstance(model, Mllama):
+        hidden = model.decode_hidden(tokens, cos, sin, attend, image_cache, pool.prompt[:B], cached_image_attention)
+    else:
+        hidden = run_decoder(model, model.model.embed_tokens(tokens), cos, sin, attend)
     next_tokens, logprobs = sampler(hidden @ model.head_weight.t(), keys, counts)
 
     live = ~done
@@ -311,29 +357,36 @@ class Completion:
     text: str | None = None
 
 
-def prefill(model, prompts, slots_of, kv):
+def prefill(model, prompts, slots_of, pool, rows, image_cache=None):
     """Vision tower and decoder over `prompts`, packed, each prompt's keys/values written into every
-    slot of its list in `slots_of`. Returns each prompt's next-token logits [P, V] and the mRoPE
+    slot of its list in `slots_of` (Llama 3.2 Vision: its images' cross-attention keys/values into
+    row rows[i] of `image_cache`). Returns each prompt's next-token logits [P, V] and the RoPE
     position of its first response token [P]."""
     device = model.head_weight.device
     ids = [torch.as_tensor(p["input_ids"], dtype=torch.long) for p in prompts]
     lengths = [len(i) for i in ids]
     cu = data.cu_seqlens_of(lengths).long()
     input_ids = torch.cat(ids).to(device)
-    pixels, grid_thw = data.concat_images(prompts)
-    # the embedding table alone for text: model.embed's dummy vision forward exists for training under FSDP
-    x = model.model.embed_tokens(input_ids) if pixels is None else model.embed(input_ids, pixels.to(device), grid_thw)
-    positions = model.positions(input_ids, cu, grid_thw)
-    cos, sin = model.rope_cos_sin(positions, x.dtype)
     # the fan-out: slot s of prompt p, position i <- packed token cu[p] + i, for i < len(prompt p)
     fan_slot = torch.cat([torch.tensor(slots).repeat_interleave(n) for slots, n in zip(slots_of, lengths)])
     fan_pos = torch.cat([torch.arange(n).repeat(len(slots)) for slots, n in zip(slots_of, lengths)])
     fan_src = torch.cat([torch.arange(start, start + n).repeat(len(slots))
                          for slots, start, n in zip(slots_of, cu.tolist(), lengths)])
-    attend = prefill_attention(kv, cu.to(device, torch.int32), *(t.to(device) for t in (fan_src, fan_slot, fan_pos)))
-    hidden = run_decoder(model, x, cos, sin, attend)
+    attend = prefill_attention(pool.kv, cu.to(device, torch.int32),
+                               *(t.to(device) for t in (fan_src, fan_slot, fan_pos)))
+    if isinstance(model, Mllama):  # 1-D positions 0 .. length - 1
+        hidden = model.prefill_hidden(input_ids, cu.to(device, torch.int32), data.concat_tiles(prompts), attend,
+                                      image_cache, rows)
+        next_pos = torch.tensor(lengths, device=device)
+    else:
+        pixels, grid_thw = data.concat_images(prompts)
+        # the embedding table alone for text: model.embed's dummy vision forward exists for training under FSDP
+        x = model.model.embed_tokens(input_ids) if pixels is None else model.embed(input_ids, pixels.to(device),
+                                                                                   grid_thw)
+        positions = model.positions(input_ids, cu, grid_thw)
+        hidden = run_decoder(model, x, *model.rope_cos_sin(positions, x.dtype), attend)
+        next_pos = torch.stack([positions[:, s:e].max() + 1 for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     logits = hidden[(cu[1:] - 1).to(device)] @ model.head_weight.t()  # the prompts' last positions only
-    next_pos = torch.stack([positions[:, s:e].max() + 1 for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())])
     return logits, next_pos
 
 
@@ -345,9 +398,11 @@ class SlotScheduler:
     `compact` moves the live rows into slots 0 .. B-1, so that a decode step runs on B rows.
     `results[prompt, sample]` is (token ids, log-probs, finish reason) of each finished sample."""
 
-    def __init__(self, model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids):
+    def __init__(self, model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids,
+                 image_cache=None):
         self.model, self.pool, self.prompts, self.sampler, self.eos, self.eos_ids = (model, pool, prompts, sampler,
                                                                                      eos, eos_ids)
+        self.image_cache = image_cache
         self.max_new_tokens, self.seed, self.prompt_ids = max_new_tokens, seed, prompt_ids
         self.device, self.slots, self.slot_len = pool.kv.device, pool.kv.shape[2], pool.kv.shape[3]
         self.prompt_lens = [len(p["input_ids"]) for p in prompts]
@@ -397,7 +452,8 @@ class SlotScheduler:
         for s, source in copies:  # sources are slots this admission does not write
             pool.kv[:, :, s, :prompt_lens[prompt_of[s]]].copy_(pool.kv[:, :, source, :prompt_lens[prompt_of[s]]])
         if fresh:
-            logits, next_pos = prefill(self.model, [self.prompts[p] for p in fresh], list(fresh.values()), pool.kv)
+            logits, next_pos = prefill(self.model, [self.prompts[p] for p in fresh], list(fresh.values()), pool,
+                                       list(fresh), self.image_cache)
             self.first.update(zip(fresh, zip(logits, next_pos)))
         for s, (p, j) in taken:
             owner[s], holds[s], self.counts[s] = (p, j), p, 1
@@ -406,6 +462,7 @@ class SlotScheduler:
         keys = torch.tensor([stream_key(self.seed, self.prompt_ids[p], j) for _, (p, j) in taken], device=self.device)
         tokens, logprobs = self.sampler(torch.stack([self.first[p][0] for p in prompt]), keys, torch.zeros_like(keys))
         pool.tokens[index], pool.keys[index] = tokens, keys
+        pool.prompt[index] = torch.tensor(prompt, device=self.device)
         pool.out_tokens[index, 0], pool.out_logprobs[index, 0] = tokens, logprobs
         pool.lengths[index] = torch.tensor([prompt_lens[p] for p in prompt], device=self.device)
         pool.positions[index] = torch.stack([self.first[p][1] for p in prompt])
@@ -444,7 +501,7 @@ class SlotScheduler:
             filled = self.prompt_lens[owner[src][0]] + counts[src] - 1
             pool.kv[:, :, dst, :filled].copy_(pool.kv[:, :, src, :filled])
             for state in (pool.tokens, pool.lengths, pool.positions, pool.keys, pool.counts, pool.done,
-                          pool.out_tokens, pool.out_logprobs):
+                          pool.out_tokens, pool.out_logprobs, pool.prompt):
                 state[dst] = state[src]
             pool.done[src] = True
             owner[dst], holds[dst], counts[dst], owner[src] = owner[src], holds[src], counts[src], None
@@ -489,19 +546,24 @@ def generate(model, prompts, *, eos_ids, n=1, max_new_tokens=256, temperature=1.
                          f"(the longest prompt, {longest}, + max_new_tokens)")
 
     with M.gathered_params(model):
-        device, dtype = model.head_weight.device, model.model.embed_tokens.weight.dtype
-        pool = new_slot_pool(model.cfg, slots, slot_len, max_new_tokens, dtype, device)
+        device, dtype = model.head_weight.device, model.head_weight.dtype
+        pool = new_slot_pool(decoder_config(model), slots, slot_len, max_new_tokens, dtype, device)
+        image_cache = model.new_image_cache(prompts, dtype, device) if isinstance(model, Mllama) else None
         eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
         sampler = functools.partial(draw, temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy,
                                     banned=torch.tensor(vision_token_ids(model), dtype=torch.long, device=device))
-        rope = model.rope_cos_sin(torch.arange(slot_len, device=device).expand(3, -1), dtype)
-        scheduler = SlotScheduler(model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids)
+        rope = text_rope(model, slot_len, dtype, device)
+        scheduler = SlotScheduler(model, pool, prompts, n, sampler, eos, eos_ids, max_new_tokens, seed, prompt_ids,
+                                  image_cache)
+
+        def step(B, span):
+            return decode_step(model, pool, B, sampler, eos, rope, span, image_cache)
         graphs = None
         if cuda_graphs if cuda_graphs is not None else device.type == "cuda":
-            graphs = GraphedDecodeSteps(lambda B: decode_step(model, pool, B, sampler, eos, rope, slot_len), slots)
+            graphs = GraphedDecodeSteps(lambda B: step(B, slot_len), slots)
 
         def decode(B, span):  # a captured step reads the whole slot length
-            return graphs(B) if graphs is not None else decode_step(model, pool, B, sampler, eos, rope, span)
+            return graphs(B) if graphs is not None else step(B, span)
         results = scheduler.run(decode, check_every or (8 if device.type == "cuda" else 1))
 
     return [Completion(prompt_index=p, sample=j, token_ids=results[p, j][0], logprobs=results[p, j][1],
@@ -535,7 +597,6 @@ def main(argv=None):
 
     problems = data.load_prompts(args.prompts)  # every bad line is reported before any model work
     M.check_checkpoint(args.model)
-    data.refuse_mllama(args.model, "generate.py")
     processor = data.ChatProcessor(args.model)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = M.load_model(args.model, dtype=dtype, device=args.device).eval()
@@ -543,12 +604,12 @@ def main(argv=None):
         for start in range(0, len(problems), args.batch_size):
             batch = problems[start:start + args.batch_size]
             prompts = [processor.encode_problem(record, system=args.system) for record in batch]
+            kv_budget = kv_budget_tokens(decoder_config(model), dtype, args.kv_budget_gib, args.device)
             completions = generate(model, prompts, eos_ids=processor.eos_token_ids, n=args.n,
                                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                    top_p=args.top_p, top_k=args.top_k, greedy=args.greedy, seed=args.seed,
                                    prompt_ids=range(start, start + len(batch)),
-                                   kv_budget=kv_budget_tokens(model.cfg, dtype, args.kv_budget_gib, args.device),
-                                   tokenizer=processor.tokenizer)
+                                   kv_budget=kv_budget, tokenizer=processor.tokenizer)
             for c in completions:
                 f.write(json.dumps({"id": batch[c.prompt_index]["id"], "sample": c.sample, "token_ids": c.token_ids,
                                     "text": c.text, "finish_reason": c.finish_reason}) + "\n")

@@ -20,6 +20,7 @@ in `supported_aspect_ratios`, 0 for a padding image), an aspect-ratio mask (1 fo
 and per text token a cross-attention mask over the tiles of its sequence's images.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -378,13 +379,29 @@ class CrossInputs:
     attention_scale: float = 1.0  # 0 for the FSDP stand-in image of a batch without images
 
 
+@dataclass
+class ImageCache:
+    """Generation's cross-attention inputs of each prompt of a generate call, computed once at its
+    prefill and read by every sample of it (`Mllama.prefill_hidden`, `Mllama.decode_hidden`).
+    Every response token of a prompt sees the keys its last prompt token sees (transformers'
+    generate repeats the mask's last row), so only those are kept, first in their row: a response
+    token attends to the first lengths[p] keys, with no mask. A prompt without images keeps one
+    zero key and value: its cross-attention output is exactly 0 and its MLP branch is dropped, so
+    the layer passes it unchanged, as transformers skips the layer for it."""
+    kv: torch.Tensor  # [cross layers, 2 (keys, values), prompts, keys, Hkv, D]: k_norm applied to the keys
+    lengths: torch.Tensor  # [prompts] int64 >= 1: how many keys of its row a response token of the prompt reads
+    sees_image: torch.Tensor  # [prompts, 1]: 1 where its response tokens see a tile (their MLP branch counts)
+
+
 class CrossAttention(nn.Module):
     """Queries from the text, keys and values from the image features; RMSNorm on each head's
-    queries and keys, no RoPE."""
+    queries and keys, no RoPE. `cross_idx`: the layer's place among the cross-attention layers
+    (its row of generation's per-prompt cache, `ImageCache`)."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, cross_idx):
         super().__init__()
         hd = cfg.head_dim
+        self.cross_idx = cross_idx
         self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * hd, bias=False)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=False)
@@ -393,13 +410,14 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cross: CrossInputs):
+    def key_values(self, states):
+        """Keys (k_norm applied) and values [N, Hkv, head_dim] of image states [N, hidden]."""
+        k = self.k_norm(self.k_proj(states).view(states.shape[0], self.num_kv_heads, -1))
+        return k, self.v_proj(states).view(states.shape[0], self.num_kv_heads, -1)
+
+    def attend_spans(self, q, k, v, cross: CrossInputs):
         """Each sequence's tokens attend to its own images' keys (`cross.spans`); the tokens of a
-        sequence without images get zeros."""
-        T = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(T, self.num_heads, -1))
-        k = self.k_norm(self.k_proj(cross.states).view(-1, self.num_kv_heads, q.shape[-1]))
-        v = self.v_proj(cross.states).view(-1, self.num_kv_heads, q.shape[-1])
+        sequence without images get zeros. q [T, Hq, D]; k, v [N, Hkv, D] over cross.states."""
         # query head h reads key head h // groups; expanded here, not by SDPA's enable_gqa, which
         # sends a masked call on CUDA to the math kernel (O(queries x keys) memory per head)
         groups = self.num_heads // self.num_kv_heads
@@ -408,6 +426,14 @@ class CrossAttention(nn.Module):
         for (qs, qe, ks, ke), allowed in zip(cross.spans, cross.allowed):
             out[qs:qe] = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
                                                         v[ks:ke].transpose(0, 1), attn_mask=allowed).transpose(0, 1)
+        return out
+
+    def forward(self, x, cross: CrossInputs, attend=None):
+        """`attend(self, q, cross)` -> [T, Hq, D] replaces the attention over cross.states' keys
+        (`attend_spans`): generation's, over keys cached once per prompt."""
+        T = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(T, self.num_heads, -1))
+        out = self.attend_spans(q, *self.key_values(cross.states), cross) if attend is None else attend(self, q, cross)
         return self.o_proj(out.reshape(T, -1))
 
 
@@ -415,17 +441,17 @@ class CrossAttentionDecoderLayer(nn.Module):
     """x + tanh(g_attn) * cross_attn(norm(x)), then + tanh(g_mlp) * sees_image * mlp(norm(x)):
     the MLP branch is dropped for tokens that see no tile, the attention branch is not."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, cross_idx):
         super().__init__()
-        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn = CrossAttention(cfg, cross_idx)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x, cross: CrossInputs):
-        attention = self.cross_attn(self.input_layernorm(x), cross)
+    def forward(self, x, cross: CrossInputs, attend=None):
+        attention = self.cross_attn(self.input_layernorm(x), cross, attend)
         x = x + self.cross_attn_attn_gate.tanh() * cross.attention_scale * attention
         return x + self.cross_attn_mlp_gate.tanh() * (cross.sees_image * self.mlp(self.post_attention_layernorm(x)))
 
@@ -434,8 +460,9 @@ class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size + 8, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        cross = cfg.cross_attention_layers
         self.layers = nn.ModuleList(
-            CrossAttentionDecoderLayer(cfg) if i in cfg.cross_attention_layers else DecoderLayer(cfg, i, qkv_bias=False)
+            CrossAttentionDecoderLayer(cfg, cross.index(i)) if i in cross else DecoderLayer(cfg, i, qkv_bias=False)
             for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -600,6 +627,82 @@ class Mllama(nn.Module):
         if positions is not None:
             hidden = hidden[positions]
         return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
+
+    # --- generation: generate.py's engine ------------------------------------------------
+
+    def new_image_cache(self, prompts, dtype, device):
+        """An empty ImageCache for the prompts of one generate call (`data.ChatProcessor.encode_prompt`
+        dicts), as wide as the prompt with the most images; None when none has an image."""
+        counts = [len(p.get("aspect_ratio_ids", ())) for p in prompts]
+        if not any(counts):
+            return None
+        text, keys_per_image = self.cfg.text, self.cfg.vision.max_num_tiles * self.cfg.vision.num_patches
+        keys = max(counts) * keys_per_image
+        return ImageCache(
+            kv=torch.zeros(len(text.cross_attention_layers), 2, len(prompts), keys, text.num_key_value_heads,
+                           text.head_dim, dtype=dtype, device=device),
+            lengths=torch.ones(len(prompts), dtype=torch.long, device=device),
+            sees_image=torch.zeros(len(prompts), 1, dtype=dtype, device=device))
+
+    def slot_cache_config(self):
+        """The text config as generate.py's slot cache sees it: the self-attention layers alone (the
+        cross-attention layers' keys/values are per prompt, ImageCache). 11B: 32 of 40 layers."""
+        text = self.cfg.text
+        return dataclasses.replace(text, num_hidden_layers=text.num_hidden_layers - len(text.cross_attention_layers),
+                                   cross_attention_layers=[])
+
+    def _generation_layers(self, x, cos, sin, attend, cross, cross_attend):
+        """The decoder as plain calls of the layers' forward (no FSDP hook per call, as generate.py's
+        run_decoder); `attend` gets the self-attention layers numbered 0, 1, ... among themselves
+        (their slot-cache index, `slot_cache_config`); the cross-attention layers are skipped when
+        `cross` is None, as in `_trunk`."""
+        text = self.language_model.model
+        cached = 0
+        for layer in text.layers:
+            if not isinstance(layer, CrossAttentionDecoderLayer):
+                x = DecoderLayer.forward(layer, x, cos, sin, lambda _, q, k, v, index=cached: attend(index, q, k, v))
+                cached += 1
+            elif cross is not None:
+                x = CrossAttentionDecoderLayer.forward(layer, x, cross, cross_attend)
+        return text.norm(x)
+
+    def prefill_hidden(self, input_ids, cu_seqlens, tiles, attend, cache, rows):
+        """Final-norm hidden states [T, H] of prompts packed as in `forward_packed` (`tiles`: their
+        data.concat_tiles inputs), self-attention through `attend` (generate.py's fan-out into the
+        slots). Each cross-attention layer's keys and values of prompt i's images are computed
+        here, once, and the ones its response tokens see stored in row rows[i] of `cache`."""
+        x = self.language_model.model.embed_tokens(input_ids)
+        cos, sin = self.rope_cos_sin(cu_seqlens, x.dtype)
+        if not tiles:
+            return self._generation_layers(x, cos, sin, attend, None, None)
+        tiles = {key: value.to(x.device) if torch.is_tensor(value) else value for key, value in tiles.items()}
+        cross = self.cross_inputs(cu_seqlens, x.dtype, **tiles)
+        with_images = [row for row, n in zip(rows, tiles["image_counts"]) if n]
+        seen = [allowed[-1].nonzero()[:, 0] + ks for (_, _, ks, _), allowed in zip(cross.spans, cross.allowed)]
+        for row, (_, qe, _, _), keys in zip(with_images, cross.spans, seen):
+            cache.lengths[row], cache.sees_image[row] = len(keys), cross.sees_image[qe - 1]
+
+        def store_and_attend(module, q, cross):
+            k, v = module.key_values(cross.states)
+            for row, keys in zip(with_images, seen):
+                cache.kv[module.cross_idx, 0, row, :len(keys)] = k[keys]
+                cache.kv[module.cross_idx, 1, row, :len(keys)] = v[keys]
+            return module.attend_spans(q, k, v, cross)
+        return self._generation_layers(x, cos, sin, attend, cross, store_and_attend)
+
+    def decode_hidden(self, tokens, cos, sin, attend, cache, rows, attend_images):
+        """Final-norm hidden states [R, H] of one new token per row (`tokens` [R], rope cos/sin [R,
+        head_dim]) of the prompts rows [R] of `cache`: self-attention through `attend` (the slots'
+        KV cache), cross-attention through `attend_images(q, k_cache, v_cache, lengths, rows)`
+        over the cached image keys and values of each row's prompt (generate.cached_image_attention)."""
+        x = self.language_model.model.embed_tokens(tokens)
+        if cache is None:
+            return self._generation_layers(x, cos, sin, attend, None, None)
+        cross, lengths = CrossInputs(None, None, None, cache.sees_image[rows]), cache.lengths[rows]
+
+        def cached(module, q, cross):
+            return attend_images(q, cache.kv[module.cross_idx, 0], cache.kv[module.cross_idx, 1], lengths, rows)
+        return self._generation_layers(x, cos, sin, attend, cross, cached)
 
     # --- the transformers-style call ----------------------------------------------------
 
