@@ -43,7 +43,8 @@ def tokenizer():
     bpe.decoder = decoders.ByteLevel()
     text = ["How many red squares are there? Count the cells of the grid, then check each row again.",
             "The answer is 12 because three rows hold four squares each. So the final answer is 12."] * 4
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=synthetic.LLAMA_SPECIAL_TOKENS,
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 1,
+                                                      special_tokens=synthetic.LLAMA_SPECIAL_TOKENS,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return synthetic.llama_tokenizer(bpe, VOCAB)
 
