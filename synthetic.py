@@ -30,6 +30,12 @@ and count read-outs for the train split), DIR/data/images/, and DIR/model/: a by
 with the Qwen special tokens and a Qwen2-VL-style chat template, a Qwen2-VL image-processor
 config sized for these images, and a random-weight Qwen2.5-VL, loadable by transformers'
 AutoTokenizer / AutoImageProcessor / AutoModelForImageTextToText like any real checkpoint.
+
+    python synthetic.py --out runs/toy-mllama --arch mllama
+
+writes the same data with a Llama 3.2 Vision in DIR/model/: the same BPE training with Llama 3's
+special tokens and <|image|>, Llama 3.2 Vision's chat template, a MllamaImageProcessor config of
+56-pixel tiles (a 112x112 image is 2x2 tiles), and a random-weight model of the Preset's sizes.
 """
 
 import argparse
