@@ -3,6 +3,7 @@ Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
 
     python pipeline.py                 # 12-14 minutes on 2 idle cores (measured)
     python pipeline.py --size mini     # the same steps, smaller: the CI test
+    python pipeline.py --arch mllama   # LlamaV-CI: the cold start only, on a tiny Llama 3.2 Vision
 
 Every step is a plain call of the real scripts with visible arguments, in the order the paper
 runs them:
@@ -21,6 +22,10 @@ runs them:
 All runs log to one wandb group (offline unless WANDB_MODE says otherwise). An --out that holds
 files is refused; --resume continues a pipeline that stopped: every step continues its own run
 (each script's --resume), and the synthetic world is built only when it is not there yet.
+
+With --arch mllama the world's model is a random Llama 3.2 Vision and the pipeline is the paper's
+LlamaV-CI: synthetic.py, the base SFT, cold data, the CI SFT, then evaluate.py on base and CI,
+ending with a CI-vs-base table. No GRPO stages and no curves: train_grpo.py serves Qwen2.5-VL only.
 """
 
 import argparse
@@ -59,6 +64,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--resume", action="store_true", help="continue the pipeline run in --out")
+    parser.add_argument("--arch", choices=("qwen2_5_vl", "mllama"), default="qwen2_5_vl",
+                        help="the world's model: Qwen2.5-VL (every stage, Table 4) or Llama 3.2 Vision "
+                             "(mllama: the cold start and a CI-vs-base table; no GRPO stages)")
     args = parser.parse_args(argv)
     size, out, seed = SIZES[args.size], args.out, str(args.seed)
     check_run_folder(out, args.resume, "--out")
@@ -66,25 +74,23 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "pipeline.log")
     os.environ.setdefault("WANDB_MODE", "offline")
-    group = ["--wandb-group", f"toy-{args.size}-seed{seed}"]
+    mllama = args.arch == "mllama"
+    group = ["--wandb-group", f"toy-{'mllama-' if mllama else ''}{args.size}-seed{seed}"]
     max_tokens = str(round(16384 * Fraction(size["length_scale"])))  # evaluation: the longest cap
+    cold_start(out, size, seed, ["--arch", "mllama"] if mllama else [], group, resume, log)
+    if mllama:
+        models = {"base": f"{out}/base/final", "LlamaV-CI": f"{out}/ci/final"}
+        run(["evaluate.py", *sum((["--model", path] for path in models.values()), []), "--bench", "synthetic",
+             "--data", f"{out}/data/test.jsonl", "--out", f"{out}/eval", "--n", str(size["samples"]), *resume,
+             "--max-new-tokens", max_tokens, "--limit", str(size["test"])], log)
+        print(accuracy_table(out, models))
+        return
     grpo_common = ["--preset", "toy", "--length-scale", size["length_scale"], "--cold-start", f"{out}/ci/final",
                    "--base", f"{out}/base/final", "--out-root", f"{out}/grpo", "--data", f"{out}/data/rl.jsonl",
                    "--prompts-per-rollout", str(size["prompts"]), "--prompts-per-update", str(size["prompts"]),
                    "--seed", seed, *group, *resume]
     s1, s2 = size["stage_steps"]
 
-    if not (args.resume and os.path.exists(f"{out}/model/model.safetensors")):  # written last
-        run(["synthetic.py", "--out", out, "--seed", seed, "--preset", size["world"]], log)
-    run(["train_sft.py", "--preset", "toy", "--model", f"{out}/model", "--data", f"{out}/data/base_sft.jsonl",
-         "--out", f"{out}/base", "--epochs", str(size["base_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "base", *group, *resume],
-        log)
-    run(["make_cold_data.py", "build", "--input", f"{out}/data/train.jsonl", "--out", f"{out}/cold/cold.jsonl",
-         "--describer", "synthetic", "--reasoner", "synthetic", "--error-rate", "0.2", "--seed", seed, *resume], log)
-    run(["train_sft.py", "--preset", "toy", "--model", f"{out}/base/final", "--data", f"{out}/cold/cold.jsonl",
-         "--out", f"{out}/ci", "--epochs", str(size["ci_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "ci", *group, *resume], log)
     run(["train_grpo.py", *grpo_common, "--schedule", "vision-r1", "--stage", "1",
          "--stages", f"4Kx16x{s1},8Kx8x{s2}"], log)
     run(["train_grpo.py", *grpo_common, "--schedule", "vision-r1", "--stage", "2",
@@ -108,6 +114,22 @@ def main(argv=None):
     print(table4(out, models))
 
 
+def cold_start(out, size, seed, arch, group, resume, log):
+    """The steps both architectures run: the world (built with `arch`, synthetic.py's --arch
+    arguments, unless --resume finds it), the base SFT, cold-start data, the CI SFT of the base."""
+    if not (resume and os.path.exists(f"{out}/model/model.safetensors")):  # written last
+        run(["synthetic.py", "--out", out, "--seed", seed, "--preset", size["world"], *arch], log)
+    run(["train_sft.py", "--preset", "toy", "--model", f"{out}/model", "--data", f"{out}/data/base_sft.jsonl",
+         "--out", f"{out}/base", "--epochs", str(size["base_epochs"]), "--eval-holdout", str(size["holdout"]),
+         "--seed", seed, "--run-name", "base", *group, *resume],
+        log)
+    run(["make_cold_data.py", "build", "--input", f"{out}/data/train.jsonl", "--out", f"{out}/cold/cold.jsonl",
+         "--describer", "synthetic", "--reasoner", "synthetic", "--error-rate", "0.2", "--seed", seed, *resume], log)
+    run(["train_sft.py", "--preset", "toy", "--model", f"{out}/base/final", "--data", f"{out}/cold/cold.jsonl",
+         "--out", f"{out}/ci", "--epochs", str(size["ci_epochs"]), "--eval-holdout", str(size["holdout"]),
+         "--seed", seed, "--run-name", "ci", *group, *resume], log)
+
+
 def _r1_zero_prompt():
     import rewards
     return rewards.R1_ZERO_SYSTEM_PROMPT
@@ -124,6 +146,17 @@ def table4(out, models):
             summary = json.load(f)
         rows.append(f"| {method} | {' | '.join(flags[method])} | {summary['mean_tokens']:.0f} | "
                     f"{100 * summary['accuracy']:.1f} |")
+    return "\n".join(rows)
+
+
+def accuracy_table(out, models):
+    """Mean response length and accuracy of each of `models` {row name: checkpoint}, read from
+    evaluate.py's summary files (the paper's LlamaV-CI against its base, on the world's test split)."""
+    rows = ["| model | mean length | accuracy |", "|---|---|---|"]
+    for method, path in models.items():
+        with open(os.path.join(out, "eval", "synthetic", _eval_name(path), "summary.json")) as f:
+            summary = json.load(f)
+        rows.append(f"| {method} | {summary['mean_tokens']:.0f} | {100 * summary['accuracy']:.1f} |")
     return "\n".join(rows)
 
 

@@ -30,6 +30,12 @@ and count read-outs for the train split), DIR/data/images/, and DIR/model/: a by
 with the Qwen special tokens and a Qwen2-VL-style chat template, a Qwen2-VL image-processor
 config sized for these images, and a random-weight Qwen2.5-VL, loadable by transformers'
 AutoTokenizer / AutoImageProcessor / AutoModelForImageTextToText like any real checkpoint.
+
+    python synthetic.py --out runs/toy-mllama --arch mllama
+
+writes the same data with a Llama 3.2 Vision in DIR/model/: the same BPE training with Llama 3's
+special tokens and <|image|>, Llama 3.2 Vision's chat template, a MllamaImageProcessor config of
+56-pixel tiles (a 112x112 image is 2x2 tiles), and a random-weight model of the Preset's sizes.
 """
 
 import argparse
@@ -77,6 +83,32 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Llama 3's special tokens (`--arch mllama`) at ids 0-4, so bos is 1 and eos (<|eot_id|>) 2; the pad
+# token and <|image|> are the last two, after reserved fill: <|image|> is the first embedding row past
+# the vocabulary, as 128256 is in the released models
+LLAMA_SPECIAL_TOKENS = ["<|reserved_special_token_0|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
+                        "<|end_header_id|>"]
+LLAMA_PAD = "<|finetune_right_pad_id|>"
+LLAMA_IMAGE = "<|image|>"
+# Llama 3.2 Vision Instruct's chat format: the system turn (with its knowledge-date lines) only in a
+# chat without images, one <|image|> per image part, every turn closed by <|eot_id|>; the date is
+# fixed here (the released template takes today's)
+MLLAMA_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{%- set ns = namespace(has_images=false) %}"
+    "{%- for message in messages %}{%- if message['content'] is not string %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if not ns.has_images %}{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
+    "December 2023\nToday Date: 26 Jul 2024\n\n' + system_message + '<|eot_id|>' }}{%- endif %}"
+    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}{%- else %}{{- part['text'] }}{%- endif %}{%- endfor %}"
+    "{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
 
 # Words a reasoner writes about this world (cold-start CoT, R1-Zero prompt), so the BPE gives them
 # short encodings even though no problem text contains them.
@@ -550,14 +582,10 @@ class Teachers:
 
 # ----------------------------------------------------------------------------- tokenizer, processor, model
 
-def train_tokenizer(texts, vocab_size):
-    """A Qwen2-style byte-level BPE trained on this world's text, as a transformers fast tokenizer.
-
-    Same pre-tokenizer as Qwen2 (digits split one by one, so numbers are read digit-wise), the
-    Qwen special tokens with `<|im_end|>` as eos and `<|endoftext|>` as pad, and the chat template.
-    """
+def world_bpe(texts, vocab_size, special_tokens):
+    """A byte-level BPE with Qwen2's pre-tokenizer (digits split one by one, so numbers are read
+    digit-wise) trained on `texts`, `special_tokens` first (ids 0, 1, ...), then the reasoning tags."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
 
     qwen2_split = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                    r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -568,12 +596,43 @@ def train_tokenizer(texts, vocab_size):
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=SPECIAL_TOKENS)
+                                  special_tokens=special_tokens)
     bpe.train_from_iterator(texts, trainer=trainer)
     bpe.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    return Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                              unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
+    return bpe
+
+
+def train_tokenizer(texts, vocab_size):
+    """A Qwen2-style byte-level BPE trained on this world's text, as a transformers fast tokenizer:
+    the Qwen special tokens with `<|im_end|>` as eos and `<|endoftext|>` as pad, and the chat template."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast(tokenizer_object=world_bpe(texts, vocab_size, SPECIAL_TOKENS), eos_token="<|im_end|>",
+                              pad_token="<|endoftext|>", unk_token=None, bos_token=None, chat_template=CHAT_TEMPLATE,
                               model_max_length=32768)
+
+
+def llama_tokenizer(bpe, vocab_size):
+    """`bpe` (trained with LLAMA_SPECIAL_TOKENS first) as a Llama 3 fast tokenizer of `vocab_size`
+    text tokens: reserved special tokens fill it to vocab_size - 1 entries, then LLAMA_PAD (id
+    vocab_size - 1) and <|image|> (id vocab_size, past the vocabulary as in the released models);
+    bos <|begin_of_text|>, eos <|eot_id|>, MLLAMA_CHAT_TEMPLATE. E.g. a 300-token BPE at vocab_size
+    320 gets reserved tokens 1..19, pad 319, <|image|> 320."""
+    from transformers import PreTrainedTokenizerFast
+
+    reserved = [f"<|reserved_special_token_{k}|>" for k in range(1, vocab_size - bpe.get_vocab_size())]
+    bpe.add_special_tokens(reserved + [LLAMA_PAD, LLAMA_IMAGE])
+    assert bpe.token_to_id(LLAMA_PAD) == vocab_size - 1 and bpe.token_to_id(LLAMA_IMAGE) == vocab_size
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=LLAMA_SPECIAL_TOKENS[1],
+                                   eos_token=LLAMA_SPECIAL_TOKENS[2], pad_token=LLAMA_PAD,
+                                   chat_template=MLLAMA_CHAT_TEMPLATE, model_max_length=32768)
+
+
+def train_llama_tokenizer(texts, vocab_size):
+    """The world's BPE (as train_tokenizer's) with Llama 3's special tokens, its text vocabulary
+    rounded up to a multiple of 64 (the pad token included)."""
+    bpe = world_bpe(texts, vocab_size, LLAMA_SPECIAL_TOKENS)
+    return llama_tokenizer(bpe, -(-(bpe.get_vocab_size() + 1) // 64) * 64)
 
 
 def world_texts(records):
@@ -627,15 +686,80 @@ def build_model(tokenizer, preset, seed):
     return model
 
 
-def build(out, preset="toy", seed=0):
-    """Write the world under `out`: data/ (splits, images, base_sft.jsonl) and model/. Returns out."""
+def mllama_image_processor(preset):
+    """MllamaImageProcessor with tiles of 2x2 cells (56 pixels, 4x4 patches of 14) and as many tiles
+    as a world image holds, so a 112x112 image is 2x2 tiles at its own size."""
+    import data
+
+    tile = 2 * CELL
+    return data.mllama_image_processor_class()(size={"height": tile, "width": tile},
+                                               max_image_tiles=(preset.image_size // tile) ** 2)
+
+
+def open_gates(model, seed):
+    """Draw every tanh gate of a Llama 3.2 Vision (zero at transformers' init, where images would
+    not count) from U(0.5, 1.5), in parameter-name order with a `seed`ed generator."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    gates = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.rsplit(".", 1)[-1] in gates:
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
+def build_mllama_model(tokenizer, preset, seed):
+    """A random-weight Llama 3.2 Vision (fixed torch seed, gates opened) of the Preset's sizes:
+    preset.num_layers self-attention layers with a cross-attention layer after the first and the
+    third (as the 11B model has one after every fourth), llama3 RoPE; a vision encoder of
+    vision_depth local and 2 global layers over the processor's tiles."""
+    import torch
+    from transformers import GenerationConfig, MllamaConfig, MllamaForConditionalGeneration
+
+    ids = tokenizer.convert_tokens_to_ids
+    vocab_size = ids(LLAMA_IMAGE)
+    tile = mllama_image_processor(preset)
+    rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                original_max_position_embeddings=1024)
+    config = MllamaConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=preset.hidden_size,
+                         intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers + 2,
+                         num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
+                         cross_attention_layers=[1, 4], max_position_embeddings=4096, rope_parameters=rope,
+                         rms_norm_eps=1e-5, pad_token_id=ids(LLAMA_PAD), bos_token_id=ids(LLAMA_SPECIAL_TOKENS[1]),
+                         eos_token_id=ids(LLAMA_SPECIAL_TOKENS[2]), tie_word_embeddings=False, dtype="float32"),
+        vision_config=dict(hidden_size=preset.vision_hidden_size, intermediate_size=preset.vision_intermediate_size,
+                           num_hidden_layers=preset.vision_depth, num_global_layers=2,
+                           attention_heads=preset.vision_heads, image_size=tile.size["height"], patch_size=14,
+                           max_num_tiles=tile.max_image_tiles, intermediate_layers_indices=[1, 3],
+                           vision_output_dim=3 * preset.vision_hidden_size),
+        image_token_index=ids(LLAMA_IMAGE), tie_word_embeddings=False, dtype="float32")
+    torch.manual_seed(seed)
+    model = open_gates(MllamaForConditionalGeneration(config), seed)
+    model.generation_config = GenerationConfig(eos_token_id=[ids(LLAMA_SPECIAL_TOKENS[2])], pad_token_id=ids(LLAMA_PAD),
+                                               bos_token_id=ids(LLAMA_SPECIAL_TOKENS[1]))
+    return model
+
+
+ARCHS = {  # --arch: (tokenizer, image processor, model) builders
+    "qwen2_5_vl": (train_tokenizer, image_processor, build_model),
+    "mllama": (train_llama_tokenizer, mllama_image_processor, build_mllama_model),
+}
+
+
+def build(out, preset="toy", seed=0, arch="qwen2_5_vl"):
+    """Write the world under `out`: data/ (splits, images, base_sft.jsonl) and model/ (a random
+    `arch`: Qwen2.5-VL or Llama 3.2 Vision). Returns out."""
     preset = PRESETS[preset] if isinstance(preset, str) else preset
+    make_tokenizer, make_image_processor, make_model = ARCHS[arch]
     records = write_data(os.path.join(out, "data"), make_problems(preset, seed))
     model_dir = os.path.join(out, "model")
-    tokenizer = train_tokenizer(world_texts(records), preset.vocab_size)
+    tokenizer = make_tokenizer(world_texts(records), preset.vocab_size)
     tokenizer.save_pretrained(model_dir)
-    image_processor(preset).save_pretrained(model_dir)
-    build_model(tokenizer, preset, seed).save_pretrained(model_dir)
+    make_image_processor(preset).save_pretrained(model_dir)
+    make_model(tokenizer, preset, seed).save_pretrained(model_dir)
     return out
 
 
@@ -644,9 +768,11 @@ def main():
     parser.add_argument("--out", required=True, help="output directory (data/ and model/ go here)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="toy", choices=sorted(PRESETS))
+    parser.add_argument("--arch", default="qwen2_5_vl", choices=sorted(ARCHS),
+                        help="the random model: Qwen2.5-VL, or Llama 3.2 Vision (mllama)")
     args = parser.parse_args()
     start = time.time()
-    build(args.out, args.preset, args.seed)
+    build(args.out, args.preset, args.seed, args.arch)
     p = PRESETS[args.preset]
     print(f"wrote {args.out}/data ({p.n_train} train, {p.n_rl} rl, {p.n_test} test problems) "
           f"and {args.out}/model in {time.time() - start:.1f}s")

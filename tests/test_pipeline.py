@@ -29,6 +29,25 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
     assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
 
 
+def test_mllama_mini_pipeline_runs_the_cold_start_and_prints_the_ci_vs_base_table(tmp_path):
+    """--arch mllama: the world's model is a Llama 3.2 Vision, both SFTs train it, evaluate.py scores
+    base and CI, and the table's numbers are the summary files'; no GRPO stage runs."""
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "pipeline.py", "--arch", "mllama", "--size", "mini", "--out", str(tmp_path)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
+    table = out.stdout[out.stdout.index("| model |"):].strip().splitlines()
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["base", "LlamaV-CI"]
+    for row, name in zip(table[2:], ["base-final", "ci-final"]):
+        summary = json.loads((tmp_path / "eval" / "synthetic" / name / "summary.json").read_text())
+        cells = [c.strip() for c in row.split("|")]
+        assert cells[2] == f"{summary['mean_tokens']:.0f}" and cells[3] == f"{100 * summary['accuracy']:.1f}"
+    for run in ("model", "base/final", "ci/final"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["model_type"] == "mllama"
+    assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
+    assert not (tmp_path / "grpo").exists() and "train_grpo.py" not in (tmp_path / "pipeline.log").read_text()
+
+
 def test_plot_smooths_with_a_trailing_mean_and_chains_stages(tmp_path):
     import plot
 

@@ -244,3 +244,51 @@ def test_our_load_model_matches_transformers_on_packed_data(tiny_world):
                               mm_token_type_ids=tiny.mm_token_type_ids(ids, processor.image_token_id)).logits[0]
             start, end = batch["cu_seqlens"][i:i + 2].tolist()
             torch.testing.assert_close(logits[start:end], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mllama_world_tiles_its_images_and_loads_in_transformers_and_model_py_alike(tiny_world, tmp_path):
+    """`--arch mllama`: the same problems, a Llama 3 tokenizer (pad and <|image|> at the end of the
+    vocabulary), 2x2 tiles of 56 pixels per 112x112 image, and our Llama 3.2 Vision giving
+    transformers' logits on a world problem."""
+    from transformers import AutoTokenizer, MllamaForConditionalGeneration
+
+    import model as M
+
+    world = synthetic.build(str(tmp_path), preset="tiny", seed=0, arch="mllama")
+    model_dir = os.path.join(world, "model")
+    config = json.loads(open(os.path.join(model_dir, "config.json")).read())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer.convert_tokens_to_ids
+    vocab = config["text_config"]["vocab_size"]
+    assert config["model_type"] == "mllama" and vocab % 64 == 0
+    assert (ids("<|begin_of_text|>"), ids("<|eot_id|>"), ids(synthetic.LLAMA_PAD), config["image_token_index"]) == (
+        1, 2, vocab - 1, vocab)
+    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}
+    assert tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|>How many?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("<think> 3 </think>").input_ids).count("<think>") == 1
+    # the problems are the Qwen world's: the data does not depend on the architecture
+    assert world_records(world) == world_records(tiny_world)
+
+    processor = data.ChatProcessor(model_dir)
+    sample = processor.encode_problem(data.load_problems(os.path.join(world, "data", "test.jsonl"))[0])
+    assert sample["pixel_values"].shape == (1, 4, 3, 56, 56) and sample["aspect_ratio_mask"].tolist() == [[1, 1, 1, 1]]
+    assert sample["input_ids"].count(vocab) == 1
+    batch = data.collate([sample], [0])
+    keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask", "image_counts")
+    ours = M.load_model(model_dir).eval()
+    theirs = MllamaForConditionalGeneration.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        logits = ours.forward_packed(batch["input_ids"], batch["cu_seqlens"], **{k: batch[k] for k in keys}) \
+            @ ours.head_weight.t()
+        expected = theirs(input_ids=torch.tensor([sample["input_ids"]]), pixel_values=sample["pixel_values"][None],
+                          aspect_ratio_ids=sample["aspect_ratio_ids"][None],
+                          aspect_ratio_mask=sample["aspect_ratio_mask"][None],
+                          cross_attention_mask=sample["cross_attention_mask"][None]).logits[0]
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    # the gates are open: the tokens after <|image|> read the image
+    images = {k: batch[k] for k in keys} | {"pixel_values": torch.zeros_like(batch["pixel_values"])}
+    with torch.no_grad():
+        blind = ours.forward_packed(batch["input_ids"], batch["cu_seqlens"], **images) @ ours.head_weight.t()
+    assert (blind[sample["input_ids"].index(vocab):] - logits[sample["input_ids"].index(vocab):]).abs().max() > 1e-2

@@ -6,33 +6,15 @@ image processor makes them: per sequence (`process`), as a padded batch (`padded
 
 import torch
 
+import synthetic
+
 VOCAB = 320
 IMAGE = VOCAB  # <|image|> is the first embedding row past the vocabulary, as 128256 is in the released models
 TILE = 28  # image_size: 2x2 patches of 14 and a class token per tile, 5 vectors padded to 8
 MAX_TILES = 4
 CROSS_LAYERS = [1, 3]
 # Llama 3's special tokens at the ids config() names: bos 1, eos 2, pad VOCAB - 1; <|image|> = IMAGE
-SPECIAL = ["<|reserved_special_token_0|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>",
-           "<|end_header_id|>"]
-PAD = "<|finetune_right_pad_id|>"
-# Llama 3.2 Vision Instruct's chat format: the system turn (with its knowledge-date lines) only in a
-# chat without images, one <|image|> per image part, every turn closed by <|eot_id|>; the date is
-# fixed here (the released template takes today's)
-CHAT_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
-    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
-    "{%- set ns = namespace(has_images=false) %}"
-    "{%- for message in messages %}{%- if message['content'] is not string %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' %}{%- set ns.has_images = true %}{%- endif %}{%- endfor %}{%- endif %}"
-    "{%- endfor %}"
-    "{%- if not ns.has_images %}{{- '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: "
-    "December 2023\nToday Date: 26 Jul 2024\n\n' + system_message + '<|eot_id|>' }}{%- endif %}"
-    "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' %}{{- '<|image|>' }}{%- else %}{{- part['text'] }}{%- endif %}{%- endfor %}"
-    "{%- endif %}{{- '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+# (synthetic.llama_tokenizer's layout, with its chat template)
 
 
 def config():
@@ -52,23 +34,19 @@ def config():
 
 
 def tokenizer():
-    """A byte-level BPE over a few sentences, filled with reserved tokens to VOCAB - 1 entries, then
-    PAD (VOCAB - 1) and <|image|> (IMAGE), as a transformers fast tokenizer with CHAT_TEMPLATE."""
+    """A byte-level BPE over a few sentences, Llama 3's special tokens first, as a Llama 3 fast
+    tokenizer of VOCAB text tokens (synthetic.llama_tokenizer: pad VOCAB - 1, <|image|> IMAGE)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     text = ["How many red squares are there? Count the cells of the grid, then check each row again.",
             "The answer is 12 because three rows hold four squares each. So the final answer is 12."] * 4
-    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 1, special_tokens=SPECIAL,
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=VOCAB - 1,
+                                                      special_tokens=synthetic.LLAMA_SPECIAL_TOKENS,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    reserved = [f"<|reserved_special_token_{k}|>" for k in range(1, VOCAB - bpe.get_vocab_size())]
-    bpe.add_special_tokens(reserved + [PAD, "<|image|>"])
-    assert bpe.token_to_id(PAD) == VOCAB - 1 and bpe.token_to_id("<|image|>") == IMAGE
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=SPECIAL[1], eos_token=SPECIAL[2], pad_token=PAD,
-                                   chat_template=CHAT_TEMPLATE)
+    return synthetic.llama_tokenizer(bpe, VOCAB)
 
 
 def save(path, seed=0):
@@ -79,13 +57,7 @@ def save(path, seed=0):
 
     from tests import tiny
 
-    model = tiny.draw_weights(MllamaForConditionalGeneration(config()).eval(), seed)
-    g = torch.Generator().manual_seed(seed)
-    gates = ("gate", "gate_attn", "gate_ffn", "cross_attn_attn_gate", "cross_attn_mlp_gate")
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if name.rsplit(".", 1)[-1] in gates:
-                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    model = synthetic.open_gates(tiny.draw_weights(MllamaForConditionalGeneration(config()).eval(), seed), seed)
     model.save_pretrained(path)
     tokenizer().save_pretrained(path)
     processor().save_pretrained(path)
