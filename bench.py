@@ -920,14 +920,7 @@ def add_training_parsers(sub):
     p.add_argument("--seq-len", type=int, default=256, help="tokens a record (every one exactly)")
     p.add_argument("--max-tokens", type=int, default=2048, help="a packed micro-batch (TRL: a packed row)")
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate of both sides (constant)")
-    # grpo-step's model: 4 x 256 with vocab 4,096, the head ~25% of the weights
-    p.add_argument("--hidden", type=int, default=256, help="the random-weight Qwen2's width")
-    p.add_argument("--layers", type=int, default=4, help="its decoder layers")
-    p.add_argument("--vocab", type=int, default=4096, help="its vocabulary (the tokenizer's ids first)")
-    p.add_argument("--warmup", type=int, default=1, help="steps (at least 1: TRL's step time is end to end)")
-    p.add_argument("--steps", type=int, default=3, help="measured steps per run")
-    p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
+    add_trl_comparison_flags(p, steps=3)
     p.set_defaults(run=bench_sft)
     p = sub.add_parser("grpo-step", help="needs requirements-bench.txt (TRL)")
     p.add_argument("--prompts", type=int, default=8)
@@ -937,16 +930,20 @@ def add_training_parsers(sub):
     p.add_argument("--lr", type=float, default=1e-6)
     # train_grpo's toy preset: 4,096 packed tokens per forward/backward
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
-    # 4 x 256 with vocab 4,096: the head is ~25% of the weights, as in the generate bench's model;
-    # a run stays under ~2 minutes on one core
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=2, help="measured steps per run")
+    add_trl_comparison_flags(p, steps=2)
+    p.set_defaults(run=bench_grpo_step)
+
+
+def add_trl_comparison_flags(p, steps):
+    """The model and timing flags bench.py sft and grpo-step share. The model: 4 x 256 with vocab 4,096,
+    the head ~25% of the weights as in the generate bench's model; a run stays under ~2 minutes on one core."""
+    p.add_argument("--hidden", type=int, default=256, help="the random-weight Qwen2's width")
+    p.add_argument("--layers", type=int, default=4, help="its decoder layers")
+    p.add_argument("--vocab", type=int, default=4096, help="its vocabulary (the tokenizer's ids first)")
+    p.add_argument("--warmup", type=int, default=1, help="steps (at least 1: TRL's step time is end to end)")
+    p.add_argument("--steps", type=int, default=steps, help="measured steps per run")
     p.add_argument("--rounds", type=int, default=2, help="alternating runs of each side")
     p.add_argument("--threads", type=int, default=1, help="torch threads of both sides (1: steady on a shared box)")
-    p.set_defaults(run=bench_grpo_step)
 
 
 def add_sampling_parsers(sub):

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import (DecoderLayer, GatedMLP, RMSNorm, _not_implemented, _padded_slots, _refuse_other_rope,
+from model import (Attention, DecoderLayer, GatedMLP, RMSNorm, _not_implemented, _padded_slots, _refuse_other_rope,
                    _refuse_other_values, _required, _rope_dict, _spans, padded_logits, token_logprobs, unpadded,
                    varlen_attention)
 
@@ -393,22 +393,16 @@ class ImageCache:
     sees_image: torch.Tensor  # [prompts, 1]: 1 where its response tokens see a tile (their MLP branch counts)
 
 
-class CrossAttention(nn.Module):
-    """Queries from the text, keys and values from the image features; RMSNorm on each head's
-    queries and keys, no RoPE. `cross_idx`: the layer's place among the cross-attention layers
-    (its row of generation's per-prompt cache, `ImageCache`)."""
+class CrossAttention(Attention):
+    """Queries from the text, keys and values from the image features: model.Attention's bias-free
+    projections (Llama's), plus RMSNorm on each head's queries and keys, no RoPE. `cross_idx`: the
+    layer's place among the cross-attention layers (its row of generation's per-prompt cache, `ImageCache`)."""
 
     def __init__(self, cfg: TextConfig, cross_idx):
-        super().__init__()
-        hd = cfg.head_dim
+        super().__init__(cfg, cross_idx, bias=False)
         self.cross_idx = cross_idx
-        self.num_heads, self.num_kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * hd, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
     def key_values(self, states):
         """Keys (k_norm applied) and values [N, Hkv, head_dim] of image states [N, hidden]."""
