@@ -80,106 +80,161 @@ def _frac(p, q):
     return f"\\frac{{{p}}}{{{q}}}"
 
 
+def _mmmath_integer(rng, n):
+    return [str(n)], [(str(n), "same"), (f"{n}.0", "equivalent"), (_frac(2 * n, 2), "equivalent"),
+                      (f"x={n}", "equivalent"), (str(n + 1), "wrong"), (f"{n}.02", "wrong"),
+                      (f"{n}.01", "approximate"), (str(100 * n), "wrong")]
+
+
+def _mmmath_decimal(rng, n):
+    value = round(rng.uniform(0.1, 50), 2)
+    return [f"{value}"], [(f"{value}", "same"), (f"{value + 0.004:.3f}", "approximate"),
+                          (f"{value + 0.05:.2f}", "wrong"), (f"{value:.1f}", "approximate"),
+                          (f"{value * 100:.0f}\\%", "notation")]
+
+
+def _mmmath_fraction(rng, n):
+    p, q = rng.choice([(1, 2), (1, 3), (2, 3), (3, 4), (5, 6), (7, 3), (9, 4), (12, 5), (5, 2), (8, 3)])
+    whole, rest = divmod(p, q)
+    forms = [(_frac(p, q), "same"), (f"\\dfrac{{{p}}}{{{q}}}", "equivalent"), (f"{p}/{q}", "equivalent"),
+             (f"{p / q:.2f}", "approximate"), (f"{p / q:.3f}", "approximate"), (_frac(2 * p, 2 * q), "equivalent"),
+             (_frac(q, p), "wrong"), (f"{p / q + 0.03:.2f}", "wrong"), (f"\\frac{{{p}}}{{{q}}}\\text{{cm}}", "notation")]
+    if whole and rest:
+        forms.append((f"{whole}{_frac(rest, q)}", "notation"))  # a mixed number: a product to the parser
+    return [_frac(p, q)], forms
+
+
+def _mmmath_sqrt(rng, n):
+    a, b = rng.choice([(2, 3), (3, 2), (2, 2), (4, 3), (1, 5), (3, 3), (2, 5)])
+    gold = f"{a if a > 1 else ''}\\sqrt{{{b}}}"
+    value = a * b ** 0.5
+    return [gold], [(gold, "same"), (f"\\sqrt{{{a * a * b}}}", "equivalent"), (f"{value:.2f}", "approximate"),
+                    (f"{value:.1f}", "approximate"), (f"{a if a > 1 else ''}\\sqrt {b}", "equivalent"),
+                    (f"{a if a > 1 else ''}√{b}", "notation"), (f"{a + 1}\\sqrt{{{b}}}", "wrong"),
+                    (f"\\sqrt{{{a * b}}}", "wrong")]
+
+
+def _mmmath_pi(rng, n):
+    k = rng.randint(2, 12)
+    return [f"{k}\\pi"], [(f"{k}\\pi", "same"), (f"\\pi \\cdot {k}", "equivalent"),
+                          (f"{k * 3.14159:.2f}", "approximate"), (f"{k}π", "notation"),
+                          (f"{k + 1}\\pi", "wrong"), (f"{k}", "wrong"), (_frac(f"{2 * k}\\pi", 2), "equivalent")]
+
+
+def _mmmath_angle(rng, n):
+    degrees = rng.choice([30, 45, 60, 72, 90, 108, 120, 135, 150])
+    gold = rng.choice([f"{degrees}^{{\\circ}}", f"{degrees}^\\circ", f"{degrees}°"])
+    return [gold], [(gold, "same"), (str(degrees), "equivalent"), (f"{degrees}^{{\\circ}}", "equivalent"),
+                    (f"{degrees}°", "notation"), (f"\\angle C={degrees}^\\circ", "equivalent"),
+                    (f"{degrees + 10}^\\circ", "wrong"), (f"{degrees}度", "notation")]
+
+
+def _mmmath_length(rng, n):
+    unit = rng.choice(["\\text{cm}", "cm", "m", "\\text{m}", "\\ \\text{m}"])
+    return [f"{n}{unit}"], [(f"{n}{unit}", "same"), (str(n), "equivalent"), (f"{n} cm", "notation"),
+                            (f"{n}\\,cm", "notation"), (f"{n}m", "notation"), (f"{n} \\text{{m}}", "notation"),
+                            (f"{n + 2}{unit}", "wrong"), (f"AB={n}", "equivalent")]
+
+
+def _mmmath_point(rng, n):
+    x, y = rng.randint(-6, 6), rng.randint(-6, 6)
+    return [f"({x},{y})"], [(f"({x},{y})", "same"), (f"({x}, {y})", "equivalent"),
+                            (f"\\left({x},{y}\\right)", "equivalent"), (f"P({x},{y})", "notation"),
+                            (f"({y},{x})", "wrong" if x != y else "same"), (f"({x},{y + 1})", "wrong"),
+                            (f"x={x}, y={y}", "notation")]
+
+
+def _mmmath_two_answers(rng, n):
+    a, b = rng.sample(range(1, 20), 2)
+    forms = [(f"{a},{b}", "same"), (f"{b}, {a}", "equivalent"), (f"\\boxed{{{a}}}, \\boxed{{{b}}}", "equivalent"),
+             (f"\\boxed{{{a}}} \\text{{ or }} \\boxed{{{b}}}", "equivalent"), (f"{a}", "wrong"),
+             (f"{a} 或 {b}", "notation"), (f"x_1={a}, x_2={b}", "equivalent"), (f"{a},{b},{a + b}", "wrong")]
+    golds = rng.choice([[f"{a}", f"{b}"], [f"{a},{b}"], [f"{a} 或 {b}"]])
+    return golds, forms
+
+
+def _mmmath_plus_minus(rng, n):
+    return [f"\\pm {n}"], [(f"\\pm {n}", "same"), (f"{n}, -{n}", "equivalent"), (f"-{n}, {n}", "equivalent"),
+                           (f"\\pm{n}", "equivalent"), (f"{n}", "wrong"), (f"±{n}", "notation")]
+
+
+def _mmmath_line(rng, n):
+    k, b = rng.choice([1, 2, -1, -2, 3, "\\frac{1}{2}"]), rng.randint(-5, 5)
+    gold = f"y={k}x{b:+d}"
+    return [gold], [(gold, "same"), (f"y={b}+{k}x" if b else f"y={k}x", "equivalent"), (f"{k}x{b:+d}", "equivalent"),
+                    (f"y={k}x{b + 1:+d}", "wrong"), (f"y = {k} x {b:+d}", "equivalent"),
+                    (f"2y=2({k}x{b:+d})", "equivalent"), (f"y={k}x{-b:+d}", "wrong" if b else "same")]
+
+
+def _mmmath_inequality(rng, n):
+    a, b = sorted(rng.sample(range(-9, 10), 2))
+    gold = rng.choice([f"{a}<x<{b}", f"x>{a}", f"x\\geq {a}", f"{a}<x\\leq {b}"])
+    return [gold], [(gold, "same"), (f"({a},{b})", "equivalent" if gold == f"{a}<x<{b}" else "wrong"),
+                    (f"{a} < x < {b}", "equivalent" if gold == f"{a}<x<{b}" else "wrong"),
+                    (f"x>{a}", "same" if gold == f"x>{a}" else "wrong"), (f"x>{a + 1}", "wrong"),
+                    (f"x \\ge {a}", "notation"), (f"x\\geq{a}", "notation")]
+
+
+def _mmmath_interval(rng, n):
+    a, b = sorted(rng.sample(range(-9, 10), 2))
+    gold = rng.choice([f"({a},{b})", f"[{a},{b}]", f"(-\\infty,{a})\\cup({b},+\\infty)", f"[{a},+\\infty)"])
+    return [gold], [(gold, "same"), (gold.replace(",", ", "), "equivalent"), (f"({a},{b}]", "wrong"),
+                    (f"[{a},{b + 1}]", "wrong"), (f"x\\in {gold}", "equivalent"),
+                    (gold.replace("\\cup", " \\cup "), "notation"), (f"{a}<x<{b}", "notation")]
+
+
+def _mmmath_chinese(rng, n):
+    gold, other = rng.choice([("是", "否"), ("相等", "不相等"), ("平行", "垂直"), ("能", "不能")])
+    return [gold], [(gold, "same"), (other, "wrong"), (f"\\text{{{gold}}}", "notation"), ("yes", "wrong")]
+
+
+def _mmmath_percent(rng, n):
+    percent = rng.choice([10, 20, 25, 40, 50, 75])
+    return [f"{percent}\\%"], [(f"{percent}\\%", "same"), (f"{percent / 100}", "equivalent"),
+                               (f"{percent}%", "equivalent"), (f"{percent}", "equivalent"),
+                               (f"{percent + 5}\\%", "wrong")]
+
+
+def _mmmath_negative(rng, n):
+    return [f"-{n}"], [(f"-{n}", "same"), (f"−{n}", "notation"), (f"{n}", "wrong"),
+                       (f"-{_frac(2 * n, 2)}", "equivalent"), (f"- {n}", "equivalent")]
+
+
+def _mmmath_expression(rng, n):
+    a, b = rng.randint(1, 5), rng.randint(1, 5)
+    gold = rng.choice([f"{a}a+{b}b", f"{a}\\sqrt{{2}}+{b}", f"\\frac{{{a}}}{{2}}\\pi-{b}", f"(x+{a})(x-{b})"])
+    return [gold], [(gold, "same"), (gold.replace("+", " + "), "equivalent"), (gold + "+1", "wrong"),
+                    (gold.replace(f"{b}", f"{b + 1}"), "wrong")]
+
+
+MMMATH_KINDS = {  # kind -> (rng, n) -> (gold \boxed{} content(s), [(form, label)])
+    "integer": _mmmath_integer,
+    "decimal": _mmmath_decimal,
+    "fraction": _mmmath_fraction,
+    "sqrt": _mmmath_sqrt,
+    "pi": _mmmath_pi,
+    "angle": _mmmath_angle,
+    "length": _mmmath_length,
+    "point": _mmmath_point,
+    "two answers": _mmmath_two_answers,
+    "plus-minus": _mmmath_plus_minus,
+    "line": _mmmath_line,
+    "inequality": _mmmath_inequality,
+    "interval": _mmmath_interval,
+    "chinese": _mmmath_chinese,
+    "percent": _mmmath_percent,
+    "negative": _mmmath_negative,
+    "expression": _mmmath_expression,
+}
+
+
 def mmmath_answers(rng):
     """One gold answer with forms that the official judge should, or should not, accept:
     (kind, gold \\boxed{} content(s), [(form, label)]) where label says what the form is
     ("same", "equivalent", "approximate", "notation", "wrong")."""
-    kind = rng.choice(["integer", "decimal", "fraction", "sqrt", "pi", "angle", "length", "point",
-                       "two answers", "plus-minus", "line", "inequality", "interval", "chinese", "percent",
-                       "negative", "expression"])
-    n = rng.randint(2, 60)
-    if kind == "integer":
-        return kind, [str(n)], [(str(n), "same"), (f"{n}.0", "equivalent"), (_frac(2 * n, 2), "equivalent"),
-                                (f"x={n}", "equivalent"), (str(n + 1), "wrong"), (f"{n}.02", "wrong"),
-                                (f"{n}.01", "approximate"), (str(100 * n), "wrong")]
-    if kind == "decimal":
-        value = round(rng.uniform(0.1, 50), 2)
-        return kind, [f"{value}"], [(f"{value}", "same"), (f"{value + 0.004:.3f}", "approximate"),
-                                    (f"{value + 0.05:.2f}", "wrong"), (f"{value:.1f}", "approximate"),
-                                    (f"{value * 100:.0f}\\%", "notation")]
-    if kind == "fraction":
-        p, q = rng.choice([(1, 2), (1, 3), (2, 3), (3, 4), (5, 6), (7, 3), (9, 4), (12, 5), (5, 2), (8, 3)])
-        whole, rest = divmod(p, q)
-        forms = [(_frac(p, q), "same"), (f"\\dfrac{{{p}}}{{{q}}}", "equivalent"), (f"{p}/{q}", "equivalent"),
-                 (f"{p / q:.2f}", "approximate"), (f"{p / q:.3f}", "approximate"), (_frac(2 * p, 2 * q), "equivalent"),
-                 (_frac(q, p), "wrong"), (f"{p / q + 0.03:.2f}", "wrong"), (f"\\frac{{{p}}}{{{q}}}\\text{{cm}}", "notation")]
-        if whole and rest:
-            forms.append((f"{whole}{_frac(rest, q)}", "notation"))  # a mixed number: a product to the parser
-        return kind, [_frac(p, q)], forms
-    if kind == "sqrt":
-        a, b = rng.choice([(2, 3), (3, 2), (2, 2), (4, 3), (1, 5), (3, 3), (2, 5)])
-        gold = f"{a if a > 1 else ''}\\sqrt{{{b}}}"
-        value = a * b ** 0.5
-        return kind, [gold], [(gold, "same"), (f"\\sqrt{{{a * a * b}}}", "equivalent"), (f"{value:.2f}", "approximate"),
-                              (f"{value:.1f}", "approximate"), (f"{a if a > 1 else ''}\\sqrt {b}", "equivalent"),
-                              (f"{a if a > 1 else ''}√{b}", "notation"), (f"{a + 1}\\sqrt{{{b}}}", "wrong"),
-                              (f"\\sqrt{{{a * b}}}", "wrong")]
-    if kind == "pi":
-        k = rng.randint(2, 12)
-        return kind, [f"{k}\\pi"], [(f"{k}\\pi", "same"), (f"\\pi \\cdot {k}", "equivalent"),
-                                    (f"{k * 3.14159:.2f}", "approximate"), (f"{k}π", "notation"),
-                                    (f"{k + 1}\\pi", "wrong"), (f"{k}", "wrong"), (_frac(f"{2 * k}\\pi", 2), "equivalent")]
-    if kind == "angle":
-        degrees = rng.choice([30, 45, 60, 72, 90, 108, 120, 135, 150])
-        gold = rng.choice([f"{degrees}^{{\\circ}}", f"{degrees}^\\circ", f"{degrees}°"])
-        return kind, [gold], [(gold, "same"), (str(degrees), "equivalent"), (f"{degrees}^{{\\circ}}", "equivalent"),
-                              (f"{degrees}°", "notation"), (f"\\angle C={degrees}^\\circ", "equivalent"),
-                              (f"{degrees + 10}^\\circ", "wrong"), (f"{degrees}度", "notation")]
-    if kind == "length":
-        unit = rng.choice(["\\text{cm}", "cm", "m", "\\text{m}", "\\ \\text{m}"])
-        return kind, [f"{n}{unit}"], [(f"{n}{unit}", "same"), (str(n), "equivalent"), (f"{n} cm", "notation"),
-                                      (f"{n}\\,cm", "notation"), (f"{n}m", "notation"), (f"{n} \\text{{m}}", "notation"),
-                                      (f"{n + 2}{unit}", "wrong"), (f"AB={n}", "equivalent")]
-    if kind == "point":
-        x, y = rng.randint(-6, 6), rng.randint(-6, 6)
-        return kind, [f"({x},{y})"], [(f"({x},{y})", "same"), (f"({x}, {y})", "equivalent"),
-                                      (f"\\left({x},{y}\\right)", "equivalent"), (f"P({x},{y})", "notation"),
-                                      (f"({y},{x})", "wrong" if x != y else "same"), (f"({x},{y + 1})", "wrong"),
-                                      (f"x={x}, y={y}", "notation")]
-    if kind == "two answers":
-        a, b = rng.sample(range(1, 20), 2)
-        forms = [(f"{a},{b}", "same"), (f"{b}, {a}", "equivalent"), (f"\\boxed{{{a}}}, \\boxed{{{b}}}", "equivalent"),
-                 (f"\\boxed{{{a}}} \\text{{ or }} \\boxed{{{b}}}", "equivalent"), (f"{a}", "wrong"),
-                 (f"{a} 或 {b}", "notation"), (f"x_1={a}, x_2={b}", "equivalent"), (f"{a},{b},{a + b}", "wrong")]
-        golds = rng.choice([[f"{a}", f"{b}"], [f"{a},{b}"], [f"{a} 或 {b}"]])
-        return kind, golds, forms
-    if kind == "plus-minus":
-        return kind, [f"\\pm {n}"], [(f"\\pm {n}", "same"), (f"{n}, -{n}", "equivalent"), (f"-{n}, {n}", "equivalent"),
-                                     (f"\\pm{n}", "equivalent"), (f"{n}", "wrong"), (f"±{n}", "notation")]
-    if kind == "line":
-        k, b = rng.choice([1, 2, -1, -2, 3, "\\frac{1}{2}"]), rng.randint(-5, 5)
-        gold = f"y={k}x{b:+d}"
-        return kind, [gold], [(gold, "same"), (f"y={b}+{k}x" if b else f"y={k}x", "equivalent"), (f"{k}x{b:+d}", "equivalent"),
-                              (f"y={k}x{b + 1:+d}", "wrong"), (f"y = {k} x {b:+d}", "equivalent"),
-                              (f"2y=2({k}x{b:+d})", "equivalent"), (f"y={k}x{-b:+d}", "wrong" if b else "same")]
-    if kind == "inequality":
-        a, b = sorted(rng.sample(range(-9, 10), 2))
-        gold = rng.choice([f"{a}<x<{b}", f"x>{a}", f"x\\geq {a}", f"{a}<x\\leq {b}"])
-        return kind, [gold], [(gold, "same"), (f"({a},{b})", "equivalent" if gold == f"{a}<x<{b}" else "wrong"),
-                              (f"{a} < x < {b}", "equivalent" if gold == f"{a}<x<{b}" else "wrong"),
-                              (f"x>{a}", "same" if gold == f"x>{a}" else "wrong"), (f"x>{a + 1}", "wrong"),
-                              (f"x \\ge {a}", "notation"), (f"x\\geq{a}", "notation")]
-    if kind == "interval":
-        a, b = sorted(rng.sample(range(-9, 10), 2))
-        gold = rng.choice([f"({a},{b})", f"[{a},{b}]", f"(-\\infty,{a})\\cup({b},+\\infty)", f"[{a},+\\infty)"])
-        return kind, [gold], [(gold, "same"), (gold.replace(",", ", "), "equivalent"), (f"({a},{b}]", "wrong"),
-                              (f"[{a},{b + 1}]", "wrong"), (f"x\\in {gold}", "equivalent"),
-                              (gold.replace("\\cup", " \\cup "), "notation"), (f"{a}<x<{b}", "notation")]
-    if kind == "chinese":
-        gold, other = rng.choice([("是", "否"), ("相等", "不相等"), ("平行", "垂直"), ("能", "不能")])
-        return kind, [gold], [(gold, "same"), (other, "wrong"), (f"\\text{{{gold}}}", "notation"), ("yes", "wrong")]
-    if kind == "percent":
-        percent = rng.choice([10, 20, 25, 40, 50, 75])
-        return kind, [f"{percent}\\%"], [(f"{percent}\\%", "same"), (f"{percent / 100}", "equivalent"),
-                                         (f"{percent}%", "equivalent"), (f"{percent}", "equivalent"),
-                                         (f"{percent + 5}\\%", "wrong")]
-    if kind == "negative":
-        return kind, [f"-{n}"], [(f"-{n}", "same"), (f"−{n}", "notation"), (f"{n}", "wrong"),
-                                 (f"-{_frac(2 * n, 2)}", "equivalent"), (f"- {n}", "equivalent")]
-    a, b = rng.randint(1, 5), rng.randint(1, 5)
-    gold = rng.choice([f"{a}a+{b}b", f"{a}\\sqrt{{2}}+{b}", f"\\frac{{{a}}}{{2}}\\pi-{b}", f"(x+{a})(x-{b})"])
-    return kind, [gold], [(gold, "same"), (gold.replace("+", " + "), "equivalent"), (gold + "+1", "wrong"),
-                          (gold.replace(f"{b}", f"{b + 1}"), "wrong")]
+    kind = rng.choice(list(MMMATH_KINDS))
+    golds, forms = MMMATH_KINDS[kind](rng, rng.randint(2, 60))
+    return kind, golds, forms
 
 
 REASONING = "<think>\nLet me work through the figure step by step. The given lengths give $3$ and $4$.\n</think>"
