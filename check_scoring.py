@@ -366,93 +366,99 @@ def _decimal(value, places):
     return f"{value:.{places}f}"
 
 
-def reward_forms(kind, rng):
-    """(gold, right forms, wrong forms) of one generated answer of `kind` (REWARD_KINDS): bare
-    answers as they appear inside the answer block, right forms equal to the gold, wrong forms
-    the near misses of the same shape."""
-    a, b, c = rng.sample(range(1, 20), 3)
-    if kind == "several boxes":
-        roots = sorted(rng.sample(range(-9, 10), rng.choice([2, 3])))
-        shuffled = rng.sample(roots, len(roots))
-        gold = ", ".join(map(str, roots))
-        boxes = [f"\\boxed{{{r}}}" for r in shuffled]
-        right = [",".join(boxes), ", ".join(boxes), " \\text{ and } ".join(boxes), " ".join(boxes),
-                 ", ".join(f"x_{i + 1}=\\boxed{{{r}}}" for i, r in enumerate(shuffled)),
-                 ", ".join(f"\\boxed{{x={r}}}" for r in shuffled), " \\text{ or } ".join(boxes),
-                 " and ".join(f"${box}$" for box in boxes), ", \\quad ".join(boxes)]
-        wrong = [", ".join(boxes[:-1]), ", ".join(boxes + ["\\boxed{99}"]), ", ".join(boxes[:-1] + ["\\boxed{99}"])]
-        if rng.random() < 0.5:
-            points = [(a, b), (c, a)]
-            gold = "(%d,%d),(%d,%d)" % (*points[0], *points[1])
-            right = [f"\\boxed{{({x}, {y})}} \\text{{ and }} \\boxed{{({u}, {v})}}" for (x, y), (u, v) in
-                     (points, points[::-1])] + [f"\\boxed{{({a},{b})}}, \\boxed{{({c},{a})}}"]
-            wrong = [f"\\boxed{{({b}, {a})}} \\text{{ and }} \\boxed{{({c}, {a})}}", f"\\boxed{{({a}, {b})}}"]
-        return gold, right, wrong
-    if kind == "labelled answers":
-        return rng.choice([
-            (f"({a},{b})", [f"(p,q)=({a},{b})", f"(x, y) = ({a}, {b})", f"P=({a},{b})", f"P({a},{b})"],
-             [f"(p,q)=({b},{a})", f"(x, y) = ({a}, {c})"]),
-            (f"{a}, {b}", [f"AB={a}, CD={b}", f"AB = {a}, CD = {b}", f"x_1={a}, x_2={b}", f"m={a} \\text{{ and }} n={b}",
-                           f"x = {a}, y = {b}"], [f"AB={a}, CD={c}", f"AB={a}"]),
-            (f"{a}", [f"\\angle ABC = {a}^\\circ", f"S_{{\\triangle ABC}}={a}", f"BC = {a}", f"\\text{{Area}} = {a}",
-                      f"f(2)={a}", f"a_{{10}} = {a}", f"\\overline{{AB}} = {a}", f"|AB| = {a}", f"m\\angle A = {a}^\\circ",
-                      f"y_{{max}} = {a}"], [f"\\angle ABC = {b}^\\circ", f"BC = {a}+1", f"2x = {a}"]),
-            (f"-\\frac{{{a}}}{{{b + 20}}}", [f"k=-\\frac{{{a}}}{{{b + 20}}}", f"\\sin A = -\\frac{{{a}}}{{{b + 20}}}"],
-             [f"k=\\frac{{{a}}}{{{b + 20}}}", f"k=-\\frac{{{b + 20}}}{{{a}}}"]),
-            (f"{a}\\sqrt{{3}}", [f"BC={a}\\sqrt{{3}}", f"AC = \\sqrt{{{3 * a * a}}}", f"r={a}\\sqrt{{3}}"],
-             [f"BC={a}\\sqrt{{2}}", f"BC={a + 1}\\sqrt{{3}}"]),
-            (f"{a}\\pi", [f"V = {a}\\pi", f"S={a}\\pi \\text{{ cm}}^2"], [f"V = {a + 1}\\pi", f"V = {a}"]),
-        ])
-    if kind == "sets, intervals, inequalities":
-        lo, hi = sorted(rng.sample(range(-9, 10), 2))
-        return rng.choice([
-            (f"x\\in[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"[{lo}, {hi}]", f"{lo} \\leq x \\leq {hi}"],
-             [f"{lo}<x\\le {hi}", f"[{lo},{hi + 1}]", f"{lo}\\le x<{hi}"]),
-            (f"[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"x\\in [{lo},{hi}]"], [f"({lo},{hi})", f"{lo}<x<{hi}"]),
-            (f"({lo},{hi})", [f"{lo}<f(x)<{hi}", f"{lo}<x<{hi}", f"x\\in({lo},{hi})"], [f"{lo}\\le f(x)<{hi}", f"[{lo},{hi})"]),
-            (f"(-\\infty,{lo})\\cup({hi},+\\infty)", [f"x<{lo} \\text{{ or }} x>{hi}", f"(-\\infty, {lo}) \\cup ({hi}, \\infty)"],
-             [f"x<{lo} \\text{{ or }} x\\ge {hi}", f"(-\\infty,{lo}]\\cup({hi},+\\infty)"]),
-            (f"x>{lo}", [f"({lo},+\\infty)", f"x\\in({lo},\\infty)", f"{lo}<x"], [f"[{lo},+\\infty)", f"x\\geq {lo}", f"x>{hi}"]),
-            (f"[{lo},+\\infty)", [f"x\\geq {lo}", f"x \\ge {lo}", f"{lo} \\le x"], [f"x>{lo}", f"({lo},+\\infty)"]),
-            (f"x\\le {lo}", [f"(-\\infty,{lo}]", f"(-\\infty, {lo}]"], [f"(-\\infty,{lo})", f"x<{lo}"]),
-            (f"\\{{{lo},{hi},{hi + 1}\\}}", [f"\\{{{hi},{lo},{hi + 1}\\}}", f"{lo}, {hi}, {hi + 1}"],
-             [f"\\{{{lo},{hi}\\}}", f"\\{{{lo},{hi},{hi + 2}\\}}"]),
-        ])
-    if kind == "chains, approximations":
-        total = a + b + c
-        return rng.choice([
-            (f"{total}", [f"x = {a}+{b}+{c} = {total}", f"x \\approx {total}", f"\\approx {total}",
-                          f"AB = {a} + {b} + {c} = {total}", f"S = \\frac{{{2 * total}}}{{2}} = {total}"],
-                          [f"x = {a}+{b}+{c} = {total + 1}", f"x \\approx {total + 1}", f"x = {total} + 1 = {total + 1}"]),
-            ("5", ["AB = \\sqrt{3^2+4^2} = 5", "AB=\\sqrt{25}=5", "x \\approx 5.0"], ["AB = \\sqrt{3^2+4^2} = 6", "x \\approx 5.1"]),
-            (f"{a}.{b}", [f"x \\approx {a}.{b}", f"t\\approx {a}.{b} \\text{{ s}}", f"v = {a}.{b}", f"x≈{a}.{b}"],
-             [f"x\\approx {a}.{b + 1}"]),
-            (f"{total}", [f"= {total}", f"x = \\frac{{{2 * total}}}{{2}} = {total}", f"{total} \\text{{ cm}}",
-                          f"S_{{\\triangle ABC}} = \\frac{{1}}{{2}} \\times 2 \\times {total} = {total}"],
-             [f"= {total + 2}", f"x = \\frac{{{2 * total}}}{{2}} = {total + 1}"]),
-        ])
-    if kind == "forms cut off by guards":
-        n = rng.randint(3, 12)
-        points = [(rng.randint(-9, 9), rng.randint(-9, 9)) for _ in range(rng.randint(8, 12))]
-        listing = ", ".join(f"({x}, {y})" for x, y in points)
-        shuffled = ", ".join(f"({x}, {y})" for x, y in rng.sample(points, len(points)))
-        broken = ", ".join(f"({x}, {y})" for x, y in points[:-1] + [(points[-1][0] + 1, points[-1][1])])
-        return rng.choice([
-            (f"\\frac{{{a}}}{{{b}}}", [f"\\cfrac{{{a}}}{{{b}}}", f"\\cfrac{{{2 * a}}}{{{2 * b}}}"], [f"\\cfrac{{{b}}}{{{a}}}"]),
-            ("\\frac{2}{3}", ["\\cfrac{1}{1+\\cfrac{1}{2}}"], ["\\cfrac{1}{1+\\cfrac{1}{3}}"]),
-            (f"\\begin{{pmatrix}}{a}&{b}\\\\{c}&{a + b}\\end{{pmatrix}}",
-             [f"\\begin{{bmatrix}}{a} & {b} \\\\ {c} & {a + b}\\end{{bmatrix}}", f"\\begin{{pmatrix}} {a}&{b}\\\\ {c}&{a + b} \\end{{pmatrix}}"],
-             [f"\\begin{{pmatrix}}{a}&{c}\\\\{b}&{a + b}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
-            (str(n * (n + 1) // 2), [f"\\sum_{{k=1}}^{{{n}}} k", f"\\sum_{{i=1}}^{{{n}}} i"], [f"\\sum_{{k=1}}^{{{n + 1}}} k", f"\\sum_{{k=2}}^{{{n}}} k"]),
-            (f"z={a}-x-y", [f"x+y+z={a}", f"x + y + z - {a} = 0", f"{2 * a}=2x+2y+2z"], [f"x+y+z={a + 1}", f"x+y-z={a}"]),
-            ("x+2y+3z=6", ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{2}=1", "3z=6-x-2y"], ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{3}=1"]),
-            (f"\\frac{{{a}}}{{{b}}}", [f"\\tfrac{{{a}}}{{{b}}}", f"\\dfrac{{{3 * a}}}{{{3 * b}}}"], [f"\\tfrac{{{a + b}}}{{{b}}}"]),
-            (f"\\begin{{pmatrix}}{a}\\\\{b}\\end{{pmatrix}}", [f"\\left(\\begin{{matrix}}{a}\\\\{b}\\end{{matrix}}\\right)",
-                                                         f"\\begin{{bmatrix}} {a} \\\\ {b} \\end{{bmatrix}}"],
-             [f"\\begin{{pmatrix}}{b}\\\\{a}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
-            (f"z={a}x+{b}y-{c}", [f"{a}x+{b}y-z={c}", f"z-{a}x-{b}y+{c}=0"], [f"{a}x+{b}y+z={c}", f"{a}x+{b}y-z={c + 1}"]),
-            (listing, [shuffled, listing.replace(", ", ",")], [broken, ", ".join(listing.split(", ")[:-2])]),
-        ])
+def _reward_several_boxes(rng, a, b, c):
+    roots = sorted(rng.sample(range(-9, 10), rng.choice([2, 3])))
+    shuffled = rng.sample(roots, len(roots))
+    gold = ", ".join(map(str, roots))
+    boxes = [f"\\boxed{{{r}}}" for r in shuffled]
+    right = [",".join(boxes), ", ".join(boxes), " \\text{ and } ".join(boxes), " ".join(boxes),
+             ", ".join(f"x_{i + 1}=\\boxed{{{r}}}" for i, r in enumerate(shuffled)),
+             ", ".join(f"\\boxed{{x={r}}}" for r in shuffled), " \\text{ or } ".join(boxes),
+             " and ".join(f"${box}$" for box in boxes), ", \\quad ".join(boxes)]
+    wrong = [", ".join(boxes[:-1]), ", ".join(boxes + ["\\boxed{99}"]), ", ".join(boxes[:-1] + ["\\boxed{99}"])]
+    if rng.random() < 0.5:
+        points = [(a, b), (c, a)]
+        gold = "(%d,%d),(%d,%d)" % (*points[0], *points[1])
+        right = [f"\\boxed{{({x}, {y})}} \\text{{ and }} \\boxed{{({u}, {v})}}" for (x, y), (u, v) in
+                 (points, points[::-1])] + [f"\\boxed{{({a},{b})}}, \\boxed{{({c},{a})}}"]
+        wrong = [f"\\boxed{{({b}, {a})}} \\text{{ and }} \\boxed{{({c}, {a})}}", f"\\boxed{{({a}, {b})}}"]
+    return gold, right, wrong
+
+
+def _reward_labelled(rng, a, b, c):
+    return rng.choice([
+        (f"({a},{b})", [f"(p,q)=({a},{b})", f"(x, y) = ({a}, {b})", f"P=({a},{b})", f"P({a},{b})"],
+         [f"(p,q)=({b},{a})", f"(x, y) = ({a}, {c})"]),
+        (f"{a}, {b}", [f"AB={a}, CD={b}", f"AB = {a}, CD = {b}", f"x_1={a}, x_2={b}", f"m={a} \\text{{ and }} n={b}",
+                       f"x = {a}, y = {b}"], [f"AB={a}, CD={c}", f"AB={a}"]),
+        (f"{a}", [f"\\angle ABC = {a}^\\circ", f"S_{{\\triangle ABC}}={a}", f"BC = {a}", f"\\text{{Area}} = {a}",
+                  f"f(2)={a}", f"a_{{10}} = {a}", f"\\overline{{AB}} = {a}", f"|AB| = {a}", f"m\\angle A = {a}^\\circ",
+                  f"y_{{max}} = {a}"], [f"\\angle ABC = {b}^\\circ", f"BC = {a}+1", f"2x = {a}"]),
+        (f"-\\frac{{{a}}}{{{b + 20}}}", [f"k=-\\frac{{{a}}}{{{b + 20}}}", f"\\sin A = -\\frac{{{a}}}{{{b + 20}}}"],
+         [f"k=\\frac{{{a}}}{{{b + 20}}}", f"k=-\\frac{{{b + 20}}}{{{a}}}"]),
+        (f"{a}\\sqrt{{3}}", [f"BC={a}\\sqrt{{3}}", f"AC = \\sqrt{{{3 * a * a}}}", f"r={a}\\sqrt{{3}}"],
+         [f"BC={a}\\sqrt{{2}}", f"BC={a + 1}\\sqrt{{3}}"]),
+        (f"{a}\\pi", [f"V = {a}\\pi", f"S={a}\\pi \\text{{ cm}}^2"], [f"V = {a + 1}\\pi", f"V = {a}"]),
+    ])
+
+
+def _reward_sets_intervals(rng, a, b, c):
+    lo, hi = sorted(rng.sample(range(-9, 10), 2))
+    return rng.choice([
+        (f"x\\in[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"[{lo}, {hi}]", f"{lo} \\leq x \\leq {hi}"],
+         [f"{lo}<x\\le {hi}", f"[{lo},{hi + 1}]", f"{lo}\\le x<{hi}"]),
+        (f"[{lo},{hi}]", [f"{lo}\\le x\\le {hi}", f"x\\in [{lo},{hi}]"], [f"({lo},{hi})", f"{lo}<x<{hi}"]),
+        (f"({lo},{hi})", [f"{lo}<f(x)<{hi}", f"{lo}<x<{hi}", f"x\\in({lo},{hi})"], [f"{lo}\\le f(x)<{hi}", f"[{lo},{hi})"]),
+        (f"(-\\infty,{lo})\\cup({hi},+\\infty)", [f"x<{lo} \\text{{ or }} x>{hi}", f"(-\\infty, {lo}) \\cup ({hi}, \\infty)"],
+         [f"x<{lo} \\text{{ or }} x\\ge {hi}", f"(-\\infty,{lo}]\\cup({hi},+\\infty)"]),
+        (f"x>{lo}", [f"({lo},+\\infty)", f"x\\in({lo},\\infty)", f"{lo}<x"], [f"[{lo},+\\infty)", f"x\\geq {lo}", f"x>{hi}"]),
+        (f"[{lo},+\\infty)", [f"x\\geq {lo}", f"x \\ge {lo}", f"{lo} \\le x"], [f"x>{lo}", f"({lo},+\\infty)"]),
+        (f"x\\le {lo}", [f"(-\\infty,{lo}]", f"(-\\infty, {lo}]"], [f"(-\\infty,{lo})", f"x<{lo}"]),
+        (f"\\{{{lo},{hi},{hi + 1}\\}}", [f"\\{{{hi},{lo},{hi + 1}\\}}", f"{lo}, {hi}, {hi + 1}"],
+         [f"\\{{{lo},{hi}\\}}", f"\\{{{lo},{hi},{hi + 2}\\}}"]),
+    ])
+
+
+def _reward_chains(rng, a, b, c):
+    total = a + b + c
+    return rng.choice([
+        (f"{total}", [f"x = {a}+{b}+{c} = {total}", f"x \\approx {total}", f"\\approx {total}",
+                      f"AB = {a} + {b} + {c} = {total}", f"S = \\frac{{{2 * total}}}{{2}} = {total}"],
+                      [f"x = {a}+{b}+{c} = {total + 1}", f"x \\approx {total + 1}", f"x = {total} + 1 = {total + 1}"]),
+        ("5", ["AB = \\sqrt{3^2+4^2} = 5", "AB=\\sqrt{25}=5", "x \\approx 5.0"], ["AB = \\sqrt{3^2+4^2} = 6", "x \\approx 5.1"]),
+        (f"{a}.{b}", [f"x \\approx {a}.{b}", f"t\\approx {a}.{b} \\text{{ s}}", f"v = {a}.{b}", f"x≈{a}.{b}"],
+         [f"x\\approx {a}.{b + 1}"]),
+        (f"{total}", [f"= {total}", f"x = \\frac{{{2 * total}}}{{2}} = {total}", f"{total} \\text{{ cm}}",
+                      f"S_{{\\triangle ABC}} = \\frac{{1}}{{2}} \\times 2 \\times {total} = {total}"],
+         [f"= {total + 2}", f"x = \\frac{{{2 * total}}}{{2}} = {total + 1}"]),
+    ])
+
+
+def _reward_guarded_forms(rng, a, b, c):
+    n = rng.randint(3, 12)
+    points = [(rng.randint(-9, 9), rng.randint(-9, 9)) for _ in range(rng.randint(8, 12))]
+    listing = ", ".join(f"({x}, {y})" for x, y in points)
+    shuffled = ", ".join(f"({x}, {y})" for x, y in rng.sample(points, len(points)))
+    broken = ", ".join(f"({x}, {y})" for x, y in points[:-1] + [(points[-1][0] + 1, points[-1][1])])
+    return rng.choice([
+        (f"\\frac{{{a}}}{{{b}}}", [f"\\cfrac{{{a}}}{{{b}}}", f"\\cfrac{{{2 * a}}}{{{2 * b}}}"], [f"\\cfrac{{{b}}}{{{a}}}"]),
+        ("\\frac{2}{3}", ["\\cfrac{1}{1+\\cfrac{1}{2}}"], ["\\cfrac{1}{1+\\cfrac{1}{3}}"]),
+        (f"\\begin{{pmatrix}}{a}&{b}\\\\{c}&{a + b}\\end{{pmatrix}}",
+         [f"\\begin{{bmatrix}}{a} & {b} \\\\ {c} & {a + b}\\end{{bmatrix}}", f"\\begin{{pmatrix}} {a}&{b}\\\\ {c}&{a + b} \\end{{pmatrix}}"],
+         [f"\\begin{{pmatrix}}{a}&{c}\\\\{b}&{a + b}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
+        (str(n * (n + 1) // 2), [f"\\sum_{{k=1}}^{{{n}}} k", f"\\sum_{{i=1}}^{{{n}}} i"], [f"\\sum_{{k=1}}^{{{n + 1}}} k", f"\\sum_{{k=2}}^{{{n}}} k"]),
+        (f"z={a}-x-y", [f"x+y+z={a}", f"x + y + z - {a} = 0", f"{2 * a}=2x+2y+2z"], [f"x+y+z={a + 1}", f"x+y-z={a}"]),
+        ("x+2y+3z=6", ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{2}=1", "3z=6-x-2y"], ["\\frac{x}{6}+\\frac{y}{3}+\\frac{z}{3}=1"]),
+        (f"\\frac{{{a}}}{{{b}}}", [f"\\tfrac{{{a}}}{{{b}}}", f"\\dfrac{{{3 * a}}}{{{3 * b}}}"], [f"\\tfrac{{{a + b}}}{{{b}}}"]),
+        (f"\\begin{{pmatrix}}{a}\\\\{b}\\end{{pmatrix}}", [f"\\left(\\begin{{matrix}}{a}\\\\{b}\\end{{matrix}}\\right)",
+                                                     f"\\begin{{bmatrix}} {a} \\\\ {b} \\end{{bmatrix}}"],
+         [f"\\begin{{pmatrix}}{b}\\\\{a}\\end{{pmatrix}}", f"\\begin{{pmatrix}}{a}&{b}\\end{{pmatrix}}"]),
+        (f"z={a}x+{b}y-{c}", [f"{a}x+{b}y-z={c}", f"z-{a}x-{b}y+{c}=0"], [f"{a}x+{b}y+z={c}", f"{a}x+{b}y-z={c + 1}"]),
+        (listing, [shuffled, listing.replace(", ", ",")], [broken, ", ".join(listing.split(", ")[:-2])]),
+    ])
+
+
+def _reward_exact_rationals(rng, a, b, c):
     p, q = rng.choice([(1, 12), (1, 3), (2, 3), (1, 7), (5, 6), (4, 9), (7, 11), (1, 6), (13, 7), (3, 16)])
     long_decimal = _decimal(p / q, rng.choice([8, 10, 12, 16]))
     return rng.choice([
@@ -463,8 +469,23 @@ def reward_forms(kind, rng):
     ])
 
 
-REWARD_KINDS = ("several boxes", "labelled answers", "sets, intervals, inequalities", "chains, approximations",
-                "forms cut off by guards", "exact rationals vs long decimals")
+REWARD_KINDS = {  # kind -> (rng, a, b, c) -> (gold, right forms, wrong forms); a, b, c distinct in 1..19
+    "several boxes": _reward_several_boxes,
+    "labelled answers": _reward_labelled,
+    "sets, intervals, inequalities": _reward_sets_intervals,
+    "chains, approximations": _reward_chains,
+    "forms cut off by guards": _reward_guarded_forms,
+    "exact rationals vs long decimals": _reward_exact_rationals,
+}
+
+
+def reward_forms(kind, rng):
+    """(gold, right forms, wrong forms) of one generated answer of `kind` (REWARD_KINDS): bare
+    answers as they appear inside the answer block, right forms equal to the gold, wrong forms
+    the near misses of the same shape."""
+    a, b, c = rng.sample(range(1, 20), 3)
+    return REWARD_KINDS[kind](rng, a, b, c)
+
 
 
 def reward_cases(per_kind, seed=0):
