@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -450,7 +451,41 @@ def official_scores(bench, rows):
     return mean_scores([OFFICIAL_SCORES[bench]([row for row in rows if row["sample"] == j]) for j in samples])
 
 
-def summarize(bench, rows):
+LENGTH_EDGES = (4096, 8192)  # the paper's CI analysis: outputs of 0-4K, 4-8K and 8K+ tokens (docs/method.md §3)
+
+
+def length_buckets(rows, edges=LENGTH_EDGES):
+    """Share of samples and accuracy per response-length bucket, bucket k holding lengths in
+    (edges[k-1], edges[k]]: the paper's over-thinking analysis of Vision-R1-CI (its accuracy falls
+    from 41% at 0-4K to 7% at 8K+). An empty bucket's accuracy is None.
+
+    Rows of 100 tokens (correct), 100 (wrong) and 5000 (wrong) with edges (4096, 8192) ->
+    {"0-4096": {"share": 2/3, "accuracy": 0.5, "samples": 2},
+     "4097-8192": {"share": 1/3, "accuracy": 0.0, "samples": 1},
+     ">8192": {"share": 0.0, "accuracy": None, "samples": 0}}
+    """
+    bounds = [0, *edges, math.inf]
+    buckets = {}
+    for low, high in zip(bounds, bounds[1:]):
+        inside = [row["correct"] for row in rows if low < row["tokens"] <= high or (low == 0 and row["tokens"] == 0)]
+        label = f">{low}" if high == math.inf else f"{low + 1 if low else 0}-{high}"
+        buckets[label] = {"share": len(inside) / len(rows), "accuracy": sum(inside) / len(inside) if inside else None,
+                          "samples": len(inside)}
+    return buckets
+
+
+def length_edges(text):
+    """--length-buckets: increasing positive integers, '128,256' -> (128, 256)."""
+    try:
+        edges = tuple(int(edge) for edge in text.split(","))
+    except ValueError:
+        edges = ()
+    if not edges or min(edges) <= 0 or list(edges) != sorted(set(edges)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected increasing positive integers, e.g. 4096,8192")
+    return edges
+
+
+def summarize(bench, rows, edges=LENGTH_EDGES):
     """Overall and per-category accuracy of per-sample rows (score_sample's), with the means.
 
     accuracy: correct samples / samples (with n samples per prompt this is mean@n, also given as
@@ -461,6 +496,7 @@ def summarize(bench, rows):
     benchmark's own scores where they are more than the accuracy (official_scores: MME, HallusionBench).
     Rows [a: correct, b: wrong] of prompts a (task GPS) and b (task FQA) -> accuracy 0.5,
     breakdown {"task": {"GPS": {"accuracy": 1.0, "correct": 1, "total": 1}, "FQA": {... 0.0, 0, 1}}}.
+    by_length: length_buckets of the rows at `edges`.
     """
     if not rows:
         raise ValueError(f"{bench}: no scored samples to summarize")
@@ -475,7 +511,8 @@ def summarize(bench, rows):
                "truncation_rate": sum(row["truncated"] for row in rows) / total,
                "mean_tokens": sum(row["tokens"] for row in rows) / total,
                "regenerated": sum(row["attempts"] > 1 for row in rows),
-               "judge": sorted({row["judged_by"] for row in rows if row["judged_by"]}) or None}
+               "judge": sorted({row["judged_by"] for row in rows if row["judged_by"]}) or None,
+               "by_length": length_buckets(rows, edges)}
     if n > 1:
         summary[f"pass@{n}"] = sum(any(samples) for samples in outcomes.values()) / len(outcomes)
         summary[f"mean@{n}"] = summary["accuracy"]
@@ -697,7 +734,7 @@ def evaluate_one(model, processor, model_dir, bench, records, args, judge, rank,
     consolidate(run_dir, order)
     rows = [row for row in data.read_append_only(os.path.join(run_dir, "samples.jsonl"))
             if row["id"] in order and row["sample"] < args.n]
-    summary = {"model": name, "settings": settings, **summarize(bench, rows)}
+    summary = {"model": name, "settings": settings, **summarize(bench, rows, args.length_buckets)}
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, ensure_ascii=False)
     with open(os.path.join(run_dir, "report.md"), "w", encoding="utf-8") as f:
@@ -748,6 +785,9 @@ def parse_args(argv=None):
     parser.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     parser.add_argument("--retry-until-answer", type=at_least(0), default=0, metavar="K",
                         help="redraw a response without </answer> up to K times (authors: 5; inflates scores)")
+    parser.add_argument("--length-buckets", type=length_edges, default=LENGTH_EDGES, metavar="E1,E2,...",
+                        help="response-length bucket edges of the summary's accuracy by length (default: the "
+                             "paper's 4096,8192; the synthetic world at 1/32: 128,256)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attention", choices=M.ATTENTION_BACKENDS, default="flash",
                         help="flash: flash-attn's kernels on CUDA (refused if not installed); sdpa: PyTorch's")

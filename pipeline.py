@@ -40,8 +40,8 @@ from train_utils import check_run_folder, command_line
 SIZES = {
     # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
     # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems and samples per problem
-    "full": dict(world="toy", base_epochs=1, ci_epochs=6, holdout=64, stage_steps=(40, 40), zero_steps=80,
-                 long_steps=80, prompts=8, test=300, samples=4, length_scale="1/32"),
+    "full": dict(world="toy", base_epochs=1, ci_epochs=3, holdout=64, stage_steps=(30, 30), zero_steps=60,
+                 long_steps=60, prompts=8, test=300, samples=4, length_scale="1/32"),
     "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, stage_steps=(2, 2), zero_steps=2,
                  long_steps=2, prompts=2, test=6, samples=1, length_scale="1/256"),
 }
@@ -77,12 +77,14 @@ def main(argv=None):
     mllama = args.arch == "mllama"
     group = ["--wandb-group", f"toy-{'mllama-' if mllama else ''}{args.size}-seed{seed}"]
     max_tokens = str(round(16384 * Fraction(size["length_scale"])))  # evaluation: the longest cap
+    # the paper's CI length buckets (0-4K, 4-8K, 8K+) at the same scale
+    buckets = ["--length-buckets", ",".join(str(round(edge * Fraction(size["length_scale"]))) for edge in (4096, 8192))]
     cold_start(out, size, seed, ["--arch", "mllama"] if mllama else [], group, resume, log)
     if mllama:
         models = {"base": f"{out}/base/final", "LlamaV-CI": f"{out}/ci/final"}
         run(["evaluate.py", *sum((["--model", path] for path in models.values()), []), "--bench", "synthetic",
              "--data", f"{out}/data/test.jsonl", "--out", f"{out}/eval", "--n", str(size["samples"]), *resume,
-             "--max-new-tokens", max_tokens, "--limit", str(size["test"])], log)
+             "--max-new-tokens", max_tokens, "--limit", str(size["test"]), *buckets], log)
         print(accuracy_table(out, models))
         return
     grpo_common = ["--preset", "toy", "--length-scale", size["length_scale"], "--cold-start", f"{out}/ci/final",
@@ -101,17 +103,20 @@ def main(argv=None):
     models = {"Vision-R1-Zero": f"{out}/grpo/zero/stage1/final", "Vision-R1-CI": f"{out}/ci/final",
               "Vision-R1-Long": f"{out}/grpo/long/stage1/final", "Vision-R1": f"{out}/grpo/vision-r1/stage2/final"}
     # the paper's protocol (temperature 0.6, top-p 0.95: evaluate.py's defaults), 4 samples per problem
-    sampling = ["--n", str(size["samples"]), *resume]
+    sampling = ["--n", str(size["samples"]), *buckets, *resume]
     # Zero is asked with the prompt it was trained with; the others with the template's default
     zero_prompt = ["--system", _r1_zero_prompt()]
     run(["evaluate.py", "--model", models["Vision-R1-Zero"], "--bench", "synthetic", "--data", f"{out}/data/test.jsonl",
          "--out", f"{out}/eval", *sampling, "--max-new-tokens", max_tokens, "--limit", str(size["test"]), *zero_prompt], log)
-    run(["evaluate.py", *sum((["--model", models[m]] for m in ("Vision-R1-CI", "Vision-R1-Long", "Vision-R1")), []),
+    stage1 = f"{out}/grpo/vision-r1/stage1/final"  # PTST's suppression stage, its own row in the length table
+    run(["evaluate.py", *sum((["--model", path] for path in (models["Vision-R1-CI"], stage1, models["Vision-R1-Long"],
+                                                             models["Vision-R1"])), []),
          "--bench", "synthetic", "--data", f"{out}/data/test.jsonl", "--out", f"{out}/eval", *sampling,
          "--max-new-tokens", max_tokens, "--limit", str(size["test"])], log)
     run(["plot.py", "--runs", f"{out}/grpo/vision-r1/stage1", f"{out}/grpo/vision-r1/stage2", f"{out}/grpo/long/stage1",
          f"{out}/grpo/zero/stage1", "--out", f"{out}/curves.png"], log)
     print(table4(out, models))
+    print("\n" + length_table(out, {**models, "Vision-R1 stage 1": stage1}))
 
 
 def cold_start(out, size, seed, arch, group, resume, log):
@@ -141,12 +146,33 @@ def table4(out, models):
              "Vision-R1-Long": ("yes", "yes", ""), "Vision-R1": ("yes", "yes", "yes")}
     rows = ["| method | cold start | GRPO | PTST | mean length | accuracy |", "|---|---|---|---|---|---|"]
     for method, path in models.items():
-        name = _eval_name(path)
-        with open(os.path.join(out, "eval", "synthetic", name, "summary.json")) as f:
-            summary = json.load(f)
+        summary = read_summary(out, path)
         rows.append(f"| {method} | {' | '.join(flags[method])} | {summary['mean_tokens']:.0f} | "
                     f"{100 * summary['accuracy']:.1f} |")
     return "\n".join(rows)
+
+
+def length_table(out, models):
+    """Mean response length, accuracy and, per length bucket (the paper's 0-4K, 4-8K, 8K+ at the
+    world's scale), the share of responses and their accuracy, one row per model, CI first: the
+    over-thinking of the cold start and what PTST does to it."""
+    order = ["Vision-R1-CI", "Vision-R1 stage 1", "Vision-R1", "Vision-R1-Long", "Vision-R1-Zero"]
+    summaries = {method: read_summary(out, models[method]) for method in order}
+    labels = list(summaries["Vision-R1-CI"]["by_length"])
+    rows = ["| model | mean length | accuracy | " + " | ".join(f"{label} tokens: share / accuracy" for label in labels)
+            + " |", "|---" * (3 + len(labels)) + "|"]
+    for method, summary in summaries.items():
+        cells = [f"{100 * b['share']:.0f}% / " + ("-" if b["accuracy"] is None else f"{100 * b['accuracy']:.1f}")
+                 for b in summary["by_length"].values()]
+        rows.append(f"| {method} | {summary['mean_tokens']:.0f} | {100 * summary['accuracy']:.1f} | "
+                    + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def read_summary(out, path):
+    """evaluate.py's summary of the checkpoint `path` on the world's test split."""
+    with open(os.path.join(out, "eval", "synthetic", _eval_name(path), "summary.json")) as f:
+        return json.load(f)
 
 
 def accuracy_table(out, models):
@@ -154,8 +180,7 @@ def accuracy_table(out, models):
     evaluate.py's summary files (the paper's LlamaV-CI against its base, on the world's test split)."""
     rows = ["| model | mean length | accuracy |", "|---|---|---|"]
     for method, path in models.items():
-        with open(os.path.join(out, "eval", "synthetic", _eval_name(path), "summary.json")) as f:
-            summary = json.load(f)
+        summary = read_summary(out, path)
         rows.append(f"| {method} | {summary['mean_tokens']:.0f} | {100 * summary['accuracy']:.1f} |")
     return "\n".join(rows)
 

@@ -1,5 +1,8 @@
-"""Reward and response-length curves of GRPO runs, the picture for PTST's length behaviour
-(docs/method.md §3, Fig. 1): suppression in stage 1, growth again in stage 2.
+"""Reward, accuracy and response-length curves of GRPO runs, the picture for PTST's length
+behaviour (docs/method.md §3, Fig. 1): suppression in stage 1, growth again in stage 2. Accuracy is
+the hard reward of the step's rollouts, whatever reward was trained (Zero's too); within a stage
+every step draws prompts the stage has not trained on (while it makes less than one pass over the RL
+set), so it is an accuracy on unseen problems at the rollout temperature.
 
     python plot.py --runs runs/toy/grpo/vision-r1/stage1 runs/toy/grpo/vision-r1/stage2 \\
         runs/toy/grpo/long/stage1 --out curves.png
@@ -20,7 +23,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-PANELS = (("reward", "mean reward"), ("response_length", "mean response length (tokens)"))
+PANELS = (("reward", "mean reward"), ("accuracy", "rollout accuracy"),
+          ("response_length", "mean response length (tokens)"))
 
 
 def read_metrics(run_dir):
@@ -53,7 +57,7 @@ def main():
     parser.add_argument("--out", default="curves.png")
     parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window in steps (1: raw only)")
     args = parser.parse_args()
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(11, 4))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4))
     for name, rows in curves(args.runs).items():
         steps = [row["global_step"] for row in rows]
         stage_starts = [row["global_step"] - 1 for prev, row in zip(rows, rows[1:])

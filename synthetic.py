@@ -51,6 +51,7 @@ from PIL import Image, ImageDraw
 from chat_client import BackendError, Reply
 
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
+COLOR_NAMES = tuple(COLORS)
 SHAPES = ("square", "circle", "triangle")
 KINDS = ("count", "sum", "difference", "most_frequent", "most_shape")
 ANSWER_TYPES = {"count": "integer", "sum": "integer", "difference": "integer",
@@ -116,6 +117,8 @@ REASONING_TEXT = """
 <think> Let me look at the image carefully. I see the grid. First, let me count the shapes.
 Then I add the counts. Next I subtract. The most frequent shape is circle. So the answer is </think><answer> Final Answer:A </answer>
 Wait, let me check again. Hmm, I made a mistake. Mistake. Alternatively, count row by row.
+Wait, let me count again. Hmm, let me count the colors once more. Let me check the shapes again.
+Wait, let me look at the image again. Hmm, that does not match. I made a mistake somewhere.
 Check: the total is correct. Double-check each row. Let me re-count. Therefore, the final answer is
 Row 1: Row 2: Row 3: Row 4: Column 1 has no shapes. There is one red square and two blue circles.
 Red: Green: Blue: Yellow: Squares: Circles: Triangles: That gives a total of
@@ -232,9 +235,7 @@ def tally(scene):
     >>> tally({"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"}]})
     'Red: 1. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 0. Triangles: 0.'
     """
-    counts = [f"{color.capitalize()}: {n}." for color, n in color_counts(scene).items()]
-    counts += [f"{shape.capitalize()}s: {n}." for shape, n in shape_counts(scene).items()]
-    return " ".join(counts)
+    return counts_text(read_counts(scene))
 
 
 def make_query(rng, scene, kind):
@@ -363,16 +364,37 @@ def problem_record(problem_id, scene, query, image_path):
 
 
 PERCEPTION_QUESTION = "Count the shapes by color and by shape."
+# Format instructions an Instruct model follows (the system turn) and the reply each asks for, from
+# the question's answer and a short reasoning (write_steps over the true counts). Under the R1-Zero
+# prompt, which names both tags, the base then writes them on some samples: Vision-R1-Zero's reward
+# has something to reinforce from its first step.
+INSTRUCTIONS = (
+    ("Answer with the final answer only.", "{answer}"),
+    ("Put the final answer within <answer> </answer> tags.", "<answer> {answer} </answer>"),
+    ("Think briefly inside <think> </think> tags, then give the answer inside <answer> </answer> tags "
+     "as Final Answer: X.", "<think> {reasoning} </think><answer> Final Answer:{answer} </answer>"),
+    ("Explain your reasoning briefly, then state the answer.", "{reasoning} So the answer is {answer}."),
+)
+INSTRUCTION_RATE = 0.5  # base SFT questions asked under one of INSTRUCTIONS; the others plainly
 
 
 def base_conversations(record):
-    """The base model's SFT samples for one train problem, the two skills an Instruct model has:
-    the question answered directly (no reasoning), and the image's counts read out on request."""
-    def chat(suffix, question, reply):
-        return {"id": record["id"] + suffix, "images": record["images"],
+    """The base model's SFT samples for one train problem, the skills an Instruct model has: the
+    question answered directly, or as a format instruction in the system turn asks (INSTRUCTIONS,
+    INSTRUCTION_RATE of the questions), and the image's counts read out on request."""
+    def chat(suffix, question, reply, system=None):
+        return {"id": record["id"] + suffix, "images": record["images"], **({"system": system} if system else {}),
                 "conversations": [{"from": "human", "value": "<image>" + question}, {"from": "gpt", "value": reply}]}
-    return [chat("", record["question"], record["answer"]),
-            chat("-perception", PERCEPTION_QUESTION, tally(record["meta"]["scene"]))]
+    rng = random.Random(record["id"])
+    answer, question = record["answer"], record["question"]
+    scene, query = record["meta"]["scene"], record["meta"]["query"]
+    if rng.random() < INSTRUCTION_RATE:
+        system, reply = rng.choice(INSTRUCTIONS)
+        reasoning = " ".join(write_steps(read_counts(scene), query)[0])
+        asked = chat("", question, reply.format(answer=answer, reasoning=reasoning), system)
+    else:
+        asked = chat("", question, answer)
+    return [asked, chat("-perception", PERCEPTION_QUESTION, tally(scene))]
 
 
 def write_jsonl(path, records):
@@ -401,7 +423,21 @@ def write_data(data_dir, splits):
 # reads it like a text-only R1 model, thinks aloud and sometimes makes the mistakes the filters catch
 
 ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
-RECOUNT_RATE = 0.3  # CoTs that stop at one count, say "Wait" and count it again
+# Over-thinking (overthink_rereads, reread_steps): the share of CoTs that read every count again
+# after "Wait" grows with the scene's objects, 5% at 3 objects to 55% at 8; each re-read is ~35
+# tokens. Chosen so that the kept cold data's lengths fall into the paper's CI buckets scaled by
+# 1/32 (docs/method.md §3: 75% of outputs under 4K, 11% 4-8K, 14% over 8K): measured in the README.
+OVERTHINK_SPARSE, OVERTHINK_PER_OBJECT = 0.05, 0.11
+REREAD_AGAIN = 0.85  # after a re-read, one more
+MAX_REREADS = 16
+ONE_COUNT_RATE = 0.5  # re-reads of one count the question needs; the others read several
+# The over-thinker's re-check of a count, sum or difference (write_steps' `restated`): after restating
+# the counts it needs it counts each again, more often in crowded scenes (10% to 50%), and uses
+# what it counted again; RESTATE_SLIP_RATE of the restatements slipped, so the re-check corrects them
+RECHECK_SPARSE, RECHECK_PER_OBJECT = 0.1, 0.08
+RESTATE_SLIP_RATE = 0.5
+SLIP_RATE = 0.3  # a re-read that gets one count wrong
+NOTICE_RATE = 0.4  # a slip the reasoner notices, and reads again
 CHECK_RATE = 0.5  # CoTs that re-check before concluding
 # multiple-choice CoTs that conclude with the option's text ("red") instead of its letter, both
 # of which graders accept (rewards.is_equivalent, MathVista's scorer)
@@ -485,46 +521,149 @@ def perturb(scene, query, rng):
     return rng.choice(wrong) if wrong else None
 
 
-def write_steps(scene, query, rng, recount=False, by_text=False):
-    """The reasoning steps and the answer they reach: first every count read off the image in a
-    fixed order (tally), then the question's arithmetic over the counts it needs, each
-    restated under its read-out's label.
+def counts_text(counts):
+    """A read-out of {color or shape: n} (read_counts) in the tally's fixed order.
 
-    With `recount`, one needed count is checked again after a "Wait", R1's self-check (the count
-    stays: a wrong first count would teach the model to misread the image). With `by_text`, a
-    multiple-choice answer is the option's text, not its letter.
+    >>> counts_text({"red": 1, "green": 0, "blue": 0, "yellow": 0, "square": 1, "circle": 0, "triangle": 0})
+    'Red: 1. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 0. Triangles: 0.'
     """
-    kind, answer = query["kind"], solve(scene, query)
-    colors, shapes = color_counts(scene), shape_counts(scene)
-    steps = [tally(scene)]
+    return " ".join(count_text(key, counts[key]) for key in COLOR_NAMES + SHAPES)
+
+
+def count_text(key, n):
+    """'Red: 2.' for a color, 'Squares: 2.' for a shape."""
+    return f"{key.capitalize()}{'s' if key in SHAPES else ''}: {n}."
+
+
+def read_counts(scene):
+    """Every count a read-out states, {color or shape: n}."""
+    return {**color_counts(scene), **shape_counts(scene)}
+
+
+def overthink_rereads(crowding, rng):
+    """How many times the reasoner reads counts off the image again after its first read-out, in a
+    scene of `crowding` objects more than the sparsest.
+
+    It over-thinks with probability OVERTHINK_SPARSE on the sparsest scene, rising by
+    OVERTHINK_PER_OBJECT per object (long chains come from hard problems, as in the paper's CI
+    analysis), and then re-reads once more with probability REREAD_AGAIN each time.
+    """
+    if rng.random() >= OVERTHINK_SPARSE + OVERTHINK_PER_OBJECT * crowding:
+        return 0
+    rereads = 1
+    while rereads < MAX_REREADS and rng.random() < REREAD_AGAIN:
+        rereads += 1
+    return rereads
+
+
+def slip(counts, keys, rng):
+    """The counts with one of `keys` read one off (never below 0): an over-thinker's slip."""
+    key = rng.choice(sorted(keys))
+    return {**counts, key: counts[key] + 1 if counts[key] == 0 or rng.random() < 0.5 else counts[key] - 1}
+
+
+REREADS = (  # (opening, the counts it reads again): every count, the colors, the shapes
+    ("Wait, let me count again.", COLOR_NAMES + SHAPES), ("Hmm, let me count the colors once more.", COLOR_NAMES),
+    ("Let me check the shapes again.", SHAPES))
+
+
+def needed_counts(query):
+    """The counts a question's answer depends on: its shape, its two colors, every color or every shape."""
+    kind = query["kind"]
     if kind == "count":
-        needed = [(f"{query['shape'].capitalize()}s", shapes[query["shape"]])]
-        steps.append(f"I need the {query['shape']}s: {shapes[query['shape']]}.")
-    elif kind in ("sum", "difference"):
-        first, second = query["colors"]
-        needed = [(first.capitalize(), colors[first]), (second.capitalize(), colors[second])]
-        steps.append(f"I need the {first} and {second} shapes. {first.capitalize()}: {colors[first]}. "
-                     f"{second.capitalize()}: {colors[second]}.")
-        sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
-        steps.append(f"{verb}: {colors[first]} {sign} {colors[second]} = {answer}.")
-    elif kind == "most_frequent":
+        return (query["shape"],)
+    return tuple(query["colors"]) if kind in ("sum", "difference") else COLOR_NAMES if kind == "most_frequent" else SHAPES
+
+
+def reread_steps(counts, needed, rereads, rng):
+    """The over-thinker's re-reads after the first read-out, and the counts it goes on with.
+
+    A re-read is one count the question needs (`needed`, ONE_COUNT_RATE of them: "Wait, let me
+    count the red shapes again. Red: 2.") or one of REREADS. It slips with probability SLIP_RATE
+    (one of the counts it reads is off by one); the reasoner notices a slip with probability
+    NOTICE_RATE ("Hmm, that does not match.") and reads once more, so noticed slips make chains
+    longer; an unnoticed one is what it reasons with, so a long chain is more often wrong (the
+    answer filter drops it). E.g. one re-read of the colors without a slip:
+    ["Hmm, let me count the colors once more. Red: 2. Green: 0. Blue: 1. Yellow: 0."].
+    """
+    steps, seen, left = [], counts, rereads
+    while left > 0:
+        if rng.random() < ONE_COUNT_RATE:
+            key = rng.choice(needed)
+            opening, keys = count_again(key), (key,)
+        else:
+            opening, keys = rng.choice(REREADS)
+        read = slip(counts, keys, rng) if rng.random() < SLIP_RATE else counts
+        seen = {**seen, **{k: read[k] for k in keys}}
+        steps.append(" ".join([opening, *(count_text(k, read[k]) for k in keys)]))
+        left -= 1
+        if seen != counts and rng.random() < NOTICE_RATE:
+            steps.append("Hmm, that does not match. I made a mistake somewhere.")
+            seen, left = counts, max(left, 1)
+    return steps, seen
+
+
+def answer_from_counts(counts, query):
+    """The answer the counts give (`answer` of a scene with these counts), or None on a tie for the most."""
+    kind = query["kind"]
+    if kind == "count":
+        return str(counts[query["shape"]])
+    if kind in ("sum", "difference"):
+        first, second = (counts[c] for c in query["colors"])
+        return str(first + second if kind == "sum" else first - second)
+    top = unique_top({k: counts[k] for k in (COLORS if kind == "most_frequent" else SHAPES)})
+    if top is None or kind == "most_shape":
+        return top
+    return "ABCD"[query["choices"].index(top)]
+
+
+def write_steps(counts, query, by_text=False, restated=None):
+    """The reasoning steps over a read-out's counts and the answer they reach: the counts the
+    question needs, restated under their read-out labels, then its arithmetic. With `by_text`, a
+    multiple-choice answer is the option's text, not its letter. (None, None) when the counts
+    tie for the most.
+
+    With `restated` (counts; the over-thinker's re-check of a count, sum or difference), the
+    restatement says what `restated` has, a slip sometimes; then each needed count is counted
+    again after "Wait" ("Hmm, I misread it before." where the restatement slipped) and the
+    arithmetic uses the counts read again. {"red": 2, "blue": 0, ...} with restated red 3 for
+    2 - 0: ["I need the red and blue shapes. Red: 3. Blue: 0.", "Wait, let me count the red shapes
+    again. Red: 2. Hmm, I misread it before.", "Wait, let me count the blue shapes again. Blue:
+    0.", "Next I subtract: 2 - 0 = 2."].
+    """
+    kind, answer = query["kind"], answer_from_counts(counts, query)
+    if answer is None:
+        return None, None
+    if kind == "most_frequent":
         winner = query["choices"]["ABCD".index(answer)]
-        needed = [(winner.capitalize(), colors[winner])]
-        steps.append(f"The most frequent color is {winner}." + ("" if by_text else f" Option {answer} is {winner}."))
-        answer = winner if by_text else answer
+        return [f"The most frequent color is {winner}." + ("" if by_text else f" Option {answer} is {winner}.")], \
+            winner if by_text else answer
+    if kind == "most_shape":
+        return [f"The most frequent shape is {answer}."], answer
+    said = restated or counts
+    keys = needed_counts(query)
+    if kind == "count":
+        steps = [f"I need the {keys[0]}s: {said[keys[0]]}."]
     else:
-        needed = [(f"{answer.capitalize()}s", shapes[answer])]
-        steps.append(f"The most frequent shape is {answer}.")
-    if recount:
-        label, n = rng.choice(needed)
-        steps.insert(1, f"Wait, let me count the {label.lower()} again. {label}: {n}.")
+        steps = [f"I need the {keys[0]} and {keys[1]} shapes. " + " ".join(count_text(k, said[k]) for k in keys)]
+    if restated is not None:
+        steps += [f"{count_again(key)} {count_text(key, counts[key])}"
+                  + (" Hmm, I misread it before." if said[key] != counts[key] else "") for key in keys]
+    if kind in ("sum", "difference"):
+        sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
+        steps.append(f"{verb}: {counts[keys[0]]} {sign} {counts[keys[1]]} = {answer}.")
     return steps, answer
+
+
+def count_again(key):
+    """The over-thinker's "Wait, let me count the red shapes again." (or "the squares")."""
+    return f"Wait, let me count the {key}{' shapes' if key in COLORS else 's'} again."
 
 
 def teacher_pseudo_cot(problem, rng):
     """The offline describer's pseudo-CoT: a caption and the numbered steps to the gold answer."""
     scene, query = problem["meta"]["scene"], problem["meta"]["query"]
-    steps, _ = write_steps(scene, query, rng)
+    steps = [tally(scene), *write_steps(read_counts(scene), query)[0]]
     caption = f"Caption: a {scene['grid']}x{scene['grid']} grid with {len(scene['objects'])} colored shapes."
     return "\n".join([caption, *(f"Step {i}: {s}" for i, s in enumerate(steps, 1)), f"Answer: {problem['answer']}"])
 
@@ -532,9 +671,10 @@ def teacher_pseudo_cot(problem, rng):
 def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
     """The offline reasoner: parse the description and question, solve, and think aloud, R1 style.
 
-    The CoT opens on the description, reads every count, reasons over those the question needs
-    (sometimes stopping with "Wait" to count one again), sometimes re-checks, and concludes "So the answer is X."; the
-    reply is `<think>\\nCOT\\n</think>\\n\\nFinal Answer: X`. With probability error_rate it makes one
+    The CoT opens on the description, reads every count, over-thinks on some (reread_steps: "Wait,
+    let me count again." and every count again, more often on crowded scenes, slips included),
+    reasons over the counts the question needs, sometimes re-checks, and concludes "So the answer
+    is X."; the reply is `<think>\\nCOT\\n</think>\\n\\nFinal Answer: X`. With probability error_rate it makes one
     mistake of ERROR_KINDS, each of which one filter catches:
       miscount         misperceives the scene and reasons consistently to a wrong answer (answer)
       hint_leak        misperceives, concludes wrongly, then writes the hinted answer (consistency)
@@ -546,11 +686,20 @@ def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
     if solve(scene, query) is None:
         raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
     error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
-    recount, check, by_text = (rng.random() < rate for rate in (RECOUNT_RATE, CHECK_RATE, TEXT_ANSWER_RATE))
+    check, by_text = (rng.random() < rate for rate in (CHECK_RATE, TEXT_ANSWER_RATE))
     seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
-    steps, concluded = write_steps(seen, query, rng, recount, by_text)
+    first = read_counts(seen)
+    crowding = len(scene["objects"]) - PRESETS["toy"].min_objects
+    rereads, counts = reread_steps(first, needed_counts(query), overthink_rereads(crowding, rng), rng)
+    restated = None
+    if query["kind"] in ("count", "sum", "difference") and rng.random() < RECHECK_SPARSE + RECHECK_PER_OBJECT * crowding:
+        restated = slip(counts, needed_counts(query), rng) if rng.random() < RESTATE_SLIP_RATE else counts
+    steps, concluded = write_steps(counts, query, by_text, restated)
+    if steps is None:  # a slip that ties the most frequent: the reasoner goes back to its first read-out
+        steps, concluded = write_steps(first, query, by_text)
     conclusion = f"So the answer is {concluded}."
-    sentences = [rng.choice(OPENINGS), *steps, *([rng.choice(CHECKS)] if check else []), conclusion]
+    sentences = [rng.choice(OPENINGS), counts_text(first), *rereads, *steps, *([rng.choice(CHECKS)] if check else []),
+                 conclusion]
     if error == "language_mixing":
         sentences[-1] = f"所以 the answer is {concluded}."
     elif error == "repetition":
@@ -638,7 +787,7 @@ def train_llama_tokenizer(texts, vocab_size):
 def world_texts(records):
     """Every text the world contains, in a fixed order (the BPE trainer's input)."""
     # twice, so even their rarest words reach the trainer's min_frequency
-    texts = [REASONING_TEXT, PERCEPTION_QUESTION] * 2
+    texts = [REASONING_TEXT, PERCEPTION_QUESTION, *(system for system, _ in INSTRUCTIONS)] * 2
     for split in records.values():
         for r in split:
             texts += [r["question"], r["meta"]["description"], r["answer"], tally(r["meta"]["scene"])]

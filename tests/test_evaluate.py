@@ -2,6 +2,7 @@
 names and answer types), loaders, scoring with hand-computed accuracies and breakdowns, reports, and
 the command line on the synthetic world (per-sample file = summary, resume, two checkpoints)."""
 
+import argparse
 import io
 import json
 import os
@@ -318,6 +319,26 @@ def test_pass_at_n_and_mean_at_n():
     assert summary["samples_per_prompt"] == 3 and summary["prompts"] == 2
     assert summary["pass@3"] == 1 / 2 and summary["mean@3"] == summary["accuracy"] == 1 / 6
     assert accuracies(summary["breakdown"]) == {"kind": {"count": (1, 3), "sum": (0, 3)}}
+
+
+def test_accuracy_by_response_length_in_the_papers_buckets():
+    """The CI analysis (docs/method.md §3): share and accuracy of responses of 0-4K, 4-8K and 8K+
+    tokens, or any edges; a length on an edge belongs to the bucket below it."""
+    record = synthetic_record("count", "2", "integer")
+    lengths_answers = [(100, "2"), (4096, "3"), (4097, "2"), (9000, "3"), (16000, "3")]
+    rows = [E.score_sample("synthetic", record, completion(block(answer), tokens, sample=k))
+            for k, (tokens, answer) in enumerate(lengths_answers)]
+    assert [row["tokens"] for row in rows] == [100, 4096, 4097, 9000, 16000]
+    assert E.summarize("synthetic", rows)["by_length"] == {
+        "0-4096": {"share": 0.4, "accuracy": 0.5, "samples": 2},
+        "4097-8192": {"share": 0.2, "accuracy": 1.0, "samples": 1},
+        ">8192": {"share": 0.4, "accuracy": 0.0, "samples": 2}}
+    assert E.summarize("synthetic", rows[:2], edges=(128,))["by_length"] == {
+        "0-128": {"share": 0.5, "accuracy": 1.0, "samples": 1}, ">128": {"share": 0.5, "accuracy": 0.0, "samples": 1}}
+    assert E.length_edges("128,256") == (128, 256)
+    for bad in ("256,128", "0,128", "128,128", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="increasing positive integers"):
+            E.length_edges(bad)
 
 
 def test_markdown_table_one_row_per_model_and_redraws_marked():

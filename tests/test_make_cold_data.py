@@ -167,7 +167,9 @@ def test_default_paths_are_the_toy_world():
 
 
 def test_every_mistake_is_caught_by_its_filter(tiny_world):
-    """At error rate 1 every CoT holds a mistake and each kind meets its filter; at 0 none is rejected."""
+    """At error rate 1 every CoT holds a mistake and each kind meets its filter; at 0 only an
+    over-thinker is rejected: an unnoticed slip by the answer filter, a long loop of re-reads by
+    the repetition filter."""
     problems = [p for split in ("train", "rl", "test") for p in data.load_problems(split_file(tiny_world, split))]
     rejected_by = {}
     for error_rate in (0.0, 1.0):
@@ -175,25 +177,52 @@ def test_every_mistake_is_caught_by_its_filter(tiny_world):
         for p in problems:
             cot, answer, truncated = M.reason(teacher, p, M.describe(teacher, p, M.pseudo_cot(teacher, p)))
             rejected_by[error_rate, p["id"]] = M.failed_filter(p, M.rewrite_description_refs(cot), answer, truncated)
-    assert Counter(v for (rate, _), v in rejected_by.items() if rate == 0.0) == {None: len(problems)}
+            if error_rate == 0.0 and rejected_by[error_rate, p["id"]] is not None:
+                assert "again" in cot  # a re-read
+    assert set(v for (rate, _), v in rejected_by.items() if rate == 0.0) <= {None, "answer", "repetition"}
     assert set(v for (rate, _), v in rejected_by.items() if rate == 1.0) == {
         "format", "answer", "consistency", "language_mixing", "repetition"}
 
 
-def test_synthetic_cot_is_short_human_like_and_right(tiny_world):
+def test_kept_synthetic_cots_are_human_like_and_right(tiny_world):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(tiny_world, "model"))
     teacher = synthetic.Teachers(seed=0)
     lengths, corrections = [], 0
     for p in data.load_problems(split_file(tiny_world, "rl")) + data.load_problems(train_file(tiny_world)):
-        cot, answer, _ = M.reason(teacher, p, p["meta"]["description"])
+        cot, answer, truncated = M.reason(teacher, p, p["meta"]["description"])
+        if M.failed_filter(p, M.rewrite_description_refs(cot), answer, truncated):
+            continue
         lengths.append(len(tokenizer(M.format_response(M.rewrite_description_refs(cot), answer)).input_ids))
         assert rewards.is_equivalent(answer, p["answer"], p["choices"], p["answer_type"])
         assert cot.endswith(f"So the answer is {answer}.")
         corrections += "Wait" in cot
-    assert 30 <= min(lengths) and max(lengths) <= 200 and 50 <= sum(lengths) / len(lengths) <= 130
+    assert len(lengths) >= 25 and 30 <= min(lengths) and 50 <= sum(lengths) / len(lengths) <= 250
     assert 0 < corrections < len(lengths)
+
+
+def test_the_over_thinker_rereads_more_on_crowded_scenes_and_its_long_chains_are_less_often_right():
+    """The cold data's over-thinking (synthetic.reread_steps): the share of CoTs that re-read the
+    counts grows with the scene's objects, and each re-read can slip, so before the filters a
+    long chain is less often right; a chain without re-reads is always right (error rate 0)."""
+    preset = synthetic.PRESETS["toy"]
+    rereads_by_objects, right_by_rereads = {}, {}
+    for pid, scene, query in synthetic.make_problems(preset, seed=0)["train"][:3000]:
+        reply = synthetic.teacher_reasoning(synthetic.describe(scene), synthetic.question_text(query), "",
+                                            random.Random(pid))
+        rereads = len(re.findall(r"Wait, let me count|let me count the colors once more|Let me check the shapes again",
+                                 reply.text))
+        concluded = reply.text.rsplit("Final Answer: ", 1)[1]
+        gold = synthetic.answer(scene, query)
+        right = concluded == gold or (query["kind"] == "most_frequent" and concluded == query["choices"]["ABCD".index(gold)])
+        rereads_by_objects.setdefault(len(scene["objects"]), []).append(rereads)
+        right_by_rereads.setdefault(min(rereads, 4), []).append(right)
+    over = {n: sum(r > 0 for r in v) / len(v) for n, v in rereads_by_objects.items()}
+    assert over[preset.min_objects] < 0.12 and over[preset.max_objects] > 0.45  # 5% and 70% by design
+    assert 0.25 < sum(r > 0 for v in rereads_by_objects.values() for r in v) / 3000 < 0.5
+    accuracy = {k: sum(v) / len(v) for k, v in right_by_rereads.items()}
+    assert accuracy[0] == 1.0 > accuracy[1] > accuracy[4] and accuracy[4] < 0.95
 
 
 def test_synthetic_teacher_reads_the_world_back(tiny_world):
@@ -202,21 +231,39 @@ def test_synthetic_teacher_reads_the_world_back(tiny_world):
         assert synthetic.parse_question(p["question"]) == p["meta"]["query"]
     scene = {"grid": 2, "objects": [{"row": 1, "col": 2, "color": "red", "shape": "square"},
                                     {"row": 2, "col": 1, "color": "red", "shape": "circle"}]}
-    readout = "Red: 2. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 1. Triangles: 0."
-    assert synthetic.write_steps(scene, {"kind": "count", "shape": "square"}, None) == (
-        [readout, "I need the squares: 1."], "1")
-    assert synthetic.write_steps(scene, {"kind": "difference", "colors": ["red", "blue"]}, None) == (
-        [readout, "I need the red and blue shapes. Red: 2. Blue: 0.", "Next I subtract: 2 - 0 = 2."], "2")
+    counts = synthetic.read_counts(scene)
+    assert synthetic.counts_text(counts) == "Red: 2. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 1. Triangles: 0."
+    assert synthetic.write_steps(counts, {"kind": "count", "shape": "square"}) == (["I need the squares: 1."], "1")
+    assert synthetic.write_steps(counts, {"kind": "difference", "colors": ["red", "blue"]}) == (
+        ["I need the red and blue shapes. Red: 2. Blue: 0.", "Next I subtract: 2 - 0 = 2."], "2")
     most_frequent = {"kind": "most_frequent", "choices": ["blue", "red", "green", "yellow"]}
-    assert synthetic.write_steps(scene, most_frequent, None) == (
-        [readout, "The most frequent color is red. Option B is red."], "B")
-    assert synthetic.write_steps(scene, most_frequent, None, by_text=True) == ([readout, "The most frequent color is red."], "red")
-    circles = {**scene, "objects": scene["objects"] + [{"row": 2, "col": 2, "color": "blue", "shape": "circle"}]}
-    assert synthetic.write_steps(circles, {"kind": "most_shape"}, random.Random(0), recount=True) == (
-        ["Red: 2. Green: 0. Blue: 1. Yellow: 0. Squares: 1. Circles: 2. Triangles: 0.",
-         "Wait, let me count the circles again. Circles: 2.", "The most frequent shape is circle."], "circle")
+    assert synthetic.write_steps(counts, most_frequent) == (["The most frequent color is red. Option B is red."], "B")
+    assert synthetic.write_steps(counts, most_frequent, by_text=True) == (["The most frequent color is red."], "red")
+    assert synthetic.write_steps(counts, {"kind": "most_shape"}) == (None, None)  # one square, one circle: a tie
+    # a re-read of the colors that slips (red read as 3) and is noticed, then a clean re-read of every count
+    steps, seen = synthetic.reread_steps(counts, ("red", "blue"), 1, ScriptedRandom(
+        choices=[synthetic.REREADS[1], "red", synthetic.REREADS[0]], randoms=[0.9, 0.1, 0.1, 0.1, 0.9, 0.9]))
+    assert steps == ["Hmm, let me count the colors once more. Red: 3. Green: 0. Blue: 0. Yellow: 0.",
+                     "Hmm, that does not match. I made a mistake somewhere.",
+                     "Wait, let me count again. Red: 2. Green: 0. Blue: 0. Yellow: 0. Squares: 1. Circles: 1. Triangles: 0."]
+    assert seen == counts
     with pytest.raises(chat_client.BackendError, match="not a synthetic-world question"):
         synthetic.parse_question("What is the area of the triangle?")
+
+
+class ScriptedRandom:
+    """A random.Random stand-in that returns scripted choices and random() draws in order."""
+
+    def __init__(self, choices, randoms):
+        self.choices, self.randoms = list(choices), list(randoms)
+
+    def choice(self, options):
+        pick = self.choices.pop(0)
+        assert pick in options
+        return pick
+
+    def random(self):
+        return self.randoms.pop(0)
 
 
 # ----------------------------------------------------------------------------- replies, filters, rewrite, records
@@ -453,7 +500,8 @@ def test_bad_input_and_torn_output(tiny_world, tmp_path):
     M.main(["build", "--input", str(src), "--out", str(out), "--skip-bad", "--resume"])
     kept, rejected, summary = outputs(out)
     assert_each_id_once([{"id": p["id"]} for p in problems[:5]], kept, rejected)
-    assert summary["bad_input"] == 1 and summary["resumed"] == 2
+    # resumed: the two whole kept lines and every rejected record (an over-thinker's slip may be one)
+    assert summary["bad_input"] == 1 and summary["resumed"] == 2 + len(rejected)
 
 
 def test_synthetic_describer_needs_synthetic_records(tiny_world, tmp_path):
@@ -514,7 +562,7 @@ def test_failed_records_are_retried_on_restart(tiny_world, tmp_path, client_env)
         M.main(openai_args(tiny_world, out, up.url) + ["--resume"])
     kept, rejected, summary = outputs(out)
     assert_each_id_once(problems, kept, rejected)
-    assert (summary["failed"], summary["resumed"], len(kept)) == (0, 0, 20)
+    assert (summary["failed"], summary["resumed"], len(kept) + len(rejected)) == (0, 0, 20)
 
 
 def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):

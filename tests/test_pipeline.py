@@ -16,13 +16,23 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
     out = subprocess.run([sys.executable, "pipeline.py", "--size", "mini", "--out", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
-    table = out.stdout[out.stdout.index("| method |"):].strip().splitlines()
+    table, lengths = (block.splitlines() for block in out.stdout[out.stdout.index("| method |"):].strip().split("\n\n"))
     assert [row.split("|")[1].strip() for row in table[2:]] == ["Vision-R1-Zero", "Vision-R1-CI", "Vision-R1-Long",
                                                                  "Vision-R1"]
     for row, name in zip(table[2:], ["zero-stage1-final", "ci-final", "long-stage1-final", "vision-r1-stage2-final"]):
         summary = json.loads((tmp_path / "eval" / "synthetic" / name / "summary.json").read_text())
         cells = [c.strip() for c in row.split("|")]
         assert cells[5] == f"{summary['mean_tokens']:.0f}" and cells[6] == f"{100 * summary['accuracy']:.1f}"
+    # the length table: the paper's buckets at 1/256 (0-16, 17-32, >32 tokens), each bucket's share and accuracy
+    assert lengths[0].split(" | ")[3:] == ["0-16 tokens: share / accuracy", "17-32 tokens: share / accuracy",
+                                           ">32 tokens: share / accuracy |"]
+    names = ["ci-final", "vision-r1-stage1-final", "vision-r1-stage2-final", "long-stage1-final", "zero-stage1-final"]
+    for row, name in zip(lengths[2:], names, strict=True):
+        summary = json.loads((tmp_path / "eval" / "synthetic" / name / "summary.json").read_text())
+        shares = [f"{100 * b['share']:.0f}% / " + ("-" if b["accuracy"] is None else f"{100 * b['accuracy']:.1f}")
+                  for b in summary["by_length"].values()]
+        assert [c.strip() for c in row.split("|")[2:-1]] == [f"{summary['mean_tokens']:.0f}",
+                                                            f"{100 * summary['accuracy']:.1f}", *shares]
     for stage in ("vision-r1/stage1", "vision-r1/stage2", "zero/stage1", "long/stage1"):
         assert (tmp_path / "grpo" / stage / "final" / "model.safetensors").exists()
     assert (tmp_path / "curves.png").stat().st_size > 10_000

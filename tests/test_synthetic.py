@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import data
+import rewards
 import synthetic
 from tests import tiny
 
@@ -137,14 +138,30 @@ def test_splits_sized_balanced_and_disjoint(tiny_world):
     assert len(pixels) == len(images)
 
 
-def test_base_sft_answers_directly_and_reads_out_counts(tiny_world):
+def test_base_sft_answers_directly_or_as_instructed_and_reads_out_counts(tiny_world):
     train = {r["id"]: r for r in world_records(tiny_world)["train"]}
     conversations = data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))
     assert [c["id"] for c in conversations] == [i + suffix for i in train for suffix in ("", "-perception")]
-    for direct, perception in zip(conversations[::2], conversations[1::2]):
-        problem = train[direct["id"]]
-        assert direct["messages"] == [{"role": "user", "content": "<image>" + problem["question"]},
-                                      {"role": "assistant", "content": problem["answer"]}]
+    instructed = Counter()
+    for asked, perception in zip(conversations[::2], conversations[1::2]):
+        problem = train[asked["id"]]
+        answer, question = problem["answer"], {"role": "user", "content": "<image>" + problem["question"]}
+        if asked["messages"][0]["role"] == "system":
+            system = asked["messages"][0]["content"]
+            reply = asked["messages"][2]["content"]
+            instructed[system] += 1
+            assert asked["messages"][1] == question
+            if "<think>" in system:  # the format the R1-Zero reward pays for, with a right answer
+                assert rewards.reward(reply, answer, problem["choices"], problem["answer_type"]) == 1.0
+                assert reply.startswith("<think> I need the ") or reply.startswith("<think> The most frequent ")
+            elif "<answer>" in system:
+                assert reply == f"<answer> {answer} </answer>"
+            elif "Explain" in system:
+                assert reply.endswith(f" So the answer is {answer}.") and len(reply.split()) > 6
+            else:
+                assert reply == answer
+        else:
+            assert asked["messages"] == [question, {"role": "assistant", "content": answer}]
         assert perception["messages"][0] == {"role": "user", "content": "<image>Count the shapes by color and by shape."}
         # the read-out, recomputed from the scene's objects
         objects = problem["meta"]["scene"]["objects"]
@@ -153,7 +170,9 @@ def test_base_sft_answers_directly_and_reads_out_counts(tiny_world):
         expected = " ".join([f"{c.capitalize()}: {per_color[c]}." for c in ("red", "green", "blue", "yellow")]
                             + [f"{s.capitalize()}s: {per_shape[s]}." for s in ("square", "circle", "triangle")])
         assert perception["messages"][1] == {"role": "assistant", "content": expected}
-        assert direct["images"] == perception["images"] == [os.path.join(tiny_world, "data", problem["images"][0])]
+        assert asked["images"] == perception["images"] == [os.path.join(tiny_world, "data", problem["images"][0])]
+    assert set(instructed) <= {system for system, _ in synthetic.INSTRUCTIONS}
+    assert 0.2 <= sum(instructed.values()) / len(train) <= 0.8  # INSTRUCTION_RATE 0.5 of 20 questions
 
 
 def digest(directory, names):
