@@ -40,7 +40,7 @@ from train_utils import check_run_folder, command_line
 SIZES = {
     # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
     # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems and samples per problem
-    "full": dict(world="toy", base_epochs=1, ci_epochs=3, holdout=64, stage_steps=(30, 30), zero_steps=60,
+    "full": dict(world="toy", base_epochs=1, ci_epochs=6, holdout=64, stage_steps=(30, 30), zero_steps=60,
                  long_steps=60, prompts=8, test=300, samples=4, length_scale="1/32"),
     "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, stage_steps=(2, 2), zero_steps=2,
                  long_steps=2, prompts=2, test=6, samples=1, length_scale="1/256"),

@@ -12,8 +12,11 @@ looking *and* a few reasoning steps:
 
 Every question needs counts that depend on the question (which colors, which shapes). The
 cold-start CoT first reads all counts off the image in a fixed order ("Red: 2. Green: 0. ...
-Triangles: 1.") and then reasons over the ones the question names; what the tiny model learns
-of each step, and what GRPO adds, is measured in the README.
+Triangles: 1.") and then reasons over the ones the question names. Like Vision-R1-cold it
+over-thinks: on a share of problems that grows with the scene's crowding it stops ("Wait, let me
+count again.") and reads counts again, sometimes many times and with slips, and it re-checks the
+counts a sum or difference needs before the arithmetic; what the tiny model learns of each step,
+what GRPO and PTST's length caps do to it, is measured in the README.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
 and the exact scene `description` a perfect describer would write. The world's offline teachers
@@ -423,10 +426,11 @@ def write_data(data_dir, splits):
 # reads it like a text-only R1 model, thinks aloud and sometimes makes the mistakes the filters catch
 
 ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
-# Over-thinking (overthink_rereads, reread_steps): the share of CoTs that read every count again
-# after "Wait" grows with the scene's objects, 5% at 3 objects to 55% at 8; each re-read is ~35
-# tokens. Chosen so that the kept cold data's lengths fall into the paper's CI buckets scaled by
-# 1/32 (docs/method.md §3: 75% of outputs under 4K, 11% 4-8K, 14% over 8K): measured in the README.
+# Over-thinking (overthink_rereads, reread_steps): the share of CoTs that read counts again after
+# "Wait" grows with the scene's objects, 5% at 3 objects to 60% at 8; a re-read is one count (~16
+# tokens), the colors, the shapes or all seven (~35). Chosen so that the kept cold data's lengths
+# fall near the paper's CI buckets scaled by 1/32 (docs/method.md §3: 75% of outputs under 4K, 11%
+# 4-8K, 14% over 8K; here 71%, 20%, 8% at seed 0, README).
 OVERTHINK_SPARSE, OVERTHINK_PER_OBJECT = 0.05, 0.11
 REREAD_AGAIN = 0.85  # after a re-read, one more
 MAX_REREADS = 16
