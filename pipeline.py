@@ -38,11 +38,13 @@ from fractions import Fraction
 from train_utils import check_run_folder, command_line
 
 SIZES = {
-    # world preset, SFT epochs (base, CI) and held-out records, GRPO steps per stage (Vision-R1
-    # stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems and samples per problem
-    "full": dict(world="toy", base_epochs=1, ci_epochs=6, holdout=64, stage_steps=(30, 30), zero_steps=60,
-                 long_steps=60, prompts=8, test=300, samples=4, length_scale="1/32"),
-    "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, stage_steps=(2, 2), zero_steps=2,
+    # world preset, SFT epochs (base, CI), held-out records and global batch, GRPO steps per stage
+    # (Vision-R1 stages 1 and 2; Zero; Long), prompts per GRPO step, evaluation problems and samples
+    # per problem
+    "full": dict(world="toy", base_epochs=1, ci_epochs=6, holdout=64, sft_batch=16, stage_steps=(30, 30),
+                 zero_steps=60, long_steps=60, prompts=8, test=300, samples=4, length_scale="1/32"),
+    # the tiny world's 20 train problems keep ~13 cold CoTs: less than the toy preset's batch of 16
+    "mini": dict(world="tiny", base_epochs=2, ci_epochs=2, holdout=0, sft_batch=8, stage_steps=(2, 2), zero_steps=2,
                  long_steps=2, prompts=2, test=6, samples=1, length_scale="1/256"),
 }
 # length_scale: the paper's 4K / 8K / 16K response caps become 128 / 256 / 512 tokens at 1/32
@@ -126,13 +128,13 @@ def cold_start(out, size, seed, arch, group, resume, log):
         run(["synthetic.py", "--out", out, "--seed", seed, "--preset", size["world"], *arch], log)
     run(["train_sft.py", "--preset", "toy", "--model", f"{out}/model", "--data", f"{out}/data/base_sft.jsonl",
          "--out", f"{out}/base", "--epochs", str(size["base_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "base", *group, *resume],
+         "--global-batch", str(size["sft_batch"]), "--seed", seed, "--run-name", "base", *group, *resume],
         log)
     run(["make_cold_data.py", "build", "--input", f"{out}/data/train.jsonl", "--out", f"{out}/cold/cold.jsonl",
          "--describer", "synthetic", "--reasoner", "synthetic", "--error-rate", "0.2", "--seed", seed, *resume], log)
     run(["train_sft.py", "--preset", "toy", "--model", f"{out}/base/final", "--data", f"{out}/cold/cold.jsonl",
          "--out", f"{out}/ci", "--epochs", str(size["ci_epochs"]), "--eval-holdout", str(size["holdout"]),
-         "--seed", seed, "--run-name", "ci", *group, *resume], log)
+         "--global-batch", str(size["sft_batch"]), "--seed", seed, "--run-name", "ci", *group, *resume], log)
 
 
 def _r1_zero_prompt():
