@@ -306,15 +306,17 @@ def labeled_runs(encoded, tokenizer):
 
 def test_conversation_record_matches_transformers(tiny_world, processors):
     ours, theirs = processors
-    (conversation,) = [c for c in data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))
-                       if c["id"] == "train-00003"]
-    question, answer = conversation["messages"][0]["content"][len("<image>"):], conversation["messages"][1]["content"]
-    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+    # a base SFT question asked under a format instruction: system, user (image + question), assistant
+    conversation = next(c for c in data.load_conversations(os.path.join(tiny_world, "data", "base_sft.jsonl"))
+                        if c["messages"][0]["role"] == "system")
+    system, user, reply = conversation["messages"]
+    question, answer = user["content"][len("<image>"):], reply["content"]
+    chat = [system, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
             {"role": "assistant", "content": answer}]
     encoded = ours.encode_conversation(conversation["messages"], conversation["images"])
     assert_same(encoded, oracle(theirs, chat, conversation["images"], add_generation_prompt=False))
     # the prompt an RL rollout sees is exactly the SFT sample's prefix; labels start right after it
-    prompt = ours.encode_prompt(question, conversation["images"])["input_ids"]
+    prompt = ours.encode_prompt(question, conversation["images"], system=system["content"])["input_ids"]
     n = len(prompt)
     assert encoded["input_ids"][:n] == prompt
     assert encoded["labels"][:n] == [-100] * n and encoded["labels"][-1] == -100  # the newline after <|im_end|>
