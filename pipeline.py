@@ -1,7 +1,7 @@
 """The whole Vision-R1 pipeline on the embedded synthetic world, on CPU, ending with the paper's
 Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
 
-    python pipeline.py                 # 12-14 minutes on 2 idle cores (measured)
+    python pipeline.py                 # ~30 minutes on 2 idle cores (README)
     python pipeline.py --size mini     # the same steps, smaller: the CI test
     python pipeline.py --arch mllama   # LlamaV-CI: the cold start only, on a tiny Llama 3.2 Vision
 
@@ -15,9 +15,10 @@ runs them:
   train_sft.py       Vision-R1-CI: cold-start SFT of the base model
   train_grpo.py      Vision-R1: GRPO with PTST, stage 1 then stage 2 (lengths scaled to the world)
   train_grpo.py      the ablations: Zero (from base, R1-Zero prompt, 0.5/0.5 reward) and Long
-  evaluate.py        every model on the held-out test split; the table below is read from its
-                     summary files
-  plot.py            reward and response-length curves of the GRPO runs
+  evaluate.py        every model (and Vision-R1 after stage 1) on the held-out test split; the
+                     tables below are read from its summary files: Table 4, and each model's
+                     accuracy per response-length bucket (the paper's CI analysis)
+  plot.py            reward, rollout-accuracy and response-length curves of the GRPO runs
 
 All runs log to one wandb group (offline unless WANDB_MODE says otherwise). An --out that holds
 files is refused; --resume continues a pipeline that stopped: every step continues its own run
