@@ -298,21 +298,34 @@ def question_text(query):
 
 
 def answer(scene, query):
-    """The ground-truth answer string, computed from the scene."""
+    """The ground-truth answer string, computed from the scene; None when it has none (a tie for
+    the most, which make_query never asks, but a misperceived scene can hold)."""
+    return answer_from_counts(read_counts(scene), query)
+
+
+def read_counts(scene):
+    """Every count a read-out states, {color or shape: n}."""
+    return {**color_counts(scene), **shape_counts(scene)}
+
+
+def answer_from_counts(counts, query):
+    """The answer counts {color or shape: n} give, or None on a tie for the most.
+
+    >>> answer_from_counts({"red": 2, "blue": 1, "green": 0, "yellow": 0}, {"kind": "difference", "colors": ["red", "blue"]})
+    '1'
+    """
     kind = query["kind"]
-    counts = color_counts(scene)
     if kind == "count":
-        return str(shape_counts(scene)[query["shape"]])
-    if kind == "sum":
-        return str(sum(counts[c] for c in query["colors"]))
-    if kind == "difference":
-        first, second = query["colors"]
-        return str(counts[first] - counts[second])
-    if kind == "most_frequent":
-        return "ABCD"[query["choices"].index(unique_top(counts))]
-    if kind == "most_shape":
-        return unique_top(shape_counts(scene))
-    raise ValueError(f"unknown question kind {kind!r}")
+        return str(counts[query["shape"]])
+    if kind in ("sum", "difference"):
+        first, second = (counts[c] for c in query["colors"])
+        return str(first + second if kind == "sum" else first - second)
+    if kind not in ("most_frequent", "most_shape"):
+        raise ValueError(f"unknown question kind {kind!r}")
+    top = unique_top({k: counts[k] for k in (COLORS if kind == "most_frequent" else SHAPES)})
+    if top is None or kind == "most_shape":
+        return top
+    return "ABCD"[query["choices"].index(top)]
 
 
 def render(scene):
@@ -495,19 +508,11 @@ def parse_question(question):
     raise BackendError(f"synthetic reasoner: not a synthetic-world question: {question[:80]!r}")
 
 
-def solve(scene, query):
-    """The answer to a query about a scene, or None when it has none (a tie for the most)."""
-    counted = {"most_frequent": color_counts, "most_shape": shape_counts}.get(query["kind"])
-    if counted and unique_top(counted(scene)) is None:
-        return None
-    return answer(scene, query)
-
-
 def perturb(scene, query, rng):
     """A misperceived scene that changes the answer: one object dropped, recolored, reshaped or
     imagined in an empty cell, or one color or shape mistaken for another throughout (the mistakes
     a reader of a long description makes); None when none changes it."""
-    objects, right = scene["objects"], solve(scene, query)
+    objects, right = scene["objects"], answer(scene, query)
     taken = {(o["row"], o["col"]) for o in objects}
     cells = [(r, c) for r in range(1, scene["grid"] + 1) for c in range(1, scene["grid"] + 1) if (r, c) not in taken]
     candidates = [objects[:i] + objects[i + 1:] for i in range(len(objects))]
@@ -521,7 +526,7 @@ def perturb(scene, query, rng):
                    for key, values in (("color", COLORS), ("shape", SHAPES))
                    for old in values for new in values if new != old]
     scenes = [{**scene, "objects": seen} for seen in candidates]
-    wrong = [seen for seen in scenes if solve(seen, query) not in (None, right)]
+    wrong = [seen for seen in scenes if answer(seen, query) not in (None, right)]
     return rng.choice(wrong) if wrong else None
 
 
@@ -537,11 +542,6 @@ def counts_text(counts):
 def count_text(key, n):
     """'Red: 2.' for a color, 'Squares: 2.' for a shape."""
     return f"{key.capitalize()}{'s' if key in SHAPES else ''}: {n}."
-
-
-def read_counts(scene):
-    """Every count a read-out states, {color or shape: n}."""
-    return {**color_counts(scene), **shape_counts(scene)}
 
 
 def overthink_rereads(crowding, rng):
@@ -605,20 +605,6 @@ def reread_steps(counts, needed, rereads, rng):
             steps.append("Hmm, that does not match. I made a mistake somewhere.")
             seen, left = counts, max(left, 1)
     return steps, seen
-
-
-def answer_from_counts(counts, query):
-    """The answer the counts give (`answer` of a scene with these counts), or None on a tie for the most."""
-    kind = query["kind"]
-    if kind == "count":
-        return str(counts[query["shape"]])
-    if kind in ("sum", "difference"):
-        first, second = (counts[c] for c in query["colors"])
-        return str(first + second if kind == "sum" else first - second)
-    top = unique_top({k: counts[k] for k in (COLORS if kind == "most_frequent" else SHAPES)})
-    if top is None or kind == "most_shape":
-        return top
-    return "ABCD"[query["choices"].index(top)]
 
 
 def write_steps(counts, query, by_text=False, restated=None):
@@ -687,7 +673,7 @@ def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
       truncated        never stops thinking and hits the token limit (format)
     """
     scene, query = parse_description(description), parse_question(question)
-    if solve(scene, query) is None:
+    if answer(scene, query) is None:
         raise BackendError(f"synthetic reasoner: the description does not answer {question!r}")
     error = rng.choice(ERROR_KINDS) if rng.random() < error_rate else None
     check, by_text = (rng.random() < rate for rate in (CHECK_RATE, TEXT_ANSWER_RATE))
