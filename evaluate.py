@@ -43,7 +43,8 @@ Outputs, per benchmark and model, under --out (default runs/eval):
                                   correct, format_ok, truncated, tokens, attempts, judged_by,
                                   categories
   <bench>/<model>/summary.json    accuracy, official breakdowns, format / truncation rates, mean
-                                  response tokens, settings
+                                  response tokens, share and accuracy per response-length bucket
+                                  (--length-buckets: the paper's 0-4K / 4-8K / 8K+), settings
   <bench>/<model>/report.md       the same as a markdown table
   <bench>/<model>/settings.json   the protocol the samples were drawn with
 A folder that holds samples is refused unless --resume, which skips the prompts already scored
