@@ -53,11 +53,11 @@ samples.jsonl) and refuses to mix samples drawn with other settings.
 """
 
 import argparse
+import bisect
 import dataclasses
 import functools
 import glob
 import json
-import math
 import os
 import re
 import sys
@@ -465,14 +465,12 @@ def length_buckets(rows, edges=LENGTH_EDGES):
      "4097-8192": {"share": 1/3, "accuracy": 0.0, "samples": 1},
      ">8192": {"share": 0.0, "accuracy": None, "samples": 0}}
     """
-    bounds = [0, *edges, math.inf]
-    buckets = {}
-    for low, high in zip(bounds, bounds[1:]):
-        inside = [row["correct"] for row in rows if low < row["tokens"] <= high or (low == 0 and row["tokens"] == 0)]
-        label = f">{low}" if high == math.inf else f"{low + 1 if low else 0}-{high}"
-        buckets[label] = {"share": len(inside) / len(rows), "accuracy": sum(inside) / len(inside) if inside else None,
-                          "samples": len(inside)}
-    return buckets
+    outcomes = [[] for _ in range(len(edges) + 1)]
+    for row in rows:  # the first edge >= its length: 4096 -> bucket 0, 4097 -> 1, 9000 -> 2
+        outcomes[bisect.bisect_left(edges, row["tokens"])].append(row["correct"])
+    labels = [f"{low + 1 if low else 0}-{high}" for low, high in zip((0, *edges), edges)] + [f">{edges[-1]}"]
+    return {label: {"share": len(inside) / len(rows), "accuracy": sum(inside) / len(inside) if inside else None,
+                    "samples": len(inside)} for label, inside in zip(labels, outcomes)}
 
 
 def length_edges(text):

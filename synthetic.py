@@ -322,7 +322,7 @@ def answer_from_counts(counts, query):
         return str(first + second if kind == "sum" else first - second)
     if kind not in ("most_frequent", "most_shape"):
         raise ValueError(f"unknown question kind {kind!r}")
-    top = unique_top({k: counts[k] for k in (COLORS if kind == "most_frequent" else SHAPES)})
+    top = unique_top({k: counts[k] for k in (COLOR_NAMES if kind == "most_frequent" else SHAPES)})
     if top is None or kind == "most_shape":
         return top
     return "ABCD"[query["choices"].index(top)]
@@ -679,11 +679,11 @@ def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
     check, by_text = (rng.random() < rate for rate in (CHECK_RATE, TEXT_ANSWER_RATE))
     seen = (perturb(scene, query, rng) or scene) if error in ("miscount", "hint_leak") else scene
     first = read_counts(seen)
-    crowding = len(scene["objects"]) - PRESETS["toy"].min_objects
-    rereads, counts = reread_steps(first, needed_counts(query), overthink_rereads(crowding, rng), rng)
+    crowding, needed = len(scene["objects"]) - PRESETS["toy"].min_objects, needed_counts(query)
+    rereads, counts = reread_steps(first, needed, overthink_rereads(crowding, rng), rng)
     restated = None
     if query["kind"] in ("count", "sum", "difference") and rng.random() < RECHECK_SPARSE + RECHECK_PER_OBJECT * crowding:
-        restated = slip(counts, needed_counts(query), rng) if rng.random() < RESTATE_SLIP_RATE else counts
+        restated = slip(counts, needed, rng) if rng.random() < RESTATE_SLIP_RATE else counts
     steps, concluded = write_steps(counts, query, by_text, restated)
     if steps is None:  # a slip that ties the most frequent: the reasoner goes back to its first read-out
         steps, concluded = write_steps(first, query, by_text)
