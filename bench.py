@@ -15,11 +15,13 @@ the same run and printed as ratios.
 """
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import socket
 import statistics
@@ -622,6 +624,20 @@ def bench_rollout_estimate(args):
               f"{tokens / args.vllm_tok_s:.0f} | {memory / 2**30:.1f} |")
 
 
+def _quietly(fn, threads, *args):
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def in_fresh_process(fn, threads, *args):
+    """fn(*args) in a new interpreter (spawned) with `threads` torch threads and its prints silenced: each
+    side of a trainer comparison starts from a clean heap, with none of the other side's imports,
+    settings or worker threads."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_quietly, fn, threads, *args).result()
+
+
 # -----------------------------------------------------------------------------
 # grpo-step: one step of train_grpo.py vs one step of TRL's GRPOTrainer, same model and workload
 
@@ -732,7 +748,7 @@ def trl_grpo_steps(args, path, problems, out):
 
 
 def bench_grpo_step(args):
-    """Rounds alternate the sides (ours, then TRL, each a fresh run of warm-up + measured steps), so
+    """Rounds alternate the sides (ours, then TRL, each warm-up + measured steps in a fresh process), so
     a change in a shared machine's load falls on both; the table shows medians over the measured
     steps of all rounds. The trainers' own per-step prints are silenced."""
     torch.set_num_threads(args.threads)
@@ -742,9 +758,10 @@ def bench_grpo_step(args):
         path = os.path.join(root, "model")
         save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
         for r in range(args.rounds):
-            with contextlib.redirect_stdout(io.StringIO()):
-                ours += ours_grpo_steps(args, path, problems, os.path.join(root, f"ours{r}"))[args.warmup:]
-                trl += trl_grpo_steps(args, path, problems, os.path.join(root, f"trl{r}"))[args.warmup:]
+            ours += in_fresh_process(ours_grpo_steps, args.threads, args, path, problems,
+                                     os.path.join(root, f"ours{r}"))[args.warmup:]
+            trl += in_fresh_process(trl_grpo_steps, args.threads, args, path, problems,
+                                    os.path.join(root, f"trl{r}"))[args.warmup:]
 
     def median(rows, key):
         return statistics.median(key(r) for r in rows)
@@ -873,7 +890,7 @@ def gemm_flops(n=2048, repeats=5):
 
 
 def bench_sft(args):
-    """Rounds alternate the sides (ours, then TRL, each a fresh run of warm-up + measured steps),
+    """Rounds alternate the sides (ours, then TRL, each warm-up + measured steps in a fresh process),
     each round after a GEMM peak measurement (the best one is the peak); medians over the measured
     steps of all rounds. MFU: model FLOPs (model.flops_per_token, the mean causal context half a
     record) per second over that peak. The trainers' own prints are silenced."""
@@ -889,9 +906,10 @@ def bench_sft(args):
         flops_per_token = M.flops_per_token(M.build_model(path).cfg, args.seq_len / 2)
         for r in range(args.rounds):
             peak = max(peak, gemm_flops())
-            with contextlib.redirect_stdout(io.StringIO()):
-                ours += ours_sft_steps(args, path, records, os.path.join(root, f"ours{r}"))[args.warmup:]
-                trl += trl_sft_steps(args, path, records, os.path.join(root, f"trl{r}"))[args.warmup - 1:]
+            ours += in_fresh_process(ours_sft_steps, args.threads, args, path, records,
+                                     os.path.join(root, f"ours{r}"))[args.warmup:]
+            trl += in_fresh_process(trl_sft_steps, args.threads, args, path, records,
+                                    os.path.join(root, f"trl{r}"))[args.warmup - 1:]
     print(f"sft: {args.batch} records x {args.seq_len} tokens an optimizer step, {args.max_tokens // args.seq_len} "
           f"packed a micro-batch of {args.max_tokens}; AdamW lr {args.lr}, clip 1.0; Qwen2 {args.layers} layers x "
           f"{args.hidden}, vocab {args.vocab}; cpu fp32, {torch.get_num_threads()} thread(s); median of {len(ours)} "

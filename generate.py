@@ -65,12 +65,16 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, banne
     top_p (1.0: no cut), renormalised: transformers' order (temperature, top-k, top-p). `greedy`
     takes the argmax instead. The returned log-prob is log_softmax(logits / temperature)[token], the
     full tempered distribution before the ban and the cuts: the quantity GRPO's ratio uses and that
-    `Qwen25VL.packed_logprobs(..., temperature)` recomputes in training. `uniform` [R, V] in (0, 1)
-    is the draw's noise (`stream_uniform`); greedy needs none.
+    `Qwen25VL.packed_logprobs(..., temperature)` recomputes in training. `uniform` [R] float64 in
+    (0, 1) is each row's noise (`stream_uniform`); greedy needs none.
+
+    The draw inverts the cumulative distribution: the first token whose running mass reaches u times
+    the kept mass. One number per row, where a race over the vocabulary needs one per token; the sums
+    run in float64, so at vocab 152K no token's share is lost to rounding.
 
     Example: logits [2, 1, 0, -1], temperature 1 -> p = [.64, .24, .09, .03]; top_p 0.8 keeps
-    tokens 0 and 1 (the mass before token 1 is .64 < .8, before token 2 it is .88) and draws
-    token 0 with probability .64 / .88 = .73, token 1 with .27.
+    tokens 0 and 1 (the mass before token 1 is .64 < .8, before token 2 it is .88), whose running
+    mass is [.64, .88]: u < .64 / .88 = .73 draws token 0, a larger u token 1.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use greedy for argmax decoding)")
@@ -88,10 +92,10 @@ def sample_next(logits, temperature=1.0, top_p=1.0, top_k=0, greedy=False, banne
             probs = ranked.softmax(-1)
             mass_before = probs.cumsum(-1) - probs
             scores = scores.scatter(-1, order, ranked.masked_fill(mass_before >= top_p, float("-inf")))
-        # argmax_i p_i / E_i with E_i = -log U_i ~ Exp(1) picks i with probability p_i (the
-        # exponential race): a multinomial draw without a host sync, as CUDA graphs need
-        race = uniform.log().neg_()
-        tokens = (scores.softmax(-1) / race).max(-1).indices
+        # a cut token adds 0 to the running mass, so the first index reaching u * kept (> 0) is a kept
+        # token; searchsorted needs no host sync, as CUDA graphs need
+        running = scores.exp().double().cumsum_(-1)  # exp in float32: float64's is twice as slow on CPU
+        tokens = torch.searchsorted(running, uniform[:, None] * running[:, -1:])[:, 0]
     return tokens, logprobs.gather(-1, tokens[:, None])[:, 0]
 
 
@@ -102,7 +106,7 @@ def _mix32(x):
     """A bijective 32-bit integer hash (xorshift-multiply, two rounds), in place, of an int64 tensor
     holding values below 2^32. The odd multipliers are below 2^31, so no product overflows int64 and
     the same bits come out on every device and under torch.compile."""
-    x ^= x >> 16  # in place: on a [rows, vocab] tensor each pass is a full read and write
+    x ^= x >> 16
     x.mul_(0x21F0AAAD).bitwise_and_(MASK32)
     x ^= x >> 15
     x.mul_(0x735A2D97).bitwise_and_(MASK32)
@@ -122,20 +126,20 @@ def stream_key(seed, prompt_id, sample):
     return h >> 1
 
 
-def stream_uniform(keys, counts, vocab):
-    """Uniform noise [R, vocab] in (0, 1) for decode position counts[r] of the streams keys[r]: a
-    pure function of (key, position, vocab index), hashed on the device. Each draw is one of the
-    2^23 midpoints (k + 0.5) / 2^23, exact in float32 (a 24th bit would round the top one to 1.0), so
-    never 0 or 1: the race's -log U stays finite and positive. keys, counts: int64 [R]."""
-    row = _mix32(_mix32(_mix32(counts & MASK32) ^ (keys & MASK32)) ^ (keys >> 32))  # [R]
-    column = _mix32(torch.arange(vocab, device=keys.device) + 0x9E3779B9)  # [V]
-    h = _mix32(row[:, None] ^ column)
-    return h.bitwise_right_shift_(9).float().add_(0.5).mul_(2.0**-23)
+def stream_uniform(keys, counts):
+    """Uniform noise [R] float64 in (0, 1) for decode position counts[r] of the streams keys[r]: a
+    pure function of (key, position), hashed on the device. Two differently salted 32-bit hashes of
+    (position, key) give 26 bits each; the draw is one of the 2^52 midpoints (k + 0.5) / 2^52, exact
+    in float64, so never 0 or 1. keys, counts: int64 [R]."""
+    def word(salt):
+        return _mix32(_mix32(_mix32((counts ^ salt) & MASK32) ^ (keys & MASK32)) ^ (keys >> 32)) >> 6
+    bits = word(0) << 26 | word(0x9E3779B9)
+    return bits.double().add_(0.5).mul_(2.0**-52)
 
 
 def draw(logits, keys, counts, *, temperature, top_p, top_k, greedy, banned):
     """`sample_next` with each row's noise from its stream (`stream_uniform`): the sampler of a step."""
-    uniform = None if greedy else stream_uniform(keys, counts, logits.shape[-1])
+    uniform = None if greedy else stream_uniform(keys, counts)
     return sample_next(logits, temperature, top_p, top_k, greedy, banned, uniform)
 
 
