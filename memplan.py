@@ -181,9 +181,9 @@ def kv_pool_bytes(cfg, slots, slot_len, max_new_tokens, dtype):
 
 def sampling_bytes(rows, vocab, a):
     """A decode step's sampler over `rows` rows of logits (generate.draw): the logits in the compute
-    dtype, then in fp32 the stream's uniforms, the log-softmax, the copy without the banned ids, the
-    race's -log U, the softmax and its ratio to the race. Example: 2 rows, vocab 10, bf16 -> 520."""
-    return rows * vocab * (a + 6 * FP32)
+    dtype, then in fp32 the log-softmax, the copy without the banned ids and its exp, and the running
+    sum of that in float64 (two fp32's bytes). Example: 2 rows, vocab 10, bf16 -> 2 x 10 x (2 + 20) = 440."""
+    return rows * vocab * (a + 5 * FP32)
 
 
 def layer_forward_bytes(cfg, tokens, a):
