@@ -124,6 +124,13 @@ def test_sft_bench_prints_both_sides_the_ratio_and_the_mfu(capsys, monkeypatch):
     assert table[4].startswith("tokens/s ours/TRL: ") and "GEMM peak" in table[4]
 
 
+def test_each_side_runs_in_a_fresh_process_with_the_threads_asked():
+    import torch
+
+    assert bench.in_fresh_process(os.getpid, 1) != os.getpid()
+    assert bench.in_fresh_process(torch.get_num_threads, 2) == 2
+
+
 def test_sft_bench_refuses_records_that_do_not_fill_a_micro_batch():
     args = argparse.Namespace(**{**vars(SFT_ARGS), "max_tokens": 300})
     with pytest.raises(SystemExit, match="--max-tokens must be a multiple of --seq-len"):
