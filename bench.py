@@ -36,6 +36,20 @@ import torch
 import model as M
 
 
+def _quietly(fn, threads, *args):
+    torch.set_num_threads(threads)
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def in_fresh_process(fn, threads, *args):
+    """fn(*args) in a new interpreter (spawned) with `threads` torch threads and its prints silenced: each
+    side of a comparison starts from a clean heap (its peak memory its own), with none of the other
+    side's imports, settings or worker threads."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_quietly, fn, threads, *args).result()
+
+
 # -----------------------------------------------------------------------------
 # logprobs: chunked head + log-softmax vs the naive full-vocab one (forward + backward)
 
@@ -54,7 +68,8 @@ def _reset_peak_rss():
 
 
 def _logprobs_worker(impl, tokens, vocab, hidden, device):
-    """One measurement in a fresh process, so the CPU peak (resident memory) belongs to this implementation alone."""
+    """One measurement, run in a fresh process (`in_fresh_process`), so the CPU peak (resident memory)
+    belongs to this implementation alone: {seconds, peak_bytes}."""
     torch.manual_seed(0)
     h = torch.randn(tokens, hidden, device=device, requires_grad=True)
     w = (torch.randn(vocab, hidden, device=device) * hidden**-0.5).requires_grad_()
@@ -77,7 +92,7 @@ def _logprobs_worker(impl, tokens, vocab, hidden, device):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = _memory_kib("VmHWM") * 1024 - base
-    print(json.dumps({"seconds": time.perf_counter() - start, "peak_bytes": peak}))
+    return {"seconds": time.perf_counter() - start, "peak_bytes": peak}
 
 
 def bench_logprobs(args):
@@ -87,9 +102,8 @@ def bench_logprobs(args):
     runs = {"naive": [], "chunked": []}
     for _ in range(args.repeats):
         for impl, results in runs.items():
-            out = subprocess.run([sys.executable, __file__, "_logprobs_worker", impl, str(args.tokens),
-                                  str(args.vocab), str(args.hidden), device], capture_output=True, text=True, check=True)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append(in_fresh_process(_logprobs_worker, torch.get_num_threads(), impl, args.tokens, args.vocab,
+                                            args.hidden, device))
     best = {impl: {"seconds": min(r["seconds"] for r in results), "peak_bytes": max(r["peak_bytes"] for r in results)}
             for impl, results in runs.items()}
     naive, ours = best["naive"], best["chunked"]
@@ -624,20 +638,6 @@ def bench_rollout_estimate(args):
               f"{tokens / args.vllm_tok_s:.0f} | {memory / 2**30:.1f} |")
 
 
-def _quietly(fn, threads, *args):
-    torch.set_num_threads(threads)
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn(*args)
-
-
-def in_fresh_process(fn, threads, *args):
-    """fn(*args) in a new interpreter (spawned) with `threads` torch threads and its prints silenced: each
-    side of a trainer comparison starts from a clean heap, with none of the other side's imports,
-    settings or worker threads."""
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_quietly, fn, threads, *args).result()
-
-
 # -----------------------------------------------------------------------------
 # grpo-step: one step of train_grpo.py vs one step of TRL's GRPOTrainer, same model and workload
 
@@ -1006,9 +1006,6 @@ def add_sampling_parsers(sub):
 
 
 def main():
-    if len(sys.argv) > 1 and sys.argv[1] == "_logprobs_worker":
-        impl, tokens, vocab, hidden, device = sys.argv[2:]
-        return _logprobs_worker(impl, int(tokens), int(vocab), int(hidden), device)
     if len(sys.argv) > 1 and sys.argv[1] == "_fsdp_rollout_worker":
         path, *sizes = sys.argv[2:]
         return _fsdp_rollout_worker(path, *map(int, sizes))

@@ -131,8 +131,10 @@ def stream_uniform(keys, counts):
     pure function of (key, position), hashed on the device. Two differently salted 32-bit hashes of
     (position, key) give 26 bits each; the draw is one of the 2^52 midpoints (k + 0.5) / 2^52, exact
     in float64, so never 0 or 1. keys, counts: int64 [R]."""
+    low, high = keys & MASK32, keys >> 32
+
     def word(salt):
-        return _mix32(_mix32(_mix32((counts ^ salt) & MASK32) ^ (keys & MASK32)) ^ (keys >> 32)) >> 6
+        return _mix32(_mix32(_mix32((counts ^ salt) & MASK32) ^ low) ^ high) >> 6
     bits = word(0) << 26 | word(0x9E3779B9)
     return bits.double().add_(0.5).mul_(2.0**-52)
 
