@@ -272,37 +272,72 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     after the keys of its shared prompt and its own): a sequence's queries are then its last keys,
     and the causal mask aligns at the bottom right, as flash-attn's does.
     CUDA with flash-attn uses its varlen kernel (`use_flash`). Otherwise SDPA over the sequences
-    padded into one [B, Lmax] batch (one kernel call beats a Python loop of small ones, in backward
-    above all), or one call per sequence when that padded score matrix would be too large.
+    padded into [B, Lmax] batches, one per group of similar lengths (`length_groups`; one kernel
+    call per group beats a Python loop of small ones, in backward above all), or one call per
+    sequence when a group's padded score matrix would be too large.
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     q_lengths, k_lengths = ((cu[1:] - cu[:-1]).long() for cu in (cu_seqlens, cu_k))
-    max_q, max_k = int(q_lengths.max()), int(k_lengths.max())
     if use_flash(q):
-        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, max_q, max_k, causal=causal)
+        return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_k, int(q_lengths.max()), int(k_lengths.max()),
+                                      causal=causal)
     gqa = k.shape[1] != q.shape[1]
-    B = len(q_lengths)
-    if B * q.shape[1] * max_q * max_k <= PADDED_ATTENTION_MAX_SCORES:
-        q_seq, q_pos = _padded_slots(cu_seqlens, q_lengths)
-        k_seq, k_pos = _padded_slots(cu_k, k_lengths)
-        padded = [x.new_zeros(B, length, *x.shape[1:]).index_put_(slots, x).transpose(1, 2)
-                  for x, length, slots in ((q, max_q, (q_seq, q_pos)), (k, max_k, (k_seq, k_pos)),
-                                           (v, max_k, (k_seq, k_pos)))]
-        keys = torch.arange(max_k, device=q.device)
-        mask = (keys < k_lengths[:, None])[:, None, None, :]  # [B, 1, 1, Lk]: real keys only
-        if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
-            last_key = torch.arange(max_q, device=q.device) + (k_lengths - q_lengths)[:, None]
-            mask = mask & (keys <= last_key[:, :, None])[:, None]
-        out = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa)
-        return out.transpose(1, 2)[q_seq, q_pos]
     out = torch.empty_like(q)
-    for (qs, qe), (ks, ke) in zip(_spans(cu_seqlens), _spans(cu_k)):
-        offset = (ke - ks) - (qe - qs)
-        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) if causal and offset else None
-        out[qs:qe] = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
-            attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
+    for members in length_groups(k_lengths.tolist()):
+        members = torch.tensor(members, device=q.device)
+        max_q, max_k = int(q_lengths[members].max()), int(k_lengths[members].max())
+        if len(members) * q.shape[1] * max_q * max_k > PADDED_ATTENTION_MAX_SCORES:
+            for i in members.tolist():
+                qs, qe, ks, ke = int(cu_seqlens[i]), int(cu_seqlens[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+                offset = (ke - ks) - (qe - qs)
+                mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) \
+                    if causal and offset else None
+                out[qs:qe] = F.scaled_dot_product_attention(
+                    q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
+                    attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
+            continue
+        q_token, q_slot, q_pos = _group_slots(cu_seqlens, q_lengths, members)
+        k_token, k_slot, k_pos = _group_slots(cu_k, k_lengths, members)
+        padded = [x.new_zeros(len(members), length, *x.shape[1:]).index_put_((slot, pos), x[token]).transpose(1, 2)
+                  for x, length, token, slot, pos in ((q, max_q, q_token, q_slot, q_pos),
+                                                      (k, max_k, k_token, k_slot, k_pos),
+                                                      (v, max_k, k_token, k_slot, k_pos))]
+        keys = torch.arange(max_k, device=q.device)
+        mask = (keys < k_lengths[members, None])[:, None, None, :]  # [G, 1, 1, Lk]: real keys only
+        if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
+            last_key = torch.arange(max_q, device=q.device) + (k_lengths - q_lengths)[members, None]
+            mask = mask & (keys <= last_key[:, :, None])[:, None]
+        out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)[
+            q_slot, q_pos]
     return out
+
+
+SIMILAR_LENGTH = 0.75  # a padded attention group holds sequences at least this share of its longest
+
+
+def length_groups(lengths, similar=SIMILAR_LENGTH):
+    """Sequence indices grouped for padded attention, longest first: a group takes the sequences at
+    least `similar` times as long as its first, so padding wastes at most 1 - similar^2 of a
+    group's score matrix. One padded batch of SFT's cold CoTs (16 sequences of 64-390 tokens) is
+    three quarters padding; grouped, about a fifth.
+    Example: lengths [100, 20, 90, 30, 16] -> [[0, 2], [3], [1, 4]] (75 <= 90; 22.5 > 20; 15 <= 16).
+    """
+    groups = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and lengths[i] >= similar * lengths[groups[-1][0]]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _group_slots(cu_seqlens, lengths, members):
+    """For the sequences `members` of a packed batch, in that order: the packed index of each of
+    their tokens and its (slot, position) in a padded [len(members), Lmax] layout."""
+    member_lengths = lengths[members]
+    slot = torch.repeat_interleave(torch.arange(len(members), device=lengths.device), member_lengths)
+    pos = torch.arange(len(slot), device=lengths.device) - (torch.cumsum(member_lengths, 0) - member_lengths)[slot]
+    return cu_seqlens[:-1].long()[members][slot] + pos, slot, pos
 
 
 def _padded_slots(cu_seqlens, lengths):

@@ -268,6 +268,35 @@ def test_shared_prompt_packing_equals_each_response_after_its_own_prompt(ours, m
     ours.zero_grad(set_to_none=True)
 
 
+def test_length_groups_docstring_example():
+    assert M.length_groups([100, 20, 90, 30, 16]) == [[0, 2], [3], [1, 4]]
+    assert M.length_groups([5, 5, 5]) == [[0, 1, 2]] and M.length_groups([]) == []
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_grouped_padded_attention_equals_attention_sequence_by_sequence(monkeypatch, shared_prefix):
+    """Five sequences in three or four length groups (causal, grouped-query; with shared-prefix keys, the
+    responses' queries after their prompt's keys): outputs and gradients equal one SDPA call per
+    sequence (float64, so any misplaced token or mask shows)."""
+    lengths, prefix_of = [9, 2, 8, 3, 2], ([-1, 0, 0, -1, 3] if shared_prefix else [-1] * 5)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    key_index, cu_k = M.shared_prefix_keys(cu, prefix_of)
+    assert len(M.length_groups((cu_k[1:] - cu_k[:-1]).tolist())) >= 3
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(int(cu[-1]), heads, 4, generator=g, dtype=torch.float64, requires_grad=True)
+               for heads in (4, 2, 2))
+    weights = torch.randn(int(cu[-1]), 4, 4, generator=g, dtype=torch.float64)
+
+    def attention():
+        out = M.varlen_attention(q, k[key_index], v[key_index], cu, causal=True, cu_seqlens_k=cu_k)
+        return (out,) + torch.autograd.grad((out * weights).sum(), (q, k, v))
+
+    grouped = attention()
+    monkeypatch.setattr(M, "PADDED_ATTENTION_MAX_SCORES", 0)
+    for a, b in zip(grouped, attention()):
+        assert (a - b).abs().max() <= 1e-12
+
+
 def test_shared_prefix_keys_docstring_example():
     key_index, cu_k = M.shared_prefix_keys(torch.tensor([0, 3, 5, 6], dtype=torch.int32), [-1, 0, 0])
     assert key_index.tolist() == [0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2, 5] and cu_k.tolist() == [0, 3, 8, 12]
