@@ -67,6 +67,10 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--resume", action="store_true", help="continue the pipeline run in --out")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads of every step, whatever the machine's cores: a float sum split over "
+                             "another number of threads rounds otherwise, and the models drift apart over the SFT "
+                             "epochs, so the README's numbers are those of 2 threads")
     parser.add_argument("--arch", choices=("qwen2_5_vl", "mllama"), default="qwen2_5_vl",
                         help="the world's model: Qwen2.5-VL (every stage, Table 4) or Llama 3.2 Vision "
                              "(mllama: the cold start and a CI-vs-base table; no GRPO stages)")
@@ -77,6 +81,7 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     log = os.path.join(out, "pipeline.log")
     os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # every step's torch threads
     mllama = args.arch == "mllama"
     group = ["--wandb-group", f"toy-{'mllama-' if mllama else ''}{args.size}-seed{seed}"]
     max_tokens = str(round(16384 * Fraction(size["length_scale"])))  # evaluation: the longest cap

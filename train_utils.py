@@ -253,15 +253,16 @@ def git_state():
 
 
 def write_run_config(cfg):
-    """<out>/config.json: the resolved config (presets and defaults applied, paths filled in) and
-    the git commit the run was made with; with uncommitted changes to tracked files (a fork's ablation
+    """<out>/config.json: the resolved config (presets and defaults applied, paths filled in), the
+    git commit the run was made with and torch's CPU threads (float sums split over another number
+    of threads round otherwise, so a CPU run's numbers depend on them); with uncommitted changes to tracked files (a fork's ablation
     diff) also <out>/uncommitted.diff. A resumed run keeps the config.json its first start wrote."""
     path = os.path.join(cfg.out, "config.json")
     if cfg.resume and os.path.exists(path):
         return
     commit, diff = git_state()
     with open(path, "w") as f:
-        json.dump({"git_commit": commit, "uncommitted_changes": bool(diff),
+        json.dump({"git_commit": commit, "uncommitted_changes": bool(diff), "torch_threads": torch.get_num_threads(),
                    "config": asdict(cfg)}, f, indent=2)
     if diff:
         with open(os.path.join(cfg.out, "uncommitted.diff"), "w") as f:

@@ -12,7 +12,7 @@ from tests.test_fsdp import ROOT
 
 
 def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}  # pipeline.py's --threads 2 rules
     out = subprocess.run([sys.executable, "pipeline.py", "--size", "mini", "--out", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
@@ -35,6 +35,8 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
                                                             f"{100 * summary['accuracy']:.1f}", *shares]
     for stage in ("vision-r1/stage1", "vision-r1/stage2", "zero/stage1", "long/stage1"):
         assert (tmp_path / "grpo" / stage / "final" / "model.safetensors").exists()
+    for run in ("base", "ci", "grpo/vision-r1/stage1", "grpo/long/stage1"):
+        assert json.loads((tmp_path / run / "config.json").read_text())["torch_threads"] == 2
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
 
@@ -42,8 +44,9 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
 def test_mllama_mini_pipeline_runs_the_cold_start_and_prints_the_ci_vs_base_table(tmp_path):
     """--arch mllama: the world's model is a Llama 3.2 Vision, both SFTs train it, evaluate.py scores
     base and CI, and the table's numbers are the summary files'; no GRPO stage runs."""
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "pipeline.py", "--arch", "mllama", "--size", "mini", "--out", str(tmp_path)],
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run([sys.executable, "pipeline.py", "--arch", "mllama", "--size", "mini", "--out", str(tmp_path),
+                          "--threads", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
     table = out.stdout[out.stdout.index("| model |"):].strip().splitlines()
@@ -54,6 +57,7 @@ def test_mllama_mini_pipeline_runs_the_cold_start_and_prints_the_ci_vs_base_tabl
         assert cells[2] == f"{summary['mean_tokens']:.0f}" and cells[3] == f"{100 * summary['accuracy']:.1f}"
     for run in ("model", "base/final", "ci/final"):
         assert json.loads((tmp_path / run / "config.json").read_text())["model_type"] == "mllama"
+    assert json.loads((tmp_path / "ci" / "config.json").read_text())["torch_threads"] == 1
     assert json.loads((tmp_path / "cold" / "cold.summary.json").read_text())["kept"] > 0
     assert not (tmp_path / "grpo").exists() and "train_grpo.py" not in (tmp_path / "pipeline.log").read_text()
 
