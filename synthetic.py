@@ -806,6 +806,7 @@ def build_model(tokenizer, preset, seed):
                          intermediate_size=preset.intermediate_size, num_hidden_layers=preset.num_layers,
                          num_attention_heads=preset.num_heads, num_key_value_heads=preset.num_kv_heads,
                          max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         bos_token_id=None, eos_token_id=ids("<|im_end|>"),  # not Qwen's ids, outside this vocabulary
                          rope_parameters={"rope_type": "default", "rope_theta": preset.rope_theta,
                                           "mrope_section": list(preset.mrope_section)},
                          dtype="float32"),
