@@ -316,9 +316,10 @@ SIMILAR_LENGTH = 0.75  # a padded attention group holds sequences at least this 
 
 
 def length_groups(lengths, similar=SIMILAR_LENGTH):
-    """Sequence indices grouped for padded attention, longest first: a group takes the sequences at
-    least `similar` times as long as its first, so padding wastes at most 1 - similar^2 of a
-    group's score matrix. One padded batch of SFT's cold CoTs (16 sequences of 64-390 tokens) is
+    """Sequence indices grouped for padded attention, longest first (varlen_attention passes key
+    lengths): a group takes the sequences at least `similar` times as long as its first, so where
+    queries and keys are one sequence padding wastes at most 1 - similar^2 of a group's score
+    matrix. One padded batch of SFT's cold CoTs (16 sequences of 64-390 tokens) is
     three quarters padding; grouped, about a fifth.
     Example: lengths [100, 20, 90, 30, 16] -> [[0, 2], [3], [1, 4]] (75 <= 90; 22.5 > 20; 15 <= 16).
     """
