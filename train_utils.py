@@ -392,7 +392,7 @@ class Logger:
         if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
             import wandb
             self.run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None, name=cfg.run_name or None,
-                                  job_type=job_type, config=asdict(cfg), dir=cfg.out,
+                                  job_type=job_type, config={**asdict(cfg), "torch_threads": torch.get_num_threads()}, dir=cfg.out,
                                   mode=os.environ.get("WANDB_MODE", "offline"))
         self.history = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
 
