@@ -283,18 +283,13 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
                                       causal=causal)
     gqa = k.shape[1] != q.shape[1]
     out = torch.empty_like(q)
-    for members in length_groups(k_lengths.tolist()):
-        members = torch.tensor(members, device=q.device)
+    q_spans, k_spans = _spans(cu_seqlens), _spans(cu_k)
+    for group in length_groups(k_lengths.tolist()):
+        members = torch.tensor(group, device=q.device)
         max_q, max_k = int(q_lengths[members].max()), int(k_lengths[members].max())
-        if len(members) * q.shape[1] * max_q * max_k > PADDED_ATTENTION_MAX_SCORES:
-            for i in members.tolist():
-                qs, qe, ks, ke = int(cu_seqlens[i]), int(cu_seqlens[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-                offset = (ke - ks) - (qe - qs)
-                mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) \
-                    if causal and offset else None
-                out[qs:qe] = F.scaled_dot_product_attention(
-                    q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
-                    attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
+        if len(group) * q.shape[1] * max_q * max_k > PADDED_ATTENTION_MAX_SCORES:
+            for i in group:
+                _sequence_attention(out, q, k, v, q_spans[i], k_spans[i], causal, gqa)
             continue
         q_token, q_slot, q_pos = _group_slots(cu_seqlens, q_lengths, members)
         k_token, k_slot, k_pos = _group_slots(cu_k, k_lengths, members)
@@ -310,6 +305,17 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
         out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)[
             q_slot, q_pos]
     return out
+
+
+def _sequence_attention(out, q, k, v, q_span, k_span, causal, gqa):
+    """One sequence's SDPA, written into out[q_span]: its queries are its last keys when it has
+    more keys than queries (a response after its shared prompt)."""
+    (qs, qe), (ks, ke) = q_span, k_span
+    offset = (ke - ks) - (qe - qs)
+    mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) if causal and offset else None
+    out[qs:qe] = F.scaled_dot_product_attention(
+        q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
+        attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
 
 
 SIMILAR_LENGTH = 0.75  # a padded attention group holds sequences at least this share of its longest

@@ -255,8 +255,8 @@ def git_state():
 def write_run_config(cfg):
     """<out>/config.json: the resolved config (presets and defaults applied, paths filled in), the
     git commit the run was made with and torch's CPU threads (float sums split over another number
-    of threads round otherwise, so a CPU run's numbers depend on them); with uncommitted changes to tracked files (a fork's ablation
-    diff) also <out>/uncommitted.diff. A resumed run keeps the config.json its first start wrote."""
+    of threads round otherwise, so a CPU run's numbers depend on them); with uncommitted changes to
+    tracked files (a fork's ablation diff) also <out>/uncommitted.diff. A resumed run keeps the config.json its first start wrote."""
     path = os.path.join(cfg.out, "config.json")
     if cfg.resume and os.path.exists(path):
         return
@@ -392,8 +392,8 @@ class Logger:
         if rank == 0 and os.environ.get("WANDB_MODE", "offline") != "disabled":
             import wandb
             self.run = wandb.init(project=cfg.wandb_project, group=cfg.wandb_group or None, name=cfg.run_name or None,
-                                  job_type=job_type, config={**asdict(cfg), "torch_threads": torch.get_num_threads()}, dir=cfg.out,
-                                  mode=os.environ.get("WANDB_MODE", "offline"))
+                                  job_type=job_type, config={**asdict(cfg), "torch_threads": torch.get_num_threads()},
+                                  dir=cfg.out, mode=os.environ.get("WANDB_MODE", "offline"))
         self.history = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
 
     def log(self, step, metrics, echo=True):
