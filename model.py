@@ -293,7 +293,8 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
             continue
         q_token, q_slot, q_pos = _group_slots(cu_seqlens, q_lengths, members)
         k_token, k_slot, k_pos = _group_slots(cu_k, k_lengths, members)
-        padded = [x.new_zeros(len(members), length, *x.shape[1:]).index_put_((slot, pos), x[token]).transpose(1, 2)
+        padded = [x.new_zeros(len(members), length, *x.shape[1:]).index_put_((slot, pos), x.index_select(0, token))
+                  .transpose(1, 2)
                   for x, length, token, slot, pos in ((q, max_q, q_token, q_slot, q_pos),
                                                       (k, max_k, k_token, k_slot, k_pos),
                                                       (v, max_k, k_token, k_slot, k_pos))]
@@ -362,8 +363,8 @@ def shared_prefix_keys(cu_seqlens, prefix_of):
     """Key layout of a packed batch in which some sequences continue another: sequence i with
     prefix_of[i] = j >= 0 (a response after its prompt j, packed once for all its responses) sees
     sequence j's tokens, then its own. Returns key_index [Tk] (the packed token behind each key) and
-    cu_seqlens_k [B+1], for `varlen_attention(q, k[key_index], v[key_index], cu_seqlens, causal,
-    cu_seqlens_k)`. Example: cu_seqlens [0, 3, 5, 6], prefix_of [-1, 0, 0] ->
+    cu_seqlens_k [B+1], for `varlen_attention(q, k.index_select(0, key_index), v.index_select(0, key_index),
+    cu_seqlens, causal, cu_seqlens_k)`. Example: cu_seqlens [0, 3, 5, 6], prefix_of [-1, 0, 0] ->
     key_index [0 1 2 | 0 1 2 3 4 | 0 1 2 5], cu_seqlens_k [0, 3, 8, 12].
     """
     spans = _spans(cu_seqlens)
@@ -719,9 +720,12 @@ class Qwen25VL(nn.Module):
         cu = cu_seqlens.to(device=x.device, dtype=torch.int32)
         if prefix_of is None:
             return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(q, k, v, cu, causal=True))
+        # index_select, not k[key_index]: its backward adds a shared prompt's repeated key gradients in
+        # order, where advanced indexing's adds them with atomics on several CPU threads (a run's
+        # GRPO updates then changed from one run to the next)
         key_index, cu_k = shared_prefix_keys(cu, prefix_of)
         return self.decode(x, cos, sin, lambda _, q, k, v: varlen_attention(
-            q, k[key_index], v[key_index], cu, causal=True, cu_seqlens_k=cu_k))
+            q, k.index_select(0, key_index), v.index_select(0, key_index), cu, causal=True, cu_seqlens_k=cu_k))
 
     # --- training: padding-free ----------------------------------------------------------
 
@@ -740,8 +744,8 @@ class Qwen25VL(nn.Module):
         only, so the head never runs on prompt tokens, and a shared prompt's last position scores
         the first token of each of its responses. A method of the model so FSDP2 gathers the head."""
         hidden = self._trunk(input_ids, cu_seqlens, pixel_values, image_grid_thw, prefix_of)
-        if positions is not None:
-            hidden = hidden[positions]
+        if positions is not None:  # a prompt's last position repeats (see _trunk on index_select)
+            hidden = hidden.index_select(0, positions)
         return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
 
     # --- the transformers-style call ----------------------------------------------------

@@ -619,7 +619,7 @@ class Mllama(nn.Module):
         hidden = self._trunk(input_ids, cu_seqlens, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
                              cross_attention_mask, image_counts)
         if positions is not None:
-            hidden = hidden[positions]
+            hidden = hidden.index_select(0, positions)
         return token_logprobs(hidden, self.head_weight, targets, temperature, with_entropy=with_entropy)
 
     # --- generation: generate.py's engine ------------------------------------------------

@@ -268,6 +268,34 @@ def test_shared_prompt_packing_equals_each_response_after_its_own_prompt(ours, m
     ours.zero_grad(set_to_none=True)
 
 
+def test_shared_prompt_gradients_repeat_exactly_on_two_threads(ours):
+    """One prompt packed once for 16 responses (a GRPO group): its key and last-position gradients
+    sum 16 contributions each. Two CPU threads must give the same gradients bit for bit on every
+    backward, or a GRPO run does not repeat itself (advanced indexing's backward adds repeated
+    rows with atomics on several threads; this failed with k[key_index])."""
+    import data
+
+    ids, pixels, grid = samples()[0]
+    g = torch.Generator().manual_seed(0)
+    group = {"input_ids": ids.tolist(), "pixel_values": pixels, "image_grid_thw": grid, "rows": list(range(16)),
+             "continuations": [torch.randint(0, 300, (60,), generator=g).tolist() for _ in range(16)]}
+    (batch,) = data.pack_shared_prompts([group], max_tokens=4096)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            ours.zero_grad(set_to_none=True)
+            logp = ours.packed_logprobs(batch["input_ids"], batch["cu_seqlens"], batch["targets"],
+                                        positions=batch["positions"], prefix_of=batch["prefix_of"])
+            (logp * torch.linspace(-1, 1, len(logp))).sum().backward()
+            grads.append([p.grad.clone() for p in ours.parameters() if p.grad is not None])
+    finally:
+        torch.set_num_threads(threads)
+        ours.zero_grad(set_to_none=True)
+    assert all(torch.equal(a, b) for other in grads[1:] for a, b in zip(grads[0], other))
+
+
 def test_length_groups_docstring_example():
     assert M.length_groups([100, 20, 90, 30, 16]) == [[0, 2], [3], [1, 4]]
     assert M.length_groups([5, 5, 5]) == [[0, 1, 2]] and M.length_groups([]) == []
@@ -288,7 +316,8 @@ def test_grouped_padded_attention_equals_attention_sequence_by_sequence(monkeypa
     weights = torch.randn(int(cu[-1]), 4, 4, generator=g, dtype=torch.float64)
 
     def attention():
-        out = M.varlen_attention(q, k[key_index], v[key_index], cu, causal=True, cu_seqlens_k=cu_k)
+        out = M.varlen_attention(q, k.index_select(0, key_index), v.index_select(0, key_index), cu, causal=True,
+                                 cu_seqlens_k=cu_k)
         return (out,) + torch.autograd.grad((out * weights).sum(), (q, k, v))
 
     grouped = attention()
