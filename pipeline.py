@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from fractions import Fraction
 
 from train_utils import check_run_folder, command_line
@@ -52,12 +53,17 @@ SIZES = {
 
 
 def run(args, log):
-    """One step: `python <script> <args>`, echoed, its output tee'd to the log."""
+    """One step: `python <script> <args>`, echoed, its output tee'd to the log, then its wall time
+    (where a pipeline's minutes go) on the console and in the log."""
     print("$ python " + " ".join(args), flush=True)
+    start = time.monotonic()
     with open(log, "a") as f:
         f.write("$ python " + " ".join(args) + "\n")
         f.flush()
         subprocess.run([sys.executable, *args], check=True, stdout=f, stderr=subprocess.STDOUT)
+        took = f"  took {time.monotonic() - start:.0f} s"
+        f.write(took + "\n")
+    print(took, flush=True)
 
 
 @command_line

@@ -3,6 +3,7 @@ one in evaluate.py's summary files."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,9 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
     out = subprocess.run([sys.executable, "pipeline.py", "--size", "mini", "--out", str(tmp_path)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:] + (tmp_path / "pipeline.log").read_text()[-3000:]
+    console = out.stdout.splitlines()
+    steps = [i for i, line in enumerate(console) if line.startswith("$ python ")]
+    assert len(steps) == 11 and all(re.fullmatch(r"  took \d+ s", console[i + 1]) for i in steps)  # each step's time
     table, lengths = (block.splitlines() for block in out.stdout[out.stdout.index("| method |"):].strip().split("\n\n"))
     assert [row.split("|")[1].strip() for row in table[2:]] == ["Vision-R1-Zero", "Vision-R1-CI", "Vision-R1-Long",
                                                                  "Vision-R1"]
