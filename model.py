@@ -1150,8 +1150,7 @@ def gathered_params(model):
         # directly, so make the model the root before they run (a no-op once initialised)
         model._get_fsdp_state()._lazy_init()
     # FSDP2 has no getter: a module reshards after forward when its groups have a post-forward mesh
-    reshards = [any(g.post_forward_mesh_info is not None for g in m._get_fsdp_state()._fsdp_param_groups)
-                for m in fsdp_modules]
+    reshards = [any(g.post_forward_mesh_info is not None for g in _fsdp_param_groups(m)) for m in fsdp_modules]
     for m in fsdp_modules:
         m.unshard()
         m.set_reshard_after_forward(False, recurse=False)
@@ -1161,6 +1160,15 @@ def gathered_params(model):
         for m, reshard_after_forward in zip(fsdp_modules, reshards):
             m.set_reshard_after_forward(reshard_after_forward, recurse=False)
             m.reshard()
+
+
+def _fsdp_param_groups(module):
+    """An FSDP2 module's parameter groups: a list in torch 2.13 (`_fsdp_param_groups`), one group
+    or None in torch 2.11 (`_fsdp_param_group`), the version GPU images often hold."""
+    state = module._get_fsdp_state()
+    if hasattr(state, "_fsdp_param_groups"):
+        return state._fsdp_param_groups
+    return [state._fsdp_param_group] if state._fsdp_param_group is not None else []
 
 
 def flops_per_token(cfg: ModelConfig, seq_len):

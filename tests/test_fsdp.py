@@ -143,6 +143,21 @@ def test_a_rollout_leaves_training_with_as_many_all_gathers(fsdp_checks):
         assert r["plain"] > 0 and r["after_rollout"] == r["plain"], r
 
 
+def test_param_groups_are_read_in_both_torch_layouts():
+    """gathered_params reads each FSDP2 module's parameter groups from a private attribute: a list in
+    torch 2.13, one group or None in torch 2.11 (the first GPU run, on a 2.11 image, stopped at its first
+    rollout on the missing list). Stand-ins of both states; the real 2.13 modules run in the test above."""
+    import types
+
+    import model as M
+
+    group = object()
+    for state, groups in ((types.SimpleNamespace(_fsdp_param_group=group), [group]),
+                          (types.SimpleNamespace(_fsdp_param_group=None), []),
+                          (types.SimpleNamespace(_fsdp_param_groups=[group, group]), [group, group])):
+        assert M._fsdp_param_groups(types.SimpleNamespace(_get_fsdp_state=lambda state=state: state)) == groups
+
+
 def test_aligned_passes_pads_to_the_busiest_rank(monkeypatch):
     """As rank 0 of a run whose busiest rank has 3 micro-batches (train_utils.ranks_max stands in)."""
     monkeypatch.setattr(train_utils, "ranks_max", lambda count: 3)
