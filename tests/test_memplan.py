@@ -295,3 +295,10 @@ def test_plan_of_the_released_7b_needs_only_its_config(tmp_path, capsys):
     sft = capsys.readouterr().out
     assert "reference" not in sft and {line.split()[1] for line in sft.splitlines() if line.startswith("warning")} \
         == {"resident", "update", "optimizer"}
+    assert "--attention sdpa" not in stage1 + small + sft  # flash-attn's attention is what the rows count
+
+    # without flash-attn the plan says what it leaves out; the rows stay flash-attn's
+    assert train_grpo.main(["--stage", "1", *args, "--gpu-memory-gib", "80", "--attention", "sdpa"]) == 0
+    sdpa = capsys.readouterr().out.splitlines()
+    assert sdpa[-1].startswith("not counted either: --attention sdpa's padded score matrices")
+    assert sdpa[:-1] == stage1.splitlines()
