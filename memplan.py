@@ -367,7 +367,7 @@ def gib(n):
     return f"{n / GIB:.1f}"
 
 
-def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases, gpu_gib, attention="flash"):
+def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases, gpu_gib, attention):
     """The printed plan: what is planned, one row per phase (GiB per GPU, whether it fits in
     `gpu_gib`, what it holds), then one warning line per phase that does not fit. Attention is counted as
     flash-attn's (`attention` "sdpa": a line says what that leaves out)."""

@@ -55,10 +55,11 @@ SIZES = {
 def run(args, log):
     """One step: `python <script> <args>`, echoed, its output tee'd to the log, then its wall time
     (where a pipeline's minutes go) on the console and in the log."""
-    print("$ python " + " ".join(args), flush=True)
+    command = "$ python " + " ".join(args)
+    print(command, flush=True)
     start = time.monotonic()
     with open(log, "a") as f:
-        f.write("$ python " + " ".join(args) + "\n")
+        f.write(command + "\n")
         f.flush()
         subprocess.run([sys.executable, *args], check=True, stdout=f, stderr=subprocess.STDOUT)
         took = f"  took {time.monotonic() - start:.0f} s"

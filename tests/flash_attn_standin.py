@@ -166,14 +166,15 @@ def install(monkeypatch):
     import model
 
     calls = []
-
-    def recorded(function):
-        def call(q, *args, **kwargs):
-            calls.append((function.__name__, q.dtype))
-            return function(q, *args, **kwargs)
-        return call
-
-    monkeypatch.setattr(model, "flash_attn_varlen_func", recorded(flash_attn_varlen_func))
+    monkeypatch.setattr(model, "flash_attn_varlen_func", recorded(flash_attn_varlen_func, calls))
     monkeypatch.setattr(model, "use_flash", lambda q: True)
-    monkeypatch.setattr(generate, "flash_attn_with_kvcache", recorded(flash_attn_with_kvcache))
+    monkeypatch.setattr(generate, "flash_attn_with_kvcache", recorded(flash_attn_with_kvcache, calls))
     return calls
+
+
+def recorded(function, calls):
+    """`function`, appending (its name, q's dtype) to `calls` at every call."""
+    def call(q, *args, **kwargs):
+        calls.append((function.__name__, q.dtype))
+        return function(q, *args, **kwargs)
+    return call

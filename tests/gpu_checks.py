@@ -76,23 +76,16 @@ def memory_by_phase(argv):
 
 def flash_standin(which, world, out):
     """train_sft (paper preset) or two GRPO steps with `import flash_attn` answered by the stand-in, which
-    checks the kernels' contracts on the tensors it gets; prints how many calls of each ran on which
-    device. The stand-in reads tensors on the host, which a CUDA graph capture refuses: generation runs
-    without graphs."""
+    checks the kernels' contracts on the tensors it gets; prints how many calls of each ran, in which
+    dtype (all on CUDA: model.use_flash opens the flash branches for CUDA tensors only). The stand-in
+    reads tensors on the host, which a CUDA graph capture refuses: generation runs without graphs."""
     from tests import flash_attn_standin
 
-    calls = Counter()
-
-    def recorded(function):
-        def call(q, *args, **kwargs):
-            calls[function.__name__, str(q.dtype), str(q.device)] += 1
-            return function(q, *args, **kwargs)
-        return call
-
+    calls = []
     package = types.ModuleType("flash_attn")
     package.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
-    package.flash_attn_varlen_func = recorded(flash_attn_standin.flash_attn_varlen_func)
-    package.flash_attn_with_kvcache = recorded(flash_attn_standin.flash_attn_with_kvcache)
+    package.flash_attn_varlen_func = flash_attn_standin.recorded(flash_attn_standin.flash_attn_varlen_func, calls)
+    package.flash_attn_with_kvcache = flash_attn_standin.recorded(flash_attn_standin.flash_attn_with_kvcache, calls)
     sys.modules["flash_attn"] = package
     import generate
     import train_grpo
@@ -109,7 +102,7 @@ def flash_standin(which, world, out):
                          "--data", os.path.join(world, "data", "rl.jsonl"), "--out-root", out,
                          "--prompts-per-rollout", "8", "--prompts-per-update", "8", "--save-every", "0",
                          "--min-pixels", "784", "--max-pixels", "12544"])
-    print("flash-attn calls:", dict(calls))
+    print("flash-attn calls:", dict(Counter(calls)))
 
 
 if __name__ == "__main__":
