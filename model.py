@@ -298,13 +298,20 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
                   for x, length, token, slot, pos in ((q, max_q, q_token, q_slot, q_pos),
                                                       (k, max_k, k_token, k_slot, k_pos),
                                                       (v, max_k, k_token, k_slot, k_pos))]
-        keys = torch.arange(max_k, device=q.device)
-        mask = (keys < k_lengths[members, None])[:, None, None, :]  # [G, 1, 1, Lk]: real keys only
-        if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
-            last_key = torch.arange(max_q, device=q.device) + (k_lengths - q_lengths)[members, None]
-            mask = mask & (keys <= last_key[:, :, None])[:, None]
-        out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, enable_gqa=gqa).transpose(1, 2)[
-            q_slot, q_pos]
+        offsets = (k_lengths - q_lengths)[members]
+        if causal and not offsets.any():
+            # queries are their sequence's keys: the kernel's own causal mask alone (no real query reaches
+            # the padding after its sequence). On CPU the same bits as the explicit mask below (torch 2.13);
+            # on CUDA, SDPA may then take its fused causal kernels, which a materialised mask rules out.
+            mask = None
+        else:
+            keys = torch.arange(max_k, device=q.device)
+            mask = (keys < k_lengths[members, None])[:, None, None, :]  # [G, 1, 1, Lk]: real keys only
+            if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
+                last_key = torch.arange(max_q, device=q.device) + offsets[:, None]
+                mask = mask & (keys <= last_key[:, :, None])[:, None]
+        out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, is_causal=mask is None and causal,
+                                                      enable_gqa=gqa).transpose(1, 2)[q_slot, q_pos]
     return out
 
 
