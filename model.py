@@ -237,16 +237,17 @@ def _vision_config(raw):
 PADDED_ATTENTION_MAX_SCORES = 2**26  # B * Hq * Lmax^2 beyond which SDPA runs sequence by sequence
 ATTENTION_BACKENDS = ("flash", "sdpa")
 attention_backend = "flash"  # this process's choice (set_attention): "sdpa" keeps flash-attn out even on CUDA
-FLASH_ATTN_MISSING = ("flash-attn is not installed, and on CUDA attention without it takes SDPA's math kernel "
-                      "(O(L^2) memory: out of memory at long contexts): pip install -r requirements-gpu.txt "
-                      "--no-build-isolation, or pass --attention sdpa to run without it")
+FLASH_ATTN_MISSING = ("flash-attn is not installed, and on CUDA attention without it runs SDPA over padded "
+                      "batches (more time and memory; a masked call takes the math kernel, O(L^2) memory): "
+                      "pip install -r requirements-gpu.txt --no-build-isolation, or pass --attention sdpa to run "
+                      "without it")
 
 
 def set_attention(requested, device):
     """Choose this process's attention kernels and return the backend in use on `device`: "flash"
     (flash-attn's varlen and KV-cache kernels) on CUDA, "sdpa" on CPU or when asked for. "flash" on
     CUDA without flash-attn installed exits with FLASH_ATTN_MISSING: falling back silently would
-    trade the O(L) kernel for SDPA's O(L^2) masked math kernel. Example: ("flash", cpu) -> "sdpa"."""
+    trade the varlen kernel for SDPA over padded batches. Example: ("flash", cpu) -> "sdpa"."""
     global attention_backend
     if requested not in ATTENTION_BACKENDS:
         raise SystemExit(f"attention must be one of {ATTENTION_BACKENDS}, got {requested!r}")
@@ -274,7 +275,9 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     CUDA with flash-attn uses its varlen kernel (`use_flash`). Otherwise SDPA over the sequences
     padded into [B, Lmax] batches, one per group of similar lengths (`length_groups`; one kernel
     call per group beats a Python loop of small ones, in backward above all), or one call per
-    sequence when a group's padded score matrix would be too large.
+    sequence when a group's padded score matrix would be too large. A call passes no mask where
+    none is needed: a group without padding, or causal with the queries at their own key positions
+    (`_causal_without_mask`).
     """
     cu_k = cu_seqlens if cu_seqlens_k is None else cu_seqlens_k
     q_lengths, k_lengths = ((cu[1:] - cu[:-1]).long() for cu in (cu_seqlens, cu_k))
@@ -286,44 +289,66 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     q_spans, k_spans = _spans(cu_seqlens), _spans(cu_k)
     for group in length_groups(k_lengths.tolist()):
         members = torch.tensor(group, device=q.device)
-        max_q, max_k = int(q_lengths[members].max()), int(k_lengths[members].max())
+        offsets = (k_lengths - q_lengths)[members]  # query i of sequence b sits at key position i + offsets[b]
+        unmasked = _causal_without_mask(q, causal, bool(offsets.any()))
+        max_k = int(k_lengths[members].max())
+        max_q = max_k if unmasked else int(q_lengths[members].max())
         if len(group) * q.shape[1] * max_q * max_k > PADDED_ATTENTION_MAX_SCORES:
             for i in group:
                 _sequence_attention(out, q, k, v, q_spans[i], k_spans[i], causal, gqa)
             continue
         q_token, q_slot, q_pos = _group_slots(cu_seqlens, q_lengths, members)
+        if unmasked:  # each query at its key position; the rows before a response's first are its prompt's
+            q_pos = q_pos + offsets[q_slot]
         k_token, k_slot, k_pos = _group_slots(cu_k, k_lengths, members)
         padded = [x.new_zeros(len(members), length, *x.shape[1:]).index_put_((slot, pos), x.index_select(0, token))
                   .transpose(1, 2)
                   for x, length, token, slot, pos in ((q, max_q, q_token, q_slot, q_pos),
                                                       (k, max_k, k_token, k_slot, k_pos),
                                                       (v, max_k, k_token, k_slot, k_pos))]
-        offsets = (k_lengths - q_lengths)[members]
-        if causal and not offsets.any():
-            # queries are their sequence's keys: the kernel's own causal mask alone (no real query reaches
-            # the padding after its sequence). On CPU the same bits as the explicit mask below (torch 2.13);
-            # on CUDA, SDPA may then take its fused causal kernels, which a materialised mask rules out.
-            mask = None
-        else:
+        mask = None  # unmasked, or neither causal nor padded
+        if not unmasked and (causal or bool((k_lengths[members] < max_k).any())):
             keys = torch.arange(max_k, device=q.device)
             mask = (keys < k_lengths[members, None])[:, None, None, :]  # [G, 1, 1, Lk]: real keys only
-            if causal:  # query i of sequence b sits at key position i + Lk_b - Lq_b
+            if causal:
                 last_key = torch.arange(max_q, device=q.device) + offsets[:, None]
                 mask = mask & (keys <= last_key[:, :, None])[:, None]
-        out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, is_causal=mask is None and causal,
+        out[q_token] = F.scaled_dot_product_attention(*padded, attn_mask=mask, is_causal=unmasked,
                                                       enable_gqa=gqa).transpose(1, 2)[q_slot, q_pos]
     return out
 
 
+CAUSAL_WITHOUT_MASK_DEVICES = ("cuda",)
+
+
+def _causal_without_mask(q, causal, offset):
+    """Whether a causal SDPA call over `q`'s sequences runs SDPA's own causal mask, with each query
+    placed at its key position, instead of a materialised mask: always where queries and keys are one
+    sequence (`offset` False; no real query reaches the padding after its sequence; on CPU the same
+    bits as the mask, torch 2.13); for a response after its prompt (`offset` True) on
+    CAUSAL_WITHOUT_MASK_DEVICES, its prompt's positions then holding zero queries whose outputs are
+    dropped. On CUDA a mask keeps SDPA off its fused kernels (grouped-query attention with a mask
+    takes the math kernel: a [B, H, Lq, Lk] score matrix, out of memory at the paper's lengths); on
+    CPU its fused kernel takes the mask, and the prompt's rows would cost more than it saves."""
+    return causal and (not offset or q.device.type in CAUSAL_WITHOUT_MASK_DEVICES)
+
+
 def _sequence_attention(out, q, k, v, q_span, k_span, causal, gqa):
     """One sequence's SDPA, written into out[q_span]: its queries are its last keys when it has
-    more keys than queries (a response after its shared prompt)."""
+    more keys than queries (a response after its shared prompt; `_causal_without_mask` decides
+    between a bottom-right mask and zero queries before the sequence's own)."""
     (qs, qe), (ks, ke) = q_span, k_span
     offset = (ke - ks) - (qe - qs)
-    mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset) if causal and offset else None
+    query, mask = q[qs:qe], None
+    if _causal_without_mask(q, causal, offset > 0):
+        if offset:
+            query = F.pad(query, (0, 0, 0, 0, offset, 0))  # [Lk, Hq, D]: the prompt's rows zero
+    elif causal:
+        mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset)
+    # a batch of one: SDPA's fused kernels take 4-d inputs only (3-d ones go to the math kernel)
     out[qs:qe] = F.scaled_dot_product_attention(
-        q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1), v[ks:ke].transpose(0, 1),
-        attn_mask=mask, is_causal=causal and not offset, enable_gqa=gqa).transpose(0, 1)
+        query.transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None and causal, enable_gqa=gqa)[0].transpose(0, 1)[len(query) - (qe - qs):]
 
 
 SIMILAR_LENGTH = 0.75  # a padded attention group holds sequences at least this share of its longest

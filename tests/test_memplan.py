@@ -300,5 +300,5 @@ def test_plan_of_the_released_7b_needs_only_its_config(tmp_path, capsys):
     # without flash-attn the plan says what it leaves out; the rows stay flash-attn's
     assert train_grpo.main(["--stage", "1", *args, "--gpu-memory-gib", "80", "--attention", "sdpa"]) == 0
     sdpa = capsys.readouterr().out.splitlines()
-    assert sdpa[-1].startswith("not counted either: --attention sdpa's padded score matrices")
+    assert sdpa[-1].startswith("not counted either: --attention sdpa's padded batches")
     assert sdpa[:-1] == stage1.splitlines()

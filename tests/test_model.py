@@ -302,10 +302,14 @@ def test_length_groups_docstring_example():
 
 
 @pytest.mark.parametrize("shared_prefix", [False, True])
-def test_grouped_padded_attention_equals_attention_sequence_by_sequence(monkeypatch, shared_prefix):
+@pytest.mark.parametrize("without_mask", [False, True])
+def test_grouped_padded_attention_equals_attention_sequence_by_sequence(monkeypatch, shared_prefix, without_mask):
     """Five sequences in three or four length groups (causal, grouped-query; with shared-prefix keys, the
     responses' queries after their prompt's keys): outputs and gradients equal one SDPA call per
-    sequence (float64, so any misplaced token or mask shows)."""
+    sequence (float64, so any misplaced token or mask shows). `without_mask`: the CUDA branch on CPU
+    (`model.CAUSAL_WITHOUT_MASK_DEVICES`), every call 4-d with SDPA's own causal mask over as many
+    queries as keys, no mask tensor (what its fused CUDA kernels take), grouped and sequence by
+    sequence, against the CPU branch's masks."""
     lengths, prefix_of = [9, 2, 8, 3, 2], ([-1, 0, 0, -1, 3] if shared_prefix else [-1] * 5)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     key_index, cu_k = M.shared_prefix_keys(cu, prefix_of)
@@ -320,10 +324,25 @@ def test_grouped_padded_attention_equals_attention_sequence_by_sequence(monkeypa
                                  cu_seqlens_k=cu_k)
         return (out,) + torch.autograd.grad((out * weights).sum(), (q, k, v))
 
-    grouped = attention()
+    reference = attention()  # the CPU branch, grouped
+    calls = []
+    if without_mask:
+        sdpa = M.F.scaled_dot_product_attention
+
+        def recorded(query, key, value, **kwargs):
+            calls.append((query.dim(), query.shape[-2], key.shape[-2], kwargs["attn_mask"], kwargs["is_causal"]))
+            return sdpa(query, key, value, **kwargs)
+        monkeypatch.setattr(M, "CAUSAL_WITHOUT_MASK_DEVICES", ("cpu",))
+        monkeypatch.setattr(M.F, "scaled_dot_product_attention", recorded)
+        for a, b in zip(reference, attention()):
+            assert (a - b).abs().max() <= 1e-12
     monkeypatch.setattr(M, "PADDED_ATTENTION_MAX_SCORES", 0)
-    for a, b in zip(grouped, attention()):
+    for a, b in zip(reference, attention()):
         assert (a - b).abs().max() <= 1e-12
+    groups = len(M.length_groups((cu_k[1:] - cu_k[:-1]).tolist()))
+    assert len(calls) == (groups + len(lengths)) * without_mask
+    # SDPA's fused kernels: 4-d inputs, no mask, is_causal with as many queries as keys
+    assert all(dim == 4 and lq == lk and mask is None and is_causal for dim, lq, lk, mask, is_causal in calls)
 
 
 def test_shared_prefix_keys_docstring_example():
