@@ -327,9 +327,9 @@ def _causal_without_mask(q, causal, offset):
     sequence (`offset` False; no real query reaches the padding after its sequence; on CPU the same
     bits as the mask, torch 2.13); for a response after its prompt (`offset` True) on
     CAUSAL_WITHOUT_MASK_DEVICES, its prompt's positions then holding zero queries whose outputs are
-    dropped. On CUDA a mask keeps SDPA off its fused kernels (grouped-query attention with a mask
-    takes the math kernel: a [B, H, Lq, Lk] score matrix, out of memory at the paper's lengths); on
-    CPU its fused kernel takes the mask, and the prompt's rows would cost more than it saves."""
+    dropped. On CUDA a mask keeps SDPA off its flash kernel (a masked grouped-query call can take the
+    math kernel: a [B, H, Lq, Lk] score matrix, out of memory at the paper's lengths); on CPU its
+    fused kernel takes the mask, and the prompt's rows would cost more than they save."""
     return causal and (not offset or q.device.type in CAUSAL_WITHOUT_MASK_DEVICES)
 
 
