@@ -413,13 +413,15 @@ class CrossAttention(Attention):
         """Each sequence's tokens attend to its own images' keys (`cross.spans`); the tokens of a
         sequence without images get zeros. q [T, Hq, D]; k, v [N, Hkv, D] over cross.states."""
         # query head h reads key head h // groups; expanded here, not by SDPA's enable_gqa, which
-        # sends a masked call on CUDA to the math kernel (O(queries x keys) memory per head)
+        # can send a masked call on CUDA to the math kernel (O(queries x keys) memory per head); and a
+        # batch of one, as SDPA's fused kernels take 4-d inputs only
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = torch.zeros_like(q)
         for (qs, qe, ks, ke), allowed in zip(cross.spans, cross.allowed):
-            out[qs:qe] = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
-                                                        v[ks:ke].transpose(0, 1), attn_mask=allowed).transpose(0, 1)
+            out[qs:qe] = F.scaled_dot_product_attention(
+                q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
+                attn_mask=allowed)[0].transpose(0, 1)
         return out
 
     def forward(self, x, cross: CrossInputs, attend=None):

@@ -100,6 +100,23 @@ def test_packed_forward_equals_each_sample_run_alone(models):
     assert (alone[0] - in_batch[0]).abs().max() > 100 * TOL
 
 
+def test_every_attention_call_is_4d(models, monkeypatch):
+    """SDPA's fused kernels take 4-d inputs only (3-d ones take the math kernel, O(queries x keys)
+    memory per head, on CUDA too): every call of a packed forward with images (vision tiles,
+    self-attention, cross-attention) is 4-d."""
+    ours, _ = models
+    ids, cu, images = tiny.pack([tiny.process(*s) for s in SAMPLES])
+    sdpa, dims = MM.F.scaled_dot_product_attention, []
+
+    def recorded(query, key, value, **kwargs):
+        dims.append((query.dim(), key.dim(), value.dim()))
+        return sdpa(query, key, value, **kwargs)
+    monkeypatch.setattr(MM.F, "scaled_dot_product_attention", recorded)
+    with torch.no_grad():
+        ours.forward_packed(ids, cu, **images)
+    assert len(dims) >= 2 * 3 and set(dims) == {(4, 4, 4)}  # two cross-attention layers x three samples with images
+
+
 def test_packed_logprobs_is_the_packed_forward_through_the_head(models):
     ours, _ = models
     ids, cu, images = tiny.pack([tiny.process(*s) for s in SAMPLES[1:3]])
