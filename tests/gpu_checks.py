@@ -6,6 +6,8 @@ pytest (CI has no GPU); each is a plain command over the real scripts:
     python tests/gpu_checks.py memory TRAIN_GRPO_FLAGS...     # train_grpo.main, each phase's allocated GiB printed
     python tests/gpu_checks.py flash sft|grpo WORLD OUT       # the flash-attn branches on CUDA tensors, with
                                                               # tests/flash_attn_standin.py as the flash_attn package
+    python tests/gpu_checks.py sdpa-flash TRAIN_GRPO_FLAGS... # train_grpo.main with --attention sdpa's training
+                                                              # passes held to SDPA's flash kernel
 
 WORLD is a `python synthetic.py --preset tiny --out WORLD` folder (with `make_cold_data.py build` output in
 WORLD/cold/cold.jsonl for `flash sft`).
@@ -105,6 +107,25 @@ def flash_standin(which, world, out):
     print("flash-attn calls:", dict(Counter(calls)))
 
 
+def sdpa_flash_only(argv):
+    """train_grpo.main(argv) (with --attention sdpa) with its frozen log-prob passes and updates allowed
+    SDPA's flash kernel only: a call that would take another kernel (a mask, 3-d inputs, more queries than
+    keys under is_causal) stops the run with "No available kernel". For WORLD's data, whose images are all
+    one size (mixed sizes pad the vision tower's windows, under a mask). Generation keeps every kernel:
+    its decode step attends one query per row under a mask."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import train_grpo
+
+    for name in ("frozen_logprobs", "accumulate_gradients"):
+        def flash_only(*args, _original=getattr(train_grpo, name), **kwargs):
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return _original(*args, **kwargs)
+        setattr(train_grpo, name, flash_only)
+    train_grpo.main(argv)
+    print("sdpa-flash: every training pass ran on SDPA's flash kernel")
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:] or ["-h"]
     if command == "checkpoint":
@@ -113,5 +134,7 @@ if __name__ == "__main__":
         memory_by_phase(rest)
     elif command == "flash":
         flash_standin(*rest)
+    elif command == "sdpa-flash":
+        sdpa_flash_only(rest)
     else:
         sys.exit(__doc__)
