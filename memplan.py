@@ -392,10 +392,10 @@ def format_plan(path, model, world, replicate_degree, param_dtype, lines, phases
                        f"more than --gpu-memory-gib {gpu_gib:g}")
     out.append("not counted: the CUDA context, NCCL buffers and allocator fragmentation (a few GiB)")
     if attention == "sdpa":
-        out.append("not counted either: --attention sdpa's padded batches, and the score matrices of its masked "
-                   "calls, which flash-attn never holds (measured on one H200 when every group was masked: "
-                   "+4.6-5.5 GiB in an update at 1,024-token responses, 1.24B model; they grow with the square "
-                   "of the length)")
+        out.append("not counted either: --attention sdpa's padded batches, and the score matrices of calls that "
+                   "take SDPA's math kernel, which flash-attn never holds (measured on one H200 while the "
+                   "training calls were 3-d and masked: +4.6-5.5 GiB in an update at 1,024-token responses, "
+                   "1.24B model; they grow with the square of the length)")
     return "\n".join(out)
 
 
