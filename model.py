@@ -287,12 +287,13 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
     gqa = k.shape[1] != q.shape[1]
     out = torch.empty_like(q)
     q_spans, k_spans = _spans(cu_seqlens), _spans(cu_k)
-    for group in length_groups(k_lengths.tolist()):
+    q_list, k_list = q_lengths.tolist(), k_lengths.tolist()  # the groups' sizes on the host, read once
+    for group in length_groups(k_list):
         members = torch.tensor(group, device=q.device)
         offsets = (k_lengths - q_lengths)[members]  # query i of sequence b sits at key position i + offsets[b]
-        unmasked = _causal_without_mask(q, causal, bool(offsets.any()))
-        max_k = int(k_lengths[members].max())
-        max_q = max_k if unmasked else int(q_lengths[members].max())
+        unmasked = _causal_without_mask(q, causal, any(k_list[i] != q_list[i] for i in group))
+        max_k = max(k_list[i] for i in group)
+        max_q = max_k if unmasked else max(q_list[i] for i in group)
         if len(group) * q.shape[1] * max_q * max_k > PADDED_ATTENTION_MAX_SCORES:
             for i in group:
                 _sequence_attention(out, q, k, v, q_spans[i], k_spans[i], causal, gqa)
@@ -307,7 +308,7 @@ def varlen_attention(q, k, v, cu_seqlens, causal, cu_seqlens_k=None):
                                                       (k, max_k, k_token, k_slot, k_pos),
                                                       (v, max_k, k_token, k_slot, k_pos))]
         mask = None  # unmasked, or neither causal nor padded
-        if not unmasked and (causal or bool((k_lengths[members] < max_k).any())):
+        if not unmasked and (causal or any(k_list[i] < max_k for i in group)):
             keys = torch.arange(max_k, device=q.device)
             mask = (keys < k_lengths[members, None])[:, None, None, :]  # [G, 1, 1, Lk]: real keys only
             if causal:
@@ -345,10 +346,16 @@ def _sequence_attention(out, q, k, v, q_span, k_span, causal, gqa):
             query = F.pad(query, (0, 0, 0, 0, offset, 0))  # [Lk, Hq, D]: the prompt's rows zero
     elif causal:
         mask = torch.ones(qe - qs, ke - ks, dtype=torch.bool, device=q.device).tril(offset)
-    # a batch of one: SDPA's fused kernels take 4-d inputs only (3-d ones go to the math kernel)
-    out[qs:qe] = F.scaled_dot_product_attention(
-        query.transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
-        attn_mask=mask, is_causal=mask is None and causal, enable_gqa=gqa)[0].transpose(0, 1)[len(query) - (qe - qs):]
+    out[qs:qe] = sequence_sdpa(query, k[ks:ke], v[ks:ke], attn_mask=mask, is_causal=mask is None and causal,
+                               enable_gqa=gqa)[len(query) - (qe - qs):]
+
+
+def sequence_sdpa(q, k, v, **kwargs):
+    """SDPA over one sequence in the packed layout: q [Lq, Hq, D], k/v [Lk, Hkv, D] -> [Lq, Hq, D];
+    `kwargs` as F.scaled_dot_product_attention's. Called as a batch of one: SDPA's fused kernels take
+    4-d inputs only, and 3-d ones go to its math kernel (the whole score matrix) on every device."""
+    return F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          **kwargs)[0].transpose(0, 1)
 
 
 SIMILAR_LENGTH = 0.75  # a padded attention group holds sequences at least this share of its longest

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (Attention, DecoderLayer, GatedMLP, RMSNorm, _not_implemented, _padded_slots, _refuse_other_rope,
-                   _refuse_other_values, _required, _rope_dict, _spans, padded_logits, token_logprobs, unpadded,
-                   varlen_attention)
+                   _refuse_other_values, _required, _rope_dict, _spans, padded_logits, sequence_sdpa, token_logprobs,
+                   unpadded, varlen_attention)
 
 # -----------------------------------------------------------------------------
 # 1. config
@@ -413,15 +413,12 @@ class CrossAttention(Attention):
         """Each sequence's tokens attend to its own images' keys (`cross.spans`); the tokens of a
         sequence without images get zeros. q [T, Hq, D]; k, v [N, Hkv, D] over cross.states."""
         # query head h reads key head h // groups; expanded here, not by SDPA's enable_gqa, which
-        # can send a masked call on CUDA to the math kernel (O(queries x keys) memory per head); and a
-        # batch of one, as SDPA's fused kernels take 4-d inputs only
+        # can send a masked call on CUDA to the math kernel (O(queries x keys) memory per head)
         groups = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = torch.zeros_like(q)
         for (qs, qe, ks, ke), allowed in zip(cross.spans, cross.allowed):
-            out[qs:qe] = F.scaled_dot_product_attention(
-                q[qs:qe].transpose(0, 1)[None], k[ks:ke].transpose(0, 1)[None], v[ks:ke].transpose(0, 1)[None],
-                attn_mask=allowed)[0].transpose(0, 1)
+            out[qs:qe] = sequence_sdpa(q[qs:qe], k[ks:ke], v[ks:ke], attn_mask=allowed)
         return out
 
     def forward(self, x, cross: CrossInputs, attend=None):
