@@ -3,10 +3,11 @@ the process group a GPU run asks for."""
 
 import datetime
 import os
-import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
@@ -27,27 +28,40 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False):
-    """stdout of `script` run on `nproc` CPU ranks. A run past `timeout` seconds (ranks waiting on
-    each other's collectives) is killed with all its workers and fails the test. With
-    `rerun_on_teardown_abort`, a run in which a rank aborts with TEARDOWN_ABORT is run once more:
-    torch 2.13's gloo does that now and then (a few runs in a hundred here) after the workers'
-    results are out and the process group destroyed. Only for scripts that write nothing a second
-    run would find."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    """stdout of `script` run on `nproc` CPU ranks (rank 0's first), each process started as
+    `torchrun --nproc_per_node nproc` starts it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+    MASTER_ADDR and MASTER_PORT for the env:// rendezvous: all our scripts read) but without torchrun's
+    own launcher process, whose torch import cost ~5 s a launch here. As torchrun does, a rank that
+    fails stops the others (they would wait on its collectives); a run past `timeout` seconds is
+    killed and fails the test. With `rerun_on_teardown_abort`, a run in which a rank aborts with
+    TEARDOWN_ABORT is run once more: torch 2.13's gloo does that now and then (a few runs in a hundred
+    here) after the workers' results are out and the process group destroyed. Only for scripts that
+    write nothing a second run would find."""
     for _ in range(2 if rerun_on_teardown_abort else 1):
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                                 "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script,
-                                 *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the workers too, not only torchrun
-            stdout, stderr = proc.communicate()
-            raise AssertionError(f"{script} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}") from None
-        if proc.returncode == 0 or TEARDOWN_ABORT not in stderr:
+        port, logs, ranks = free_port(), [], []
+        for rank in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "RANK": str(rank),
+                   "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))  # pipes could fill and block
+            ranks.append(subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=env,
+                                          stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+        deadline, timed_out = time.monotonic() + timeout, False
+        while any(rank.poll() is None for rank in ranks) and not any(rank.poll() for rank in ranks):
+            timed_out = time.monotonic() > deadline
+            if timed_out:
+                break
+            time.sleep(0.05)
+        for rank in ranks:  # a failed rank's peers wait on its collectives: stop them
+            if rank.poll() is None:
+                rank.kill()
+            rank.wait()
+        stdout, stderr = ("".join(log.seek(0) or log.read() for log in stream) for stream in zip(*logs))
+        if timed_out:
+            raise AssertionError(f"{script} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}")
+        if all(rank.returncode == 0 for rank in ranks) or TEARDOWN_ABORT not in stderr:
             break
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert all(rank.returncode == 0 for rank in ranks), stdout[-3000:] + stderr[-3000:]
     return stdout
 
 

@@ -149,11 +149,12 @@ def color_problems(tiny_world, seed=0):
 def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tiny_world, tmp_path, monkeypatch):
     """SFT teaches the tiny model to copy the color from the question, but closes half of its answers
     in a format the hard reward scores 0 ("The answer is red." instead of the <answer> block): its
-    held-out reward is about 50%. 20 GRPO steps (8 prompts x 8 samples) on the training problems
-    raise it on 48 held-out problems (4 samples each at temperature 0.6) by at least 25 points
-    (measured 51 -> 100 and, with the problems shuffled by seed 1, 53 -> 90): the policy learns the
-    rewarded format from its own samples. (The pipeline shows the same on the synthetic world's
-    questions, at minutes per stage: README, Table 4.)"""
+    held-out reward is 50-65% (3 epochs: the loss is near its floor, the entropy of the two
+    closings). 20 GRPO steps (8 prompts x 8 samples) on the training problems raise it on 48 held-out
+    problems (4 samples each at temperature 0.6) by at least 25 points (measured 64 -> 100 and, with
+    the problems shuffled by seed 1, 52 -> 100): the policy learns the rewarded format from its own
+    samples. (The pipeline shows the same on the synthetic world's questions, at minutes per stage:
+    README, Table 4.)"""
     import random
 
     import evaluate
@@ -174,7 +175,7 @@ def test_grpo_raises_held_out_reward_over_the_sft_checkpoint(tiny_world, tmp_pat
             f.writelines(json.dumps(row) + "\n" for row in rows)
     ci = str(tmp_path / "ci" / "final")
     train_sft.main(["--preset", "toy", "--model", os.path.join(tiny_world, "model"), "--data", str(tmp_path / "sft.jsonl"),
-                    "--out", str(tmp_path / "ci"), "--epochs", "6", "--lr", "2e-3", "--schedule", "constant",
+                    "--out", str(tmp_path / "ci"), "--epochs", "3", "--lr", "2e-3", "--schedule", "constant",
                     "--eval-holdout", "0", "--save-every", "0"])
     train_grpo.main(["--preset", "toy", "--init", ci, "--ref", ci, "--data", str(tmp_path / "rl.jsonl"), "--lr", "3e-4",
                      "--out-root", str(tmp_path / "grpo"), "--stages", "48x8x20", "--length-scale", "1",

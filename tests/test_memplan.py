@@ -142,9 +142,11 @@ def prompt(model, generator):
 @pytest.fixture(scope="module")
 def measured_step(tmp_path_factory):
     """Live bytes of a GRPO step's phases as train_grpo.main runs them, in one process at bf16 compute
-    (FSDP2-wrapped: the GPU path): a policy and a reference loaded shard by shard; two updates of two
-    packed micro-batches (a prompt and 4 responses at the cap; gradients accumulate) and optimizer
-    steps; a rollout within a KV budget of 3 slots. Returns (checkpoint, measured bytes per phase)."""
+    (FSDP2-wrapped: the GPU path): a policy and a reference loaded shard by shard; an update of one
+    packed micro-batch (a prompt and 4 responses at the cap) and an optimizer step, which makes
+    AdamW's states; the measured step: an update of two such micro-batches (gradients accumulate) and
+    an optimizer step; a rollout within a KV budget of 3 slots. Returns (checkpoint, measured bytes
+    per phase)."""
     path = str(tmp_path_factory.mktemp("memplan") / "model")
     write_checkpoint(path)
     threads = torch.get_num_threads()
@@ -163,12 +165,12 @@ def measured_step(tmp_path_factory):
             group = {**prompt(policy, generator), "rows": list(range(SAMPLES)),
                      "continuations": [torch.randint(0, 100, (LENGTH,), generator=generator).tolist()
                                        for _ in range(SAMPLES)]}
-            # a second step's update and optimizer (the first makes AdamW's states), resident state, rollout
+            # the second step's update and optimizer are the ones measured (a later phase overwrites)
             for phase in ("update", "optimizer", "update", "optimizer", "resident", "rollout"):
                 live.measure()
                 if phase == "update":
                     policy.train()
-                    for _ in range(2):
+                    for _ in range(2 if "optimizer" in measured else 1):
                         batch, = data.pack_shared_prompts([group], MICRO_BATCH)
                         _, logp, _, mask = train_grpo.response_logprobs(policy, batch, LENGTH, 1.0, "cpu",
                                                                         with_entropy=True)

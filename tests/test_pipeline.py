@@ -48,7 +48,7 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
 def test_mllama_mini_pipeline_runs_the_cold_start_and_prints_the_ci_vs_base_table(tmp_path):
     """--arch mllama: the world's model is a Llama 3.2 Vision, both SFTs train it, evaluate.py scores
     base and CI, and the table's numbers are the summary files'; no GRPO stage runs."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
+    env = {**os.environ, "WANDB_MODE": "disabled"}  # the Qwen pipeline above runs wandb (offline): ~4 s a step
     out = subprocess.run([sys.executable, "pipeline.py", "--arch", "mllama", "--size", "mini", "--out", str(tmp_path),
                           "--threads", "1"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
