@@ -27,9 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
 
-from train_utils import InputError
+from train_utils import InputError, is_dtensor
 
 try:  # GPU-only kernels; every code path has an SDPA twin that the CPU tests exercise.
     from flash_attn import flash_attn_varlen_func
@@ -1095,7 +1094,7 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, dtype=None):
     transformers and vLLM load, and copy the tokenizer/processor files from the source checkpoint.
     Under FSDP2 every rank must call it; rank 0 writes."""
     state = model.state_dict()
-    if any(isinstance(t, DTensor) for t in state.values()):
+    if any(is_dtensor(t) for t in state.values()):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if torch.distributed.get_rank() != 0:

@@ -19,9 +19,10 @@ from dataclasses import asdict, fields
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor
+
+# torch.distributed.tensor (DTensor, and the distributed checkpoint built on it) is imported where it is
+# used, not here: it costs ~1.5 s a process on a slow CPU, which every script of an unsharded run and
+# every data or evaluation command would pay for nothing.
 
 
 # -----------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def sharding_of(model):
     """How FSDP laid out the model's parameters, read from the parameters themselves: "unsharded",
     "FSDP over 8 ranks" or "HSDP: 2 replicas x 8 shards"."""
     param = next(model.parameters())
-    if not isinstance(param, DTensor):
+    if not is_dtensor(param):
         return "unsharded"
     mesh = param.device_mesh
     if mesh.ndim == 1:
@@ -361,8 +362,15 @@ def image_inputs(batch, device):
             for key in IMAGE_INPUTS if batch.get(key) is not None}
 
 
+def is_dtensor(tensor):
+    """Is `tensor` a DTensor (an FSDP2 shard)? None can exist before torch.distributed.tensor is
+    imported, so this does not import it."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(tensor, module.DTensor)
+
+
 def full_value(tensor):
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def seed_everything(seed):
@@ -475,6 +483,9 @@ def save_training_state(out, step, model, optimizer, progress):
         os.makedirs(tmp)
     if dist.is_initialized():
         dist.barrier()
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp)
     torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
@@ -521,6 +532,9 @@ def load_training_state(out, model, optimizer):
         return None
     with open(os.path.join(root, "latest")) as f:
         path = os.path.join(root, f.read().strip())
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=path)
