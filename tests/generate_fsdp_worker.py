@@ -15,6 +15,7 @@ sys.path.insert(0, ".")
 import generate as G  # noqa: E402
 import model as M  # noqa: E402
 from tests import tiny  # noqa: E402
+from train_utils import is_dtensor  # noqa: E402
 
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((11, 2), [(1, 4, 4)])]
 
@@ -73,7 +74,7 @@ def check(path):
         handle.remove()
     got_sampled = sampled(sharded, prompts, prompt_ids, kv_budget=110)  # 2 slots for 6 rows
     fsdp_modules = sum(isinstance(m, FSDPModule) for m in sharded.modules())
-    resharded = all(isinstance(p, torch.distributed.tensor.DTensor) for p in sharded.parameters())
+    resharded = all(is_dtensor(p) for p in sharded.parameters())
 
     ids, pixels, grid = tiny.sample(*SEQS[1], seed=1)
     cu = torch.tensor([0, len(ids)], dtype=torch.int32)

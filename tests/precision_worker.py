@@ -28,6 +28,7 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 import train_grpo  # noqa: E402
 from tests import tiny  # noqa: E402
+from train_utils import full_value  # noqa: E402
 
 BF16 = torch.bfloat16
 SEQS = [((23,), []), ((5, 9), [(1, 8, 6)]), ((3, 4, 6), [(1, 4, 4), (1, 6, 8)]), ((11, 2), [(1, 4, 4)])]
@@ -58,7 +59,7 @@ class LiveBytes(TorchDispatchMode):
 
 
 def full_params(model):
-    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+    return {name: full_value(p).detach().clone()
             for name, p in model.named_parameters()}
 
 
@@ -139,7 +140,7 @@ def step(model, loss_fn, world):
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
     loss = loss_fn()
     (loss * world).backward()
-    grads = {name: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad).clone()
+    grads = {name: full_value(p.grad).clone()
              for name, p in model.named_parameters() if p.requires_grad}
     grad_dtypes = {str(p.grad.dtype) for p in params}
     optimizer.step()

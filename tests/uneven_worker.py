@@ -14,7 +14,7 @@ import data  # noqa: E402
 import model as M  # noqa: E402
 import train_grpo  # noqa: E402
 from tests import tiny  # noqa: E402
-from train_utils import aligned_passes  # noqa: E402
+from train_utils import aligned_passes, full_value  # noqa: E402
 
 CFG = SimpleNamespace(micro_batch_tokens=64, temperature=1.0)
 MAX_LEN = 24
@@ -43,7 +43,7 @@ def token_mean_loss_backward(model, groups, global_tokens, world):
 
 
 def full_grads(model):
-    return {name: (p.grad.full_tensor() if isinstance(p.grad, torch.distributed.tensor.DTensor) else p.grad)
+    return {name: full_value(p.grad)
             for name, p in model.named_parameters() if p.grad is not None}
 
 
