@@ -6,7 +6,8 @@ Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
     python pipeline.py --arch mllama   # LlamaV-CI: the cold start only, on a tiny Llama 3.2 Vision
 
 Every step is a plain call of the real scripts with visible arguments, in the order the paper
-runs them:
+runs them, each a process of its own forked from this one (launch.py: torch and transformers are
+imported once here, not by every step again):
 
   synthetic.py       the world (problems + a random tiny Qwen2.5-VL)
   train_sft.py       the *base* model: direct-answer SFT, so that like Qwen2.5-VL-Instruct it
@@ -37,6 +38,7 @@ import sys
 import time
 from fractions import Fraction
 
+import launch
 from train_utils import check_run_folder, command_line
 
 SIZES = {
@@ -53,15 +55,18 @@ SIZES = {
 
 
 def run(args, log):
-    """One step: `python <script> <args>`, echoed, its output tee'd to the log, then its wall time
-    (where a pipeline's minutes go) on the console and in the log."""
+    """One step: `python <script> <args>`, echoed, its output written to the log, then its wall time
+    (where a pipeline's minutes go) on the console and in the log. The step is a fork of this process
+    (launch.py: the libraries are imported once here, not again by every step)."""
     command = "$ python " + " ".join(args)
     print(command, flush=True)
     start = time.monotonic()
     with open(log, "a") as f:
         f.write(command + "\n")
         f.flush()
-        subprocess.run([sys.executable, *args], check=True, stdout=f, stderr=subprocess.STDOUT)
+        status = launch.run_forked(args[0], args[1:], f)
+        if status:
+            raise subprocess.CalledProcessError(status, [sys.executable, *args])
         took = f"  took {time.monotonic() - start:.0f} s"
         f.write(took + "\n")
     print(took, flush=True)
@@ -89,6 +94,7 @@ def main(argv=None):
     log = os.path.join(out, "pipeline.log")
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # every step's torch threads
+    launch.preload()
     mllama = args.arch == "mllama"
     group = ["--wandb-group", f"toy-{'mllama-' if mllama else ''}{args.size}-seed{seed}"]
     max_tokens = str(round(16384 * Fraction(size["length_scale"])))  # evaluation: the longest cap

@@ -10,7 +10,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 
 import pytest
 
@@ -18,6 +17,7 @@ import train_grpo
 import train_sft
 import train_utils
 from tests.test_fsdp import ROOT
+from tests import scripts
 
 GIT_IDENTITY = ["-c", "user.name=fork", "-c", "user.email=fork@localhost", "-c", "commit.gpgsign=false"]
 
@@ -81,8 +81,7 @@ def test_readme_fork_example_applies_to_one_file_and_runs_into_its_own_folder(ti
     for command in commands:
         assert command[0] == "python"
         extra = toy_size(tiny_world) if command[1] == "train_grpo.py" else []
-        done = subprocess.run([sys.executable, *command[1:], *extra], cwd=repo, env=env, capture_output=True,
-                              text=True, timeout=300)
+        done = scripts.run(command[1], [*command[2:], *extra], cwd=repo, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(done.stdout)
 

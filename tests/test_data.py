@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import zlib
 
 import pyarrow as pa
@@ -17,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+from tests import scripts
 
 
 def save_png(path, size=(56, 56), color=(200, 30, 30), mode="RGB"):
@@ -193,9 +192,9 @@ def test_skip_bad_yields_exactly_the_good_records(tmp_path, capsys):
 def test_check_command_line(tmp_path):
     path, expected = seed_bad_file(tmp_path)
     cwd = os.path.dirname(data.__file__)
-    strict = subprocess.run([sys.executable, "data.py", "check", path], capture_output=True, text=True, cwd=cwd)
+    strict = scripts.run("data.py", ["check", path], cwd=cwd)
     assert strict.returncode == 1 and f"{path}:5: decompression bomb" in strict.stdout
-    lenient = subprocess.run([sys.executable, "data.py", "check", path, "--skip-bad"], capture_output=True, text=True, cwd=cwd)
+    lenient = scripts.run("data.py", ["check", path, "--skip-bad"], cwd=cwd)
     assert lenient.returncode == 0 and f"{path}: 2 good of 13 problems records" in lenient.stdout
 
 

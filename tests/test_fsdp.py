@@ -4,9 +4,6 @@ the process group a GPU run asks for."""
 import datetime
 import os
 import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -14,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 import train_utils
+from tests import scripts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,22 +28,20 @@ TEARDOWN_ABORT = "terminate called without an active exception"
 def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False):
     """stdout of `script` run on `nproc` CPU ranks (rank 0's first), each process started as
     `torchrun --nproc_per_node nproc` starts it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
-    MASTER_ADDR and MASTER_PORT for the env:// rendezvous: all our scripts read) but without torchrun's
-    own launcher process, whose torch import cost ~5 s a launch here. As torchrun does, a rank that
-    fails stops the others (they would wait on its collectives); a run past `timeout` seconds is
+    MASTER_ADDR and MASTER_PORT for the env:// rendezvous: all our scripts read), by tests/scripts.py
+    instead of torchrun's launcher (whose own torch import cost ~5 s a launch here). As torchrun does, a
+    rank that fails stops the others (they would wait on its collectives); a run past `timeout` seconds is
     killed and fails the test. With `rerun_on_teardown_abort`, a run in which a rank aborts with
     TEARDOWN_ABORT is run once more: torch 2.13's gloo does that now and then (a few runs in a hundred
     here) after the workers' results are out and the process group destroyed. Only for scripts that
     write nothing a second run would find."""
     for _ in range(2 if rerun_on_teardown_abort else 1):
-        port, logs, ranks = free_port(), [], []
+        port, ranks = free_port(), []
         for rank in range(nproc):
             env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "RANK": str(rank),
                    "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))  # pipes could fill and block
-            ranks.append(subprocess.Popen([sys.executable, script, *map(str, args)], cwd=ROOT, env=env,
-                                          stdout=logs[-1][0], stderr=logs[-1][1], text=True))
+            ranks.append(scripts.start(script, args, env=env))
         deadline, timed_out = time.monotonic() + timeout, False
         while any(rank.poll() is None for rank in ranks) and not any(rank.poll() for rank in ranks):
             timed_out = time.monotonic() > deadline
@@ -56,7 +52,7 @@ def torchrun(script, *args, nproc=2, timeout=300, rerun_on_teardown_abort=False)
             if rank.poll() is None:
                 rank.kill()
             rank.wait()
-        stdout, stderr = ("".join(log.seek(0) or log.read() for log in stream) for stream in zip(*logs))
+        stdout, stderr = "".join(rank.stdout for rank in ranks), "".join(rank.stderr for rank in ranks)
         if timed_out:
             raise AssertionError(f"{script} ran past {timeout} s\n{stdout[-3000:]}{stderr[-3000:]}")
         if all(rank.returncode == 0 for rank in ranks) or TEARDOWN_ABORT not in stderr:

@@ -4,9 +4,6 @@ kill-and-resume is exact; a short run raises held-out reward over its SFT checkp
 import datetime
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -14,7 +11,8 @@ import torch
 
 import model as M
 import train_grpo
-from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
+from tests import scripts
+from tests.test_fsdp import ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +96,7 @@ def test_hsdp_on_2x2_ranks_gives_the_one_rank_step(tiny_world, reference, tmp_pa
 
 def run(args):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train_grpo.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return scripts.start("train_grpo.py", args, env=env)
 
 
 def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, reference, tmp_path):
@@ -110,13 +107,13 @@ def test_kill_and_resume_continues_with_the_same_data_and_weights(tiny_world, re
     deadline = time.time() + 300
     while not (state / "step_1").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     assert (state / "latest").read_text() in ("step_1", "step_2")  # 3 steps in all: killed mid-run
 
     resumed = run(args + ["--resume"])
-    assert resumed.wait() == 0, resumed.stderr.read()
-    assert straight.wait() == 0, straight.stderr.read()
+    assert resumed.wait() == 0, resumed.stderr
+    assert straight.wait() == 0, straight.stderr
     a = M.load_model(tmp_path / "straight" / "vision-r1" / "stage1" / "final").state_dict()
     b = M.load_model(tmp_path / "x" / "vision-r1" / "stage1" / "final").state_dict()
     for name in a:

@@ -6,9 +6,6 @@ import json
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 
@@ -20,6 +17,7 @@ import make_cold_data as M
 import rewards
 import synthetic
 from tests.cold_fake_server import FlakyChatServer
+from tests import scripts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-do-not-leak-4242"
@@ -572,16 +570,16 @@ def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):
     with FlakyChatServer(problems, failure_rate=0.3, delay=0.05, api_key=SECRET, error_rate=0.2) as server:
         # concurrency 2 and a 50 ms answer: slow enough to be caught mid-run
         script = os.path.join(REPO, "make_cold_data.py")
-        command = [sys.executable, script, *openai_args(tiny_world, out, server.url, concurrency=2)]
-        job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        args = openai_args(tiny_world, out, server.url, concurrency=2)
+        job = scripts.start(script, args, cwd=REPO, env=env)
         deadline = time.time() + 120
         while lines_written(out) < 5:
             assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
             time.sleep(0.02)
-        job.send_signal(signal.SIGKILL)
+        job.kill()
         job.wait()
         assert 5 <= lines_written(out) < len(problems)
-        subprocess.run(command + ["--resume"], cwd=REPO, env=env, check=True, capture_output=True, timeout=120)
+        scripts.run(script, args + ["--resume"], cwd=REPO, env=env, check=True, timeout=120)
     kept, rejected, summary = outputs(out)
     assert_each_id_once(problems, kept, rejected)
     assert summary["failed"] == 0 and summary["resumed"] >= 5

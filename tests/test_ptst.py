@@ -1,7 +1,5 @@
 """Tests for ptst.py: schedules pinned to docs/method.md §3, parsing, scaling, checkpoints, CLI."""
 import os
-import subprocess
-import sys
 from fractions import Fraction
 
 import pytest
@@ -9,6 +7,7 @@ import pytest
 import ptst
 from ptst import SCHEDULES, Stage, get_stage, init_checkpoint, parse_schedule, scale_schedule, stage_dir
 from rewards import R1_ZERO_SYSTEM_PROMPT
+from tests import scripts
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +98,7 @@ def test_schedule_validation():
 
 
 def test_cli_prints_the_default_schedule():
-    out = subprocess.run([sys.executable, "ptst.py"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = scripts.run("ptst.py", cwd=REPO, check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
     assert [row[:5] for row in rows] == [["1", "4096", "16", "100", "65536"], ["2", "8192", "8", "100", "65536"],
                                          ["3", "16384", "4", "100", "65536"]]

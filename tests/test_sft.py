@@ -4,9 +4,6 @@ import datetime
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,7 +13,8 @@ import data
 import model as M
 import train_sft
 import train_utils
-from tests.test_fsdp import ROOT, ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
+from tests import scripts
+from tests.test_fsdp import ProcessGroupAsked, asked_process_group, torchrun  # noqa: F401
 
 torch.set_num_threads(2)
 
@@ -113,8 +111,7 @@ def test_trains_on_released_cold_layout_and_loss_falls(tiny_world, cold_file, tm
 def run(args):
     """train_sft.py in its own single-threaded process, so every run sums in the same order."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "train_sft.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return scripts.start("train_sft.py", args, env=env)
 
 
 def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_path):
@@ -124,15 +121,15 @@ def test_kill_and_resume_ends_with_the_same_weights(tiny_world, cold_file, tmp_p
     deadline = time.time() + 240
     while not os.path.exists(tmp_path / "x" / "state" / "step_2") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     with open(tmp_path / "x" / "state" / "latest") as f:
         killed_at = int(f.read().split("_")[1])
     assert 2 <= killed_at < 4  # 4 steps in all (20 records, batch 8, 2 epochs): the kill landed mid-run
 
     resumed = run(args + ["--resume"])
-    assert resumed.wait() == 0, resumed.stderr.read()
-    assert straight.wait() == 0, straight.stderr.read()
+    assert resumed.wait() == 0, resumed.stderr
+    assert straight.wait() == 0, straight.stderr
     a, b = final_state(tmp_path / "straight"), final_state(tmp_path / "x")
     for name in a:
         assert (a[name] - b[name]).abs().max() <= 1e-6, name

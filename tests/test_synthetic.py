@@ -5,8 +5,6 @@ import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -17,6 +15,7 @@ import data
 import rewards
 import synthetic
 from tests import tiny
+from tests import scripts
 
 SPLITS = ("train", "rl", "test")
 RGB = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
@@ -181,8 +180,8 @@ def digest(directory, names):
 
 def test_cli_is_deterministic_by_seed(tiny_world, tmp_path):
     out = tmp_path / "again"
-    subprocess.run([sys.executable, "synthetic.py", "--out", str(out), "--preset", "tiny", "--seed", "0"],
-                   check=True, capture_output=True, cwd=os.path.dirname(synthetic.__file__))
+    scripts.run("synthetic.py", ["--out", out, "--preset", "tiny", "--seed", "0"], cwd=os.path.dirname(synthetic.__file__),
+                check=True)
     files = ["data/train.jsonl", "data/rl.jsonl", "data/test.jsonl", "data/base_sft.jsonl", "data/images/test-00003.png",
              "model/tokenizer.json", "model/config.json", "model/model.safetensors", "model/preprocessor_config.json"]
     assert digest(out, files) == digest(tiny_world, files)
