@@ -35,7 +35,7 @@ class Started:
 
     def __init__(self, script, args, cwd, env):
         self._files = [tempfile.NamedTemporaryFile("w+", suffix=name) for name in (".out", ".err")]
-        self._process = _server.Process(target=_child, args=(script, [str(a) for a in args], cwd, env,
+        self._process = _server.Process(target=_child, args=(str(script), [str(a) for a in args], cwd, env,
                                                              *(f.name for f in self._files)))
         self._process.start()
 
