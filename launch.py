@@ -19,6 +19,7 @@ import runpy
 import sys
 import threading
 import traceback
+import weakref
 
 # what our scripts import, heaviest first; a name the installed transformers lacks is skipped
 # (4.x has no PIL-backed image processor modules)
@@ -28,7 +29,10 @@ PRELOAD = ("torch", "transformers.models.auto.tokenization_auto",
 
 
 def preload():
-    """Import PRELOAD here, in the process that will fork."""
+    """Import PRELOAD here, in the process that will fork. A fork must not inherit an initialised CUDA
+    driver (a GPU step would fail to start): should a library ask whether CUDA is available while it
+    is imported, NVML answers, not the CUDA runtime (torch's switch for processes that fork)."""
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     for name in PRELOAD:
         try:
             importlib.import_module(name)
@@ -46,13 +50,25 @@ def torch_threads():
     return len(os.sched_getaffinity(0))
 
 
+def forget_parents_exit_handlers():
+    """In a forked child: the atexit handlers and finalizers registered so far are the parent's, for
+    what the parent made (wandb's media folder, made when wandb is imported, is removed by one): they
+    run when the parent exits, not when each child does, or a child would remove what its siblings
+    use. The handlers the child's own script registers run at its end, as in a fresh process."""
+    atexit._clear()
+    for finalizer in list(weakref.finalize._registry):
+        finalizer.atexit = False
+    weakref.finalize._registered_with_atexit = False  # the child's first finalizer registers again
+
+
 def run_script(script, argv):
     """Exit status of `python script *argv`, run in this (forked) process as the interpreter runs it:
     the script's folder first on sys.path, torch's threads from the environment, SystemExit's status
     (a message goes to stderr, status 1), an uncaught exception's traceback on stderr (status 1), then
-    non-daemon threads joined, atexit handlers run and stdout/stderr flushed."""
+    non-daemon threads joined, the script's atexit handlers run and stdout/stderr flushed."""
     import torch
 
+    forget_parents_exit_handlers()
     torch.set_num_threads(torch_threads())
     sys.argv = [script, *argv]
     sys.path[0] = os.path.dirname(os.path.abspath(script))

@@ -48,3 +48,35 @@ def test_a_forked_script_ends_as_the_interpreter_ends_it(tmp_path, mode):
         assert forked.stderr.splitlines()[-len(script_frames):] == script_frames
     else:
         assert forked.stderr == fresh.stderr
+
+
+PARENT = textwrap.dedent("""\
+    import atexit, os, sys, tempfile
+    import launch
+    made = tempfile.TemporaryDirectory()  # removed by a finalizer at exit, as wandb's media folder is
+    atexit.register(print, "the parent's handler", flush=True)
+    for _ in range(2):
+        with open(sys.argv[2], "a") as log:
+            status = launch.run_forked(sys.argv[1], [], log)
+        print(status, os.path.isdir(made.name), flush=True)
+    """)
+CHILD = textwrap.dedent("""\
+    import atexit, tempfile
+    own = tempfile.TemporaryDirectory()
+    print(own.name, flush=True)
+    atexit.register(print, "the child's handler", flush=True)
+    """)
+
+
+def test_a_child_leaves_its_parents_exit_handlers_to_the_parent_and_runs_its_own(tmp_path):
+    """What the forking process made stays for its next children (a child that removed wandb's media
+    folder at its end broke the next step's wandb tables); what the child made goes with it."""
+    (tmp_path / "parent.py").write_text(PARENT)
+    (tmp_path / "child.py").write_text(CHILD)
+    parent = subprocess.run([sys.executable, str(tmp_path / "parent.py"), str(tmp_path / "child.py"),
+                             str(tmp_path / "children.log")], cwd=scripts.ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": scripts.ROOT})
+    assert parent.stdout == "0 True\n0 True\nthe parent's handler\n", parent.stderr
+    log = (tmp_path / "children.log").read_text().splitlines()
+    assert log[1::2] == ["the child's handler"] * 2
+    assert not any(os.path.exists(folder) for folder in log[::2])
