@@ -7,9 +7,10 @@ fork server that imported PRELOAD (tests/scripts.py). Each step is still a proce
 memory, threads, environment and exit status), started in milliseconds instead.
 
 Two rules make a fork behave as a fresh `python script.py`: the forking process imports but never
-computes (torch's thread pools do not survive a fork), and it imports nothing of the project's, so
-that a forked script finds its own modules, even those of another checkout (tests/test_ablation.py
-runs a patched clone this way). This module imports only the standard library at its top.
+computes (torch's thread pools do not survive a fork), and it holds none of the project's modules a
+script could need from another checkout: the tests' server imports none (tests/test_ablation.py runs
+a patched clone's scripts from it), pipeline.py only train_utils of its own checkout, whose scripts it
+runs. This module imports only the standard library at its top.
 """
 
 import atexit
