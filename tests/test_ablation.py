@@ -16,7 +16,7 @@ import pytest
 import train_grpo
 import train_sft
 import train_utils
-from tests.test_fsdp import ROOT
+from tests.scripts import ROOT
 from tests import scripts
 
 GIT_IDENTITY = ["-c", "user.name=fork", "-c", "user.email=fork@localhost", "-c", "commit.gpgsign=false"]

@@ -27,9 +27,9 @@ import make_cold_data
 import train_grpo
 import train_sft
 import train_utils
+from tests.scripts import ROOT
 from tests.test_data import png_claiming_size
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BAD_LINE = 5
 
 
@@ -326,7 +326,7 @@ def test_the_command_line_prints_no_traceback(tiny_world, tmp_path, out):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     before = snapshot(out)
     done = subprocess.run([sys.executable, "train_sft.py", *READERS["conversations"]["train_sft.py"][1](
-        path, out, model_dir(tiny_world))], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        path, out, model_dir(tiny_world))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert f"{path}:{BAD_LINE}: unreadable image" in done.stderr

@@ -191,10 +191,9 @@ def test_skip_bad_yields_exactly_the_good_records(tmp_path, capsys):
 
 def test_check_command_line(tmp_path):
     path, expected = seed_bad_file(tmp_path)
-    cwd = os.path.dirname(data.__file__)
-    strict = scripts.run("data.py", ["check", path], cwd=cwd)
+    strict = scripts.run("data.py", ["check", path])
     assert strict.returncode == 1 and f"{path}:5: decompression bomb" in strict.stdout
-    lenient = scripts.run("data.py", ["check", path, "--skip-bad"], cwd=cwd)
+    lenient = scripts.run("data.py", ["check", path, "--skip-bad"])
     assert lenient.returncode == 0 and f"{path}: 2 good of 13 problems records" in lenient.stdout
 
 

@@ -13,7 +13,6 @@ import torch.distributed as dist
 import train_utils
 from tests import scripts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def free_port():

@@ -19,7 +19,6 @@ import synthetic
 from tests.cold_fake_server import FlakyChatServer
 from tests import scripts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECRET = "sk-test-do-not-leak-4242"
 
 
@@ -569,9 +568,8 @@ def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):
     env = {**os.environ, "COLD_TEST_KEY": SECRET, "no_proxy": "127.0.0.1,localhost"}
     with FlakyChatServer(problems, failure_rate=0.3, delay=0.05, api_key=SECRET, error_rate=0.2) as server:
         # concurrency 2 and a 50 ms answer: slow enough to be caught mid-run
-        script = os.path.join(REPO, "make_cold_data.py")
         args = openai_args(tiny_world, out, server.url, concurrency=2)
-        job = scripts.start(script, args, cwd=REPO, env=env)
+        job = scripts.start("make_cold_data.py", args, env=env)
         deadline = time.time() + 120
         while lines_written(out) < 5:
             assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
@@ -579,7 +577,7 @@ def test_kill_and_restart_loses_and_duplicates_nothing(tiny_world, tmp_path):
         job.kill()
         job.wait()
         assert 5 <= lines_written(out) < len(problems)
-        scripts.run(script, args + ["--resume"], cwd=REPO, env=env, check=True, timeout=120)
+        scripts.run("make_cold_data.py", args + ["--resume"], env=env, check=True, timeout=120)
     kept, rejected, summary = outputs(out)
     assert_each_id_once(problems, kept, rejected)
     assert summary["failed"] == 0 and summary["resumed"] >= 5

@@ -22,9 +22,9 @@ import ptst
 import train_grpo
 import train_sft
 from tests import tiny
+from tests.scripts import ROOT
 from train_utils import parse_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASED_7B = os.path.join(ROOT, "configs", "Qwen2.5-VL-7B-Instruct")
 GIB = 2**30
 

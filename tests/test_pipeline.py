@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.test_fsdp import ROOT
+from tests.scripts import ROOT
 
 
 def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import train_grpo
 import train_sft
 import train_utils
-from tests.test_fsdp import ROOT
+from tests.scripts import ROOT
 from train_utils import parse_config
 
 

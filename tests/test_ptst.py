@@ -9,8 +9,6 @@ from ptst import SCHEDULES, Stage, get_stage, init_checkpoint, parse_schedule, s
 from rewards import R1_ZERO_SYSTEM_PROMPT
 from tests import scripts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def shape(schedule):
     return [(stage.max_tokens, stage.group_size, stage.steps) for stage in schedule.stages]
@@ -98,7 +96,7 @@ def test_schedule_validation():
 
 
 def test_cli_prints_the_default_schedule():
-    out = scripts.run("ptst.py", cwd=REPO, check=True).stdout
+    out = scripts.run("ptst.py", check=True).stdout
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"], ["3"])]
     assert [row[:5] for row in rows] == [["1", "4096", "16", "100", "65536"], ["2", "8192", "8", "100", "65536"],
                                          ["3", "16384", "4", "100", "65536"]]
