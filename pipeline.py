@@ -18,7 +18,8 @@ imported once here, not by every step again):
   train_grpo.py      the ablations: Zero (from base, R1-Zero prompt, 0.5/0.5 reward) and Long
   evaluate.py        every model (and Vision-R1 after stage 1) on the held-out test split; the
                      tables below are read from its summary files: Table 4, and each model's
-                     accuracy per response-length bucket (the paper's CI analysis)
+                     accuracy per response-length bucket (the paper's CI analysis); then
+                     PTST's suppression and growth, Long's accuracy peak and Zero's reward
   plot.py            reward, rollout-accuracy and response-length curves of the GRPO runs
 
 All runs log to one wandb group (offline unless WANDB_MODE says otherwise). An --out that holds
@@ -33,6 +34,7 @@ ending with a CI-vs-base table. No GRPO stages and no curves: train_grpo.py serv
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -138,6 +140,7 @@ def main(argv=None):
          f"{out}/grpo/zero/stage1", "--out", f"{out}/curves.png"], log)
     print(table4(out, models))
     print("\n" + length_table(out, {**models, "Vision-R1 stage 1": stage1}))
+    print("\n" + ptst_lines(out, models, stage1))
 
 
 def cold_start(out, size, seed, arch, group, resume, log):
@@ -188,6 +191,37 @@ def length_table(out, models):
         rows.append(f"| {method} | {summary['mean_tokens']:.0f} | {100 * summary['accuracy']:.1f} | "
                     + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+TRAILING_STEPS = 10  # Long's accuracy curve: plot.py's default smoothing
+END_STEPS = 5  # Zero's reward: its first and last steps
+
+
+def ptst_lines(out, models, stage1):
+    """What the paper builds PTST on (its Fig. 1), read from this run's files: Vision-R1's held-out
+    mean length and accuracy at CI, after stage 1 (suppression) and after stage 2 (growth again);
+    the step at which Long's rollout accuracy (trailing mean of TRAILING_STEPS steps, as plot.py
+    draws it) peaks; Zero's training reward over its first and its last END_STEPS steps (fewer when
+    it ran fewer).
+    Example: lengths 120 -> 84 -> 90 print "-30.0%" and "+7.1%"."""
+    import plot
+
+    ci, suppressed, grown = (read_summary(out, path) for path in (models["Vision-R1-CI"], stage1, models["Vision-R1"]))
+    length = [s["mean_tokens"] for s in (ci, suppressed, grown)]
+    accuracy = " -> ".join(f"{100 * s['accuracy']:.1f}" for s in (ci, suppressed, grown))
+    long_accuracy = plot.trailing_mean([row["accuracy"] for row in
+                                        plot.read_metrics(os.path.dirname(models["Vision-R1-Long"]))], TRAILING_STEPS)
+    peak = long_accuracy.index(max(long_accuracy))
+    zero_reward = [row["reward"] for row in plot.read_metrics(os.path.dirname(models["Vision-R1-Zero"]))]
+    ends = min(END_STEPS, len(zero_reward))  # --size mini runs 2 steps
+    return "\n".join([
+        f"Vision-R1: mean length {length[0]:.1f} (CI) -> {length[1]:.1f} after stage 1 "
+        f"({length[1] / length[0] - 1:+.1%}) -> {length[2]:.1f} after stage 2 ({length[2] / length[1] - 1:+.1%}); "
+        f"accuracy {accuracy}",
+        f"Vision-R1-Long: rollout accuracy (trailing mean of {TRAILING_STEPS} steps) peaks at step {peak + 1} of "
+        f"{len(long_accuracy)}: {100 * long_accuracy[peak]:.1f} (last step {100 * long_accuracy[-1]:.1f})",
+        f"Vision-R1-Zero: training reward {statistics.fmean(zero_reward[:ends]):.2f} (first {ends} steps) -> "
+        f"{statistics.fmean(zero_reward[-ends:]):.2f} (last {ends})"])
 
 
 def read_summary(out, path):

@@ -20,7 +20,8 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
     console = out.stdout.splitlines()
     steps = [i for i, line in enumerate(console) if line.startswith("$ python ")]
     assert len(steps) == 11 and all(re.fullmatch(r"  took \d+ s", console[i + 1]) for i in steps)  # each step's time
-    table, lengths = (block.splitlines() for block in out.stdout[out.stdout.index("| method |"):].strip().split("\n\n"))
+    tables = out.stdout[out.stdout.index("| method |"):].strip().split("\n\n")
+    table, lengths, ptst = (block.splitlines() for block in tables)
     assert [row.split("|")[1].strip() for row in table[2:]] == ["Vision-R1-Zero", "Vision-R1-CI", "Vision-R1-Long",
                                                                  "Vision-R1"]
     for row, name in zip(table[2:], ["zero-stage1-final", "ci-final", "long-stage1-final", "vision-r1-stage2-final"]):
@@ -37,6 +38,7 @@ def test_mini_pipeline_runs_every_stage_and_prints_table4(tmp_path):
                   for b in summary["by_length"].values()]
         assert [c.strip() for c in row.split("|")[2:-1]] == [f"{summary['mean_tokens']:.0f}",
                                                             f"{100 * summary['accuracy']:.1f}", *shares]
+    assert [line.split(":")[0] for line in ptst] == ["Vision-R1", "Vision-R1-Long", "Vision-R1-Zero"]
     for stage in ("vision-r1/stage1", "vision-r1/stage2", "zero/stage1", "long/stage1"):
         assert (tmp_path / "grpo" / stage / "final" / "model.safetensors").exists()
     for run in ("base", "ci", "grpo/vision-r1/stage1", "grpo/long/stage1"):
@@ -77,6 +79,33 @@ def test_plot_smooths_with_a_trailing_mean_and_chains_stages(tmp_path):
             "".join(json.dumps({"step": i + 1, "stage": stage, "reward": r}) + "\n" for i, r in enumerate(rewards)))
     rows = plot.curves([str(tmp_path / "run" / "stage2"), str(tmp_path / "run" / "stage1")])["run"]
     assert [(row["global_step"], row["reward"]) for row in rows] == [(1, 0.1), (2, 0.2), (3, 0.3)]
+
+
+def test_ptst_lines_read_the_suppression_the_growth_long_s_peak_and_zero_s_reward(tmp_path):
+    """Hand-made summaries and metrics: lengths 120 -> 84 -> 90 are -30.0% and +7.1%; Long's accuracy
+    [1, 0 x 9, 0.5, 0.2] has trailing means of 10 steps 1.0, 0.5, ..., 0.1, 0.05, 0.07 (a mean over
+    all steps so far would end at 0.14); Zero's rewards 0, 0.1, ..., 0.6 average 0.2 over the first five
+    steps and 0.4 over the last five."""
+    import pipeline
+
+    for name, tokens, accuracy in (("ci-final", 120, 0.5), ("vision-r1-stage1-final", 84, 0.55),
+                                   ("vision-r1-stage2-final", 90, 0.625)):
+        (tmp_path / "eval" / "synthetic" / name).mkdir(parents=True)
+        (tmp_path / "eval" / "synthetic" / name / "summary.json").write_text(
+            json.dumps({"mean_tokens": tokens, "accuracy": accuracy}))
+    for run, key, values in (("long", "accuracy", [1.0] + [0.0] * 9 + [0.5, 0.2]),
+                             ("zero", "reward", [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6])):
+        (tmp_path / "grpo" / run / "stage1").mkdir(parents=True)
+        (tmp_path / "grpo" / run / "stage1" / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i + 1, "reward": 0.0, key: value}) + "\n" for i, value in enumerate(values)))
+    out = str(tmp_path)
+    models = {"Vision-R1-Zero": f"{out}/grpo/zero/stage1/final", "Vision-R1-CI": f"{out}/ci/final",
+              "Vision-R1-Long": f"{out}/grpo/long/stage1/final", "Vision-R1": f"{out}/grpo/vision-r1/stage2/final"}
+    assert pipeline.ptst_lines(out, models, f"{out}/grpo/vision-r1/stage1/final").splitlines() == [
+        "Vision-R1: mean length 120.0 (CI) -> 84.0 after stage 1 (-30.0%) -> 90.0 after stage 2 (+7.1%); "
+        "accuracy 50.0 -> 55.0 -> 62.5",
+        "Vision-R1-Long: rollout accuracy (trailing mean of 10 steps) peaks at step 1 of 12: 100.0 (last step 7.0)",
+        "Vision-R1-Zero: training reward 0.20 (first 5 steps) -> 0.40 (last 5)"]
 
 
 def test_an_out_that_holds_a_run_is_refused_before_any_step(tmp_path):
