@@ -193,24 +193,23 @@ def length_table(out, models):
     return "\n".join(rows)
 
 
-TRAILING_STEPS = 10  # Long's accuracy curve: plot.py's default smoothing
 END_STEPS = 5  # Zero's reward: its first and last steps
 
 
 def ptst_lines(out, models, stage1):
     """What the paper builds PTST on (its Fig. 1), read from this run's files: Vision-R1's held-out
     mean length and accuracy at CI, after stage 1 (suppression) and after stage 2 (growth again);
-    the step at which Long's rollout accuracy (trailing mean of TRAILING_STEPS steps, as plot.py
-    draws it) peaks; Zero's training reward over its first and its last END_STEPS steps (fewer when
-    it ran fewer).
+    the step at which Long's rollout accuracy (its trailing mean over plot.SMOOTH_STEPS steps, the
+    curve plot.py draws) peaks; Zero's training reward over its first and its last END_STEPS steps
+    (fewer when it ran fewer).
     Example: lengths 120 -> 84 -> 90 print "-30.0%" and "+7.1%"."""
     import plot
 
     ci, suppressed, grown = (read_summary(out, path) for path in (models["Vision-R1-CI"], stage1, models["Vision-R1"]))
     length = [s["mean_tokens"] for s in (ci, suppressed, grown)]
     accuracy = " -> ".join(f"{100 * s['accuracy']:.1f}" for s in (ci, suppressed, grown))
-    long_accuracy = plot.trailing_mean([row["accuracy"] for row in
-                                        plot.read_metrics(os.path.dirname(models["Vision-R1-Long"]))], TRAILING_STEPS)
+    long_rows = plot.read_metrics(os.path.dirname(models["Vision-R1-Long"]))
+    long_accuracy = plot.trailing_mean([row["accuracy"] for row in long_rows], plot.SMOOTH_STEPS)
     peak = long_accuracy.index(max(long_accuracy))
     zero_reward = [row["reward"] for row in plot.read_metrics(os.path.dirname(models["Vision-R1-Zero"]))]
     ends = min(END_STEPS, len(zero_reward))  # --size mini runs 2 steps
@@ -218,7 +217,7 @@ def ptst_lines(out, models, stage1):
         f"Vision-R1: mean length {length[0]:.1f} (CI) -> {length[1]:.1f} after stage 1 "
         f"({length[1] / length[0] - 1:+.1%}) -> {length[2]:.1f} after stage 2 ({length[2] / length[1] - 1:+.1%}); "
         f"accuracy {accuracy}",
-        f"Vision-R1-Long: rollout accuracy (trailing mean of {TRAILING_STEPS} steps) peaks at step {peak + 1} of "
+        f"Vision-R1-Long: rollout accuracy (trailing mean of {plot.SMOOTH_STEPS} steps) peaks at step {peak + 1} of "
         f"{len(long_accuracy)}: {100 * long_accuracy[peak]:.1f} (last step {100 * long_accuracy[-1]:.1f})",
         f"Vision-R1-Zero: training reward {statistics.fmean(zero_reward[:ends]):.2f} (first {ends} steps) -> "
         f"{statistics.fmean(zero_reward[-ends:]):.2f} (last {ends})"])

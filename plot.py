@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 PANELS = (("reward", "mean reward"), ("accuracy", "rollout accuracy"),
           ("response_length", "mean response length (tokens)"))
+SMOOTH_STEPS = 10  # the curves' trailing-mean window (--smooth)
 
 
 def read_metrics(run_dir):
@@ -55,7 +56,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", required=True, help="GRPO stage folders holding metrics.jsonl")
     parser.add_argument("--out", default="curves.png")
-    parser.add_argument("--smooth", type=int, default=10, help="trailing-mean window in steps (1: raw only)")
+    parser.add_argument("--smooth", type=int, default=SMOOTH_STEPS, help="trailing-mean window in steps (1: raw only)")
     args = parser.parse_args()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(15, 4))
     for name, rows in curves(args.runs).items():
