@@ -14,7 +14,6 @@ import train_utils
 from tests import scripts
 
 
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
