@@ -9,14 +9,18 @@ looking *and* a few reasoning steps:
     difference     How many more red shapes than blue shapes ...?    integer  two counts, subtract
     most_frequent  Which color appears most often? Choices: A..D     choice   four counts, argmax
     most_shape     Which shape appears most often?                   text     three counts, argmax
+    product        What is the number of red shapes times the ...?   integer  two counts, multiply
 
 Every question needs counts that depend on the question (which colors, which shapes). The
 cold-start CoT first reads all counts off the image in a fixed order ("Red: 2. Green: 0. ...
 Triangles: 1.") and then reasons over the ones the question names. Like Vision-R1-cold it
 over-thinks: on a share of problems that grows with the scene's crowding it stops ("Wait, let me
 count again.") and reads counts again, sometimes many times and with slips, and it re-checks the
-counts a sum or difference needs before the arithmetic; what the tiny model learns of each step,
-what GRPO and PTST's length caps do to it, is measured in the README.
+counts a sum or difference needs before the arithmetic. For a product, half its CoTs take a careful
+chain (count both colors again, multiply one shape at a time), longer than stage 1's cap and the
+one the tiny model carries out, and half state the product at once: the chain whose length pays,
+which PTST suppresses in stage 1 and grows back in stage 2. What the tiny model learns of each
+step, what GRPO and PTST's length caps do to it, is measured in the README.
 
 Each problem's `meta` holds the structured `scene` and `query` (so answers can be recomputed)
 and the exact scene `description` a perfect describer would write. The world's offline teachers
@@ -43,6 +47,7 @@ special tokens and <|image|>, Llama 3.2 Vision's chat template, a MllamaImagePro
 
 import argparse
 import json
+import operator
 import os
 import random
 import re
@@ -56,9 +61,10 @@ from chat_client import BackendError, Reply
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 COLOR_NAMES = tuple(COLORS)
 SHAPES = ("square", "circle", "triangle")
-KINDS = ("count", "sum", "difference", "most_frequent", "most_shape")
+KINDS = ("count", "sum", "difference", "most_frequent", "most_shape", "product")
 ANSWER_TYPES = {"count": "integer", "sum": "integer", "difference": "integer",
-                "most_frequent": "choice", "most_shape": "text"}
+                "most_frequent": "choice", "most_shape": "text", "product": "integer"}
+TWO_COLOR_KINDS = {"sum": operator.add, "difference": operator.sub, "product": operator.mul}  # and their arithmetic
 CELL = 28  # pixels per grid cell: patch 14 x merge 2, so each cell is one merged vision token
 MARGIN = 5  # pixels between a shape and its cell border
 BACKGROUND = (255, 255, 255)
@@ -127,6 +133,7 @@ Row 1: Row 2: Row 3: Row 4: Column 1 has no shapes. There is one red square and 
 Red: Green: Blue: Yellow: Squares: Circles: Triangles: That gives a total of
 one two three four five six seven eight nine ten zero 0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16
 + - = 1 + 2 = 3. 5 - 2 = 3. The most frequent color is red. Option A B C D. The image shows
+Then I multiply, one blue shape at a time: 2 x 1 = 2. 2 x 2 = 4. Red times blue is 4.
 A conversation between User and Assistant. The user asks a question, and the Assistant solves it.
 The assistant first thinks about the reasoning process in the mind and then provides the user with
 the answer. The reasoning process and answer are enclosed within <think> </think> and <answer>
@@ -256,6 +263,8 @@ def make_query(rng, scene, kind):
     elif kind == "difference":
         options = [(abs(counts[a] - counts[b]), {"colors": sorted([a, b], key=counts.get, reverse=True)})
                    for a, b in pairs if counts[a] != counts[b]]
+    elif kind == "product":
+        options = [(counts[a] * counts[b], {"colors": rng.sample([a, b], 2)}) for a, b in pairs]
     elif kind == "most_shape":
         if unique_top(shape_counts(scene)) is None:
             return None
@@ -294,6 +303,8 @@ def question_text(query):
         return f"Which color appears most often?\nChoices:\n{options}"
     if kind == "most_shape":
         return "Which shape appears most often?"
+    if kind == "product":
+        return "What is the number of {} shapes times the number of {} shapes?".format(*query["colors"])
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -317,9 +328,8 @@ def answer_from_counts(counts, query):
     kind = query["kind"]
     if kind == "count":
         return str(counts[query["shape"]])
-    if kind in ("sum", "difference"):
-        first, second = (counts[c] for c in query["colors"])
-        return str(first + second if kind == "sum" else first - second)
+    if kind in TWO_COLOR_KINDS:
+        return str(TWO_COLOR_KINDS[kind](*(counts[c] for c in query["colors"])))
     if kind not in ("most_frequent", "most_shape"):
         raise ValueError(f"unknown question kind {kind!r}")
     top = unique_top({k: counts[k] for k in (COLOR_NAMES if kind == "most_frequent" else SHAPES)})
@@ -406,7 +416,7 @@ def base_conversations(record):
     scene, query = record["meta"]["scene"], record["meta"]["query"]
     if rng.random() < INSTRUCTION_RATE:
         system, reply = rng.choice(INSTRUCTIONS)
-        reasoning = " ".join(write_steps(read_counts(scene), query)[0])
+        reasoning = " ".join(write_steps(read_counts(scene), query, careful=False)[0])
         asked = chat("", question, reply.format(answer=answer, reasoning=reasoning), system)
     else:
         asked = chat("", question, answer)
@@ -440,11 +450,12 @@ def write_data(data_dir, splits):
 
 ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "truncated")
 # Over-thinking (overthink_rereads, reread_steps): the share of CoTs that read counts again after
-# "Wait" grows with the scene's objects, 5% at 3 objects to 60% at 8; a re-read is one count (~16
+# "Wait" grows with the scene's objects, 5% at 3 objects to 75% at 8; a re-read is one count (~16
 # tokens), the colors, the shapes or all seven (~35). Chosen so that the kept cold data's lengths
 # fall near the paper's CI buckets scaled by 1/32 (docs/method.md §3: 75% of outputs under 4K, 11%
-# 4-8K, 14% over 8K; here 71%, 20%, 8% at seed 0, README).
-OVERTHINK_SPARSE, OVERTHINK_PER_OBJECT = 0.05, 0.11
+# 4-8K, 14% over 8K; here 62%, 28%, 10% at seed 0, the product's careful chains among the middle
+# ones, README) and that stage 1's cap of 128 tokens truncates 44% of its first rollouts (seed 0).
+OVERTHINK_SPARSE, OVERTHINK_PER_OBJECT = 0.05, 0.14
 REREAD_AGAIN = 0.85  # after a re-read, one more
 MAX_REREADS = 16
 ONE_COUNT_RATE = 0.5  # re-reads of one count the question needs; the others read several
@@ -456,6 +467,10 @@ RESTATE_SLIP_RATE = 0.5
 SLIP_RATE = 0.3  # a re-read that gets one count wrong
 NOTICE_RATE = 0.4  # a slip the reasoner notices, and reads again
 CHECK_RATE = 0.5  # CoTs that re-check before concluding
+# Product CoTs that take write_steps' careful steps, the others its hasty one: the careful chain is
+# the one that pays (a tiny model multiplies two counts it has just written, not two it read off
+# the image earlier) and is longer than stage 1's cap, so PTST has a chain to suppress and regrow
+CAREFUL_RATE = 0.5
 # multiple-choice CoTs that conclude with the option's text ("red") instead of its letter, both
 # of which graders accept (rewards.is_equivalent, MathVista's scorer)
 TEXT_ANSWER_RATE = 0.3
@@ -468,6 +483,7 @@ QUESTION_PATTERNS = {  # question_text, read back
     "difference": r"How many more (?P<first>\w+) shapes than (?P<second>\w+) shapes are there\?",
     "most_frequent": r"Which color appears most often\?\nChoices:\n(?P<options>(?:[A-D]\. \w+\n?)+)",
     "most_shape": r"Which shape appears most often\?",
+    "product": r"What is the number of (?P<first>\w+) shapes times the number of (?P<second>\w+) shapes\?",
 }
 
 
@@ -500,7 +516,7 @@ def parse_question(question):
             continue
         if kind == "count":
             return {"kind": kind, "shape": m["shape"]}
-        if kind in ("sum", "difference"):
+        if kind in TWO_COLOR_KINDS:
             return {"kind": kind, "colors": [m["first"], m["second"]]}
         if kind == "most_frequent":
             return {"kind": kind, "choices": re.findall(r"[A-D]\. (\w+)", m["options"])}
@@ -576,7 +592,7 @@ def needed_counts(query):
     kind = query["kind"]
     if kind == "count":
         return (query["shape"],)
-    return tuple(query["colors"]) if kind in ("sum", "difference") else COLOR_NAMES if kind == "most_frequent" else SHAPES
+    return tuple(query["colors"]) if kind in TWO_COLOR_KINDS else COLOR_NAMES if kind == "most_frequent" else SHAPES
 
 
 def reread_steps(counts, needed, rereads, rng):
@@ -607,7 +623,7 @@ def reread_steps(counts, needed, rereads, rng):
     return steps, seen
 
 
-def write_steps(counts, query, by_text=False, restated=None):
+def write_steps(counts, query, by_text=False, restated=None, careful=True):
     """The reasoning steps over a read-out's counts and the answer they reach: the counts the
     question needs, restated under their read-out labels, then its arithmetic. With `by_text`, a
     multiple-choice answer is the option's text, not its letter. (None, None) when the counts
@@ -620,6 +636,12 @@ def write_steps(counts, query, by_text=False, restated=None):
     2 - 0: ["I need the red and blue shapes. Red: 3. Blue: 0.", "Wait, let me count the red shapes
     again. Red: 2. Hmm, I misread it before.", "Wait, let me count the blue shapes again. Blue:
     0.", "Next I subtract: 2 - 0 = 2."].
+
+    A product's steps are `careful` ones or a hasty one. The careful steps restate the two counts,
+    count both again (as `restated` does) and multiply one shape of the second color at a time:
+    for red 2 times blue 3, "Then I multiply, one blue shape at a time: 2 x 1 = 2. 2 x 2 = 4. 2 x 3
+    = 6." and "That gives 2 x 3 = 6." (~160 tokens in all, over stage 1's cap of 128 and under
+    stage 2's 256). The hasty step states it: ["Red times blue is 6."] (~80 tokens in all).
     """
     kind, answer = query["kind"], answer_from_counts(counts, query)
     if answer is None:
@@ -632,6 +654,10 @@ def write_steps(counts, query, by_text=False, restated=None):
         return [f"The most frequent shape is {answer}."], answer
     said = restated or counts
     keys = needed_counts(query)
+    if kind == "product":
+        if not careful:
+            return [f"{keys[0].capitalize()} times {keys[1]} is {answer}."], answer
+        restated = restated or counts  # the careful chain counts both again
     if kind == "count":
         steps = [f"I need the {keys[0]}s: {said[keys[0]]}."]
     else:
@@ -642,6 +668,12 @@ def write_steps(counts, query, by_text=False, restated=None):
     if kind in ("sum", "difference"):
         sign, verb = ("+", "Then I add the counts") if kind == "sum" else ("-", "Next I subtract")
         steps.append(f"{verb}: {counts[keys[0]]} {sign} {counts[keys[1]]} = {answer}.")
+    if kind == "product":
+        first, second = (counts[k] for k in keys)
+        steps.append("Then I multiply, one " + keys[1] + " shape at a time: "
+                     + " ".join(f"{first} x {k} = {first * k}." for k in range(1, second + 1)) if second else
+                     f"Then I multiply: {first} x 0 = 0.")
+        steps.append(f"That gives {first} x {second} = {answer}.")
     return steps, answer
 
 
@@ -682,9 +714,11 @@ def teacher_reasoning(description, question, hint, rng, error_rate=0.0):
     crowding, needed = len(scene["objects"]) - PRESETS["toy"].min_objects, needed_counts(query)
     rereads, counts = reread_steps(first, needed, overthink_rereads(crowding, rng), rng)
     restated = None
-    if query["kind"] in ("count", "sum", "difference") and rng.random() < RECHECK_SPARSE + RECHECK_PER_OBJECT * crowding:
+    counted = query["kind"] == "count" or query["kind"] in TWO_COLOR_KINDS  # an answer from counts alone
+    if counted and rng.random() < RECHECK_SPARSE + RECHECK_PER_OBJECT * crowding:
         restated = slip(counts, needed, rng) if rng.random() < RESTATE_SLIP_RATE else counts
-    steps, concluded = write_steps(counts, query, by_text, restated)
+    careful = rng.random() < CAREFUL_RATE if query["kind"] == "product" else True
+    steps, concluded = write_steps(counts, query, by_text, restated, careful)
     if steps is None:  # a slip that ties the most frequent: the reasoner goes back to its first read-out
         steps, concluded = write_steps(first, query, by_text)
     conclusion = f"So the answer is {concluded}."

@@ -42,7 +42,7 @@ def metrics(out):
 
 def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, monkeypatch):
     """2 ranks take the 1-rank run's first step: the same samples, loss, KL and entropy, and the loss is
-    not trivially 0. Rank 1's prompts are 5 times longer than rank 0's: with 250-token micro-batches it
+    not trivially 0. Rank 1's prompts are 5 times longer than rank 0's: with 256-token micro-batches it
     packs each group's prompt with one response, 4 micro-batches per group (8 for the old and reference
     log-probs), against rank 0's 1, which packs its groups whole."""
     import data
@@ -59,9 +59,9 @@ def test_uneven_ranks_give_the_one_rank_step(tiny_world, reference, tmp_path, mo
     processor = data.ChatProcessor(os.path.join(tiny_world, "model"), 28 * 28, 112 * 112)
     records = data.load_problems(str(path))
     short, long = [[len(processor.encode_problem(records[i])["input_ids"]) for i in order[r:4:2]] for r in (0, 1)]
-    assert all(2 * (n + 4 * 12) <= 250 for n in short) and all(n + 12 <= 250 < n + 24 for n in long)
+    assert all(2 * (n + 4 * 12) <= 256 for n in short) and all(n + 12 <= 256 < n + 24 for n in long)
 
-    args = ("--stages", "12x4x1", "--data", str(path), "--micro-batch-tokens", "250")
+    args = ("--stages", "12x4x1", "--data", str(path), "--micro-batch-tokens", "256")
     train_grpo.main(grpo_args(tiny_world, reference, tmp_path / "one", *args))
     torchrun("train_grpo.py", *grpo_args(tiny_world, reference, tmp_path / "two", *args), timeout=300)
     one, two = metrics(tmp_path / "one")[0], metrics(tmp_path / "two")[0]

@@ -206,6 +206,8 @@ def test_the_over_thinker_rereads_more_on_crowded_scenes_and_its_long_chains_are
     preset = synthetic.PRESETS["toy"]
     rereads_by_objects, right_by_rereads = {}, {}
     for pid, scene, query in synthetic.make_problems(preset, seed=0)["train"][:3000]:
+        if query["kind"] == "product":  # its careful chain counts both colors again by design, not over-thinking
+            continue
         reply = synthetic.teacher_reasoning(synthetic.describe(scene), synthetic.question_text(query), "",
                                             random.Random(pid))
         rereads = len(re.findall(r"Wait, let me count|let me count the colors once more|Let me check the shapes again",
@@ -216,8 +218,9 @@ def test_the_over_thinker_rereads_more_on_crowded_scenes_and_its_long_chains_are
         rereads_by_objects.setdefault(len(scene["objects"]), []).append(rereads)
         right_by_rereads.setdefault(min(rereads, 4), []).append(right)
     over = {n: sum(r > 0 for r in v) / len(v) for n, v in rereads_by_objects.items()}
-    assert over[preset.min_objects] < 0.12 and over[preset.max_objects] > 0.45  # 5% and 60% by design
-    assert 0.25 < sum(r > 0 for v in rereads_by_objects.values() for r in v) / 3000 < 0.5
+    assert over[preset.min_objects] < 0.12 and over[preset.max_objects] > 0.6  # 5% and 75% by design
+    asked = sum(len(v) for v in rereads_by_objects.values())
+    assert 0.25 < sum(r > 0 for v in rereads_by_objects.values() for r in v) / asked < 0.5
     accuracy = {k: sum(v) / len(v) for k, v in right_by_rereads.items()}
     assert accuracy[0] == 1.0 > accuracy[1] > accuracy[4] and accuracy[4] < 0.95
 
@@ -237,6 +240,12 @@ def test_synthetic_teacher_reads_the_world_back(tiny_world):
     assert synthetic.write_steps(counts, most_frequent) == (["The most frequent color is red. Option B is red."], "B")
     assert synthetic.write_steps(counts, most_frequent, by_text=True) == (["The most frequent color is red."], "red")
     assert synthetic.write_steps(counts, {"kind": "most_shape"}) == (None, None)  # one square, one circle: a tie
+    product = {"kind": "product", "colors": ["blue", "red"]}
+    assert synthetic.write_steps(counts, product, careful=False) == (["Blue times red is 0."], "0")
+    assert synthetic.write_steps(counts, product) == (
+        ["I need the blue and red shapes. Blue: 0. Red: 2.", "Wait, let me count the blue shapes again. Blue: 0.",
+         "Wait, let me count the red shapes again. Red: 2.",
+         "Then I multiply, one red shape at a time: 0 x 1 = 0. 0 x 2 = 0.", "That gives 0 x 2 = 0."], "0")
     # a re-read of the colors that slips (red read as 3) and is noticed, then a clean re-read of every count
     steps, seen = synthetic.reread_steps(counts, ("red", "blue"), 1, ScriptedRandom(
         choices=[synthetic.REREADS[1], "red", synthetic.REREADS[0]], randoms=[0.9, 0.1, 0.1, 0.1, 0.9, 0.9]))
