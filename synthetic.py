@@ -454,7 +454,8 @@ ERROR_KINDS = ("miscount", "hint_leak", "language_mixing", "repetition", "trunca
 # tokens), the colors, the shapes or all seven (~35). Chosen so that the kept cold data's lengths
 # fall near the paper's CI buckets scaled by 1/32 (docs/method.md §3: 75% of outputs under 4K, 11%
 # 4-8K, 14% over 8K; here 62%, 28%, 10% at seed 0, the product's careful chains among the middle
-# ones, README) and that stage 1's cap of 128 tokens truncates 44% of its first rollouts (seed 0).
+# ones, README) and that stage 1's cap of 128 tokens truncates 44% of its first five steps'
+# rollouts (seed 0).
 OVERTHINK_SPARSE, OVERTHINK_PER_OBJECT = 0.05, 0.14
 REREAD_AGAIN = 0.85  # after a re-read, one more
 MAX_REREADS = 16
@@ -670,8 +671,8 @@ def write_steps(counts, query, by_text=False, restated=None, careful=True):
         steps.append(f"{verb}: {counts[keys[0]]} {sign} {counts[keys[1]]} = {answer}.")
     if kind == "product":
         first, second = (counts[k] for k in keys)
-        steps.append("Then I multiply, one " + keys[1] + " shape at a time: "
-                     + " ".join(f"{first} x {k} = {first * k}." for k in range(1, second + 1)) if second else
+        by_shape = " ".join(f"{first} x {k} = {first * k}." for k in range(1, second + 1))
+        steps.append(f"Then I multiply, one {keys[1]} shape at a time: {by_shape}" if second else
                      f"Then I multiply: {first} x 0 = 0.")
         steps.append(f"That gives {first} x {second} = {answer}.")
     return steps, answer
