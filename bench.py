@@ -10,7 +10,8 @@ the same run and printed as ratios.
                                  # transformers; FSDP2-wrapped decode vs unwrapped on 1 and 2 gloo ranks
     python bench.py rollout-estimate  # one stage-1 and one stage-2 rollout step at 7B on one 80 GB GPU per rank:
                                       # our engine's replayed schedule x a per-step cost model, vs vLLM's published rate
-    python bench.py grpo-step    # one train_grpo.py step vs one TRL GRPOTrainer step, same model and workload
+    python bench.py grpo-step    # one train_grpo.py step vs one TRL GRPOTrainer step, same model and workload;
+                                 # each side's matrix products against the GEMM peak measured in the same run
                                  # (pip install -r requirements-bench.txt)
 """
 
@@ -747,17 +748,37 @@ def trl_grpo_steps(args, path, problems, out):
     return steps
 
 
+def matmul_gflop(fn, *args):
+    """GFLOP of fn(*args) in matrix products (aten mm and addmm: the linear layers and the head), counted
+    by torch's FlopCounterMode. Attention is left out on both sides: CPU SDPA's flash kernel is not
+    counted, its math path would be."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    counts = counter.get_flop_counts()["Global"]
+    return sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm)) / 1e9
+
+
 def bench_grpo_step(args):
     """Rounds alternate the sides (ours, then TRL, each warm-up + measured steps in a fresh process), so
     a change in a shared machine's load falls on both; the table shows medians over the measured
-    steps of all rounds. The trainers' own per-step prints are silenced."""
+    steps of all rounds. The trainers' own per-step prints are silenced. Then each side's first step
+    again, its matrix products counted (`matmul_gflop`), against the GEMM peak measured before each
+    round: the time no implementation of that side's work can go below on this machine, so the
+    target reads against what is left outside the products."""
     torch.set_num_threads(args.threads)
     problems = grpo_problems(args.prompts * (args.warmup + args.steps), seed=0)
-    ours, trl = [], []
+    ours, trl, peak = [], [], 0.0
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "model")
         save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
+        one_step = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 0})
+        gflop = {name: in_fresh_process(matmul_gflop, args.threads, steps, one_step, path, problems,
+                                        os.path.join(root, f"{name}-counted"))
+                 for name, steps in (("ours", ours_grpo_steps), ("TRL", trl_grpo_steps))}
         for r in range(args.rounds):
+            peak = max(peak, gemm_flops())
             ours += in_fresh_process(ours_grpo_steps, args.threads, args, path, problems,
                                      os.path.join(root, f"ours{r}"))[args.warmup:]
             trl += in_fresh_process(trl_grpo_steps, args.threads, args, path, problems,
@@ -781,6 +802,11 @@ def bench_grpo_step(args):
     print(f"step time TRL/ours: {trl_total / our_total:.2f} (target >= 3)   generate: "
           f"{trl_generate / our_split['generate']:.2f}   score + train: "
           f"{(trl_total - trl_generate) / (our_split['score'] + our_split['train']):.2f}")
+    floor = {name: gflop[name] * 1e9 / peak for name in gflop}
+    print(f"matrix products a step: TRL {gflop['TRL']:.1f} GFLOP, ours {gflop['ours']:.1f}; at the GEMM peak "
+          f"({peak / 1e9:.1f} GFLOP/s, fp32 2048^3, best of {5 * args.rounds}) {floor['TRL']:.2f} and "
+          f"{floor['ours']:.2f} s; outside them: TRL {trl_total - floor['TRL']:.2f} s, ours "
+          f"{our_total - floor['ours']:.2f} s (the target needs <= {trl_total / 3 - floor['ours']:.2f})")
 
 # -----------------------------------------------------------------------------
 # sft: one train_sft.py step vs one TRL SFTTrainer step, same model, data, batch and optimizer

@@ -64,6 +64,20 @@ def test_trl_side_runs_the_same_workload(checkpoint, tmp_path):
         assert 0 < step["generate"] < step["total"]
 
 
+def test_matmul_gflop_counts_linear_layers_and_products_not_attention():
+    """A linear of 64 -> 32 over 10 rows is 2 * 10 * 64 * 32 FLOP (addmm), a 10 x 64 by 64 x 5 product
+    2 * 10 * 64 * 5 (mm); a batched product (attention's math path) is left out."""
+    import torch
+
+    def work():
+        x = torch.randn(10, 64)
+        torch.nn.Linear(64, 32)(x)
+        x @ torch.randn(64, 5)
+        torch.bmm(torch.randn(3, 10, 64), torch.randn(3, 64, 10))
+
+    assert bench.matmul_gflop(work) == pytest.approx((2 * 10 * 64 * 32 + 2 * 10 * 64 * 5) / 1e9, rel=1e-12)
+
+
 # ----------------------------------------------------------------------------- sft
 
 SFT_ARGS = argparse.Namespace(batch=4, seq_len=128, max_tokens=256, lr=1e-5, hidden=64, layers=2, vocab=1024,
