@@ -760,16 +760,28 @@ def matmul_gflop(fn, *args):
     return sum(counts.get(op, 0) for op in (torch.ops.aten.mm, torch.ops.aten.addmm)) / 1e9
 
 
+def alternating_rounds(args, root, sides):
+    """`args.rounds` rounds, each a GEMM peak measurement (`gemm_flops`), then every side's warm-up +
+    measured steps in a fresh process, in turn, so that a change in a shared machine's load falls on
+    all of them. sides: [(steps(args, *inputs, out) -> rows a step, inputs, index of the first
+    measured row)]. Returns (each side's measured rows over all rounds, the best peak)."""
+    rows, peak = [[] for _ in sides], 0.0
+    for r in range(args.rounds):
+        peak = max(peak, gemm_flops())
+        for i, (steps, inputs, first) in enumerate(sides):
+            out = os.path.join(root, f"side{i}-round{r}")
+            rows[i] += in_fresh_process(steps, args.threads, args, *inputs, out)[first:]
+    return rows, peak
+
+
 def bench_grpo_step(args):
-    """Rounds alternate the sides (ours, then TRL, each warm-up + measured steps in a fresh process), so
-    a change in a shared machine's load falls on both; the table shows medians over the measured
-    steps of all rounds. The trainers' own per-step prints are silenced. Then each side's first step
-    again, its matrix products counted (`matmul_gflop`), against the GEMM peak measured before each
-    round: the time no implementation of that side's work can go below on this machine, so the
-    target reads against what is left outside the products."""
+    """Ours against TRL in `alternating_rounds`; the table shows medians over the measured steps of
+    all rounds. The trainers' own per-step prints are silenced. Each side's first step runs once more
+    beforehand, its matrix products counted (`matmul_gflop`), set against the GEMM peak: the time no
+    implementation of that side's work can go below on this machine, so that the target reads
+    against what is left outside the products."""
     torch.set_num_threads(args.threads)
     problems = grpo_problems(args.prompts * (args.warmup + args.steps), seed=0)
-    ours, trl, peak = [], [], 0.0
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "model")
         save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
@@ -777,12 +789,8 @@ def bench_grpo_step(args):
         gflop = {name: in_fresh_process(matmul_gflop, args.threads, steps, one_step, path, problems,
                                         os.path.join(root, f"{name}-counted"))
                  for name, steps in (("ours", ours_grpo_steps), ("TRL", trl_grpo_steps))}
-        for r in range(args.rounds):
-            peak = max(peak, gemm_flops())
-            ours += in_fresh_process(ours_grpo_steps, args.threads, args, path, problems,
-                                     os.path.join(root, f"ours{r}"))[args.warmup:]
-            trl += in_fresh_process(trl_grpo_steps, args.threads, args, path, problems,
-                                    os.path.join(root, f"trl{r}"))[args.warmup:]
+        (ours, trl), peak = alternating_rounds(args, root, [(ours_grpo_steps, (path, problems), args.warmup),
+                                                            (trl_grpo_steps, (path, problems), args.warmup)])
 
     def median(rows, key):
         return statistics.median(key(r) for r in rows)
@@ -916,26 +924,20 @@ def gemm_flops(n=2048, repeats=5):
 
 
 def bench_sft(args):
-    """Rounds alternate the sides (ours, then TRL, each warm-up + measured steps in a fresh process),
-    each round after a GEMM peak measurement (the best one is the peak); medians over the measured
-    steps of all rounds. MFU: model FLOPs (model.flops_per_token, the mean causal context half a
-    record) per second over that peak. The trainers' own prints are silenced."""
+    """Ours against TRL in `alternating_rounds`; medians over the measured steps of all rounds. MFU:
+    model FLOPs (model.flops_per_token, the mean causal context half a record) per second over the
+    best GEMM peak. The trainers' own prints are silenced."""
     if args.max_tokens % args.seq_len or args.batch % (args.max_tokens // args.seq_len):
         raise SystemExit("--max-tokens must be a multiple of --seq-len, and --batch of the records a micro-batch holds")
     torch.set_num_threads(args.threads)
     problems = grpo_problems(args.batch * (args.warmup + args.steps), seed=0)
-    ours, trl, peak = [], [], 0.0
     with tempfile.TemporaryDirectory() as root:
         path = os.path.join(root, "model")
         save_grpo_checkpoint(path, problems, args.vocab, args.hidden, args.layers)
         records = sft_records(problems, path, args.seq_len, seed=0)
         flops_per_token = M.flops_per_token(M.build_model(path).cfg, args.seq_len / 2)
-        for r in range(args.rounds):
-            peak = max(peak, gemm_flops())
-            ours += in_fresh_process(ours_sft_steps, args.threads, args, path, records,
-                                     os.path.join(root, f"ours{r}"))[args.warmup:]
-            trl += in_fresh_process(trl_sft_steps, args.threads, args, path, records,
-                                    os.path.join(root, f"trl{r}"))[args.warmup - 1:]
+        (ours, trl), peak = alternating_rounds(args, root, [(ours_sft_steps, (path, records), args.warmup),
+                                                            (trl_sft_steps, (path, records), args.warmup - 1)])
     print(f"sft: {args.batch} records x {args.seq_len} tokens an optimizer step, {args.max_tokens // args.seq_len} "
           f"packed a micro-batch of {args.max_tokens}; AdamW lr {args.lr}, clip 1.0; Qwen2 {args.layers} layers x "
           f"{args.hidden}, vocab {args.vocab}; cpu fp32, {torch.get_num_threads()} thread(s); median of {len(ours)} "
