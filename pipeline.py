@@ -1,7 +1,7 @@
 """The whole Vision-R1 pipeline on the embedded synthetic world, on CPU, ending with the paper's
 Table 4 in miniature (Vision-R1-Zero / -CI / -Long / Vision-R1).
 
-    python pipeline.py                 # 20-21 minutes on 2 idle cores, 2 torch threads (measured, README)
+    python pipeline.py                 # 39-54 minutes on 2 idle cores of a slow AVX2 machine, 2 torch threads (README)
     python pipeline.py --size mini     # the same steps, smaller: the CI test
     python pipeline.py --arch mllama   # LlamaV-CI: the cold start only, on a tiny Llama 3.2 Vision
 
